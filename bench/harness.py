@@ -1,0 +1,138 @@
+"""Shared pieces of the benchmarks: a closed-loop requester process and the result table."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+
+request_timeout_s = 10.0
+warmup_s = 1.0
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    concurrency: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    responder_cpu_us: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+async def closed_loop(
+    url: str,
+    subject: str,
+    make_body: Callable[[int], bytes],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+) -> dict:
+    """Keep `concurrency` requests in flight (a worker pool, not gather windows) and time them."""
+    nc = await nats.connect(url)
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    stop = False
+    counter = 0
+
+    async def worker() -> None:
+        nonlocal errors, counter
+        while not stop:
+            counter += 1
+            body = make_body(counter)
+            started = time.perf_counter()
+            reply = await nc.request(subject, body, timeout=request_timeout_s)
+            if measuring:
+                latencies.append(time.perf_counter() - started)
+                if reply.headers and "Nats-Service-Error-Code" in reply.headers:
+                    errors += 1
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(concurrency):
+            group.create_task(worker())
+        await asyncio.sleep(warmup_s)
+        measuring = True
+        began = time.perf_counter()
+        await asyncio.sleep(duration_s)
+        measuring = False
+        seconds = time.perf_counter() - began
+        stop = True
+    await nc.close()
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "seconds": seconds,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+        "errors": errors,
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_requester(module: str, args: list[str], label: str, concurrency: int, responder_pids: list[int]) -> Result:
+    """Run `python -m module requester ...` in its own process; it prints one JSON line.
+
+    The responders' CPU time over the run, per request, is the framework's cost with the
+    requester's and the server's share taken out: steadier on 2 cores than throughput.
+    """
+    cpu_before = cpu_seconds(responder_pids)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "requester", *args, str(concurrency)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    cpu_used = cpu_seconds(responder_pids) - cpu_before
+    data = json.loads(out.strip().splitlines()[-1])
+    result = Result(label=label, concurrency=concurrency, **data)
+    total_requests = data["requests"] * (1 + warmup_s / data["seconds"])
+    return dataclasses.replace(result, responder_cpu_us=1e6 * cpu_used / max(total_requests, 1))
+
+
+def median_result(results: list[Result]) -> Result:
+    ordered = sorted(results, key=lambda result: result.rate)
+    return ordered[len(ordered) // 2]
+
+
+def table(rows: list[tuple[Result, Result]]) -> str:
+    """One line per (baseline, measured) pair: rates, latencies and the ratio measured/baseline."""
+    lines = [
+        "| path | c | req/s | p50 ms | p99 ms | errors | responder CPU µs/req | raw echo req/s | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for raw, measured in rows:
+        lines.append(
+            f"| {measured.label} | {measured.concurrency} | {measured.rate:,.0f} | {measured.p50_ms:.2f} | "
+            f"{measured.p99_ms:.2f} | {measured.errors} | {measured.responder_cpu_us:.1f} | "
+            f"{raw.rate:,.0f} | {measured.rate / raw.rate:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

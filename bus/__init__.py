@@ -1,0 +1,1 @@
+"""The NATS layer every BitNexus service stands on."""

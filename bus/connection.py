@@ -1,0 +1,120 @@
+"""The NATS connection every process opens: settings from the environment, reconnect forever, logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.errors import SlowConsumerError
+
+log = logging.getLogger("bitnexus.bus")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+reconnect_wait_s_min = 0.5
+reconnect_wait_s_max = 2.0
+connect_timeout_s = 2
+slow_consumer_log_interval_s = 5.0
+
+_drops: weakref.WeakKeyDictionary[Client, Counter[int]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Settings:
+    servers: list[str]
+    creds: str | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        urls = env.get("NATS_URL") or DEFAULT_URL
+        return cls(
+            servers=[url.strip() for url in urls.split(",") if url.strip()],
+            creds=env.get("NATS_CREDS") or None,
+            user=env.get("NATS_USER") or None,
+            password=env.get("NATS_PASSWORD") or None,
+            token=env.get("NATS_TOKEN") or None,
+            tls_ca=env.get("NATS_TLS_CA") or None,
+            tls_cert=env.get("NATS_TLS_CERT") or None,
+            tls_key=env.get("NATS_TLS_KEY") or None,
+        )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca or self.tls_cert):
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """Connect, reconnecting forever; each process waits its own random 0.5-2 s between attempts.
+
+    nats-py has no jitter option, so the spread comes from drawing the fixed wait per client:
+    after a server restart the mesh's clients come back spread out, not as one herd.
+    """
+    drops: Counter[int] = Counter()
+    last_logged: dict[str, float] = {}
+
+    async def on_error(exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            drops[exc.sid] += 1
+            now = time.monotonic()
+            if now - last_logged.get(exc.subject, 0.0) >= slow_consumer_log_interval_s:
+                last_logged[exc.subject] = now
+                log.warning("slow consumer: dropping messages on %s (%d so far)", exc.subject, drops[exc.sid])
+            return
+        log.error("nats error: %r", exc)
+
+    async def on_disconnected() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.warning("nats reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    async def on_closed() -> None:
+        log.info("nats connection closed")
+
+    options: dict = {
+        "servers": settings.servers,
+        "name": name,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+        "closed_cb": on_closed,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": random.uniform(reconnect_wait_s_min, reconnect_wait_s_max),
+        "connect_timeout": connect_timeout_s,
+        "tls": settings.tls_context(),
+    }
+    if settings.creds:
+        options["user_credentials"] = settings.creds
+    if settings.user:
+        options["user"], options["password"] = settings.user, settings.password
+    if settings.token:
+        options["token"] = settings.token
+    nc = await nats.connect(**options)
+    _drops[nc] = drops
+    return nc
+
+
+def slow_consumer_drops(nc: Client, sid: int) -> int:
+    """Messages the client dropped for subscription `sid` because its pending queue was full."""
+    counts = _drops.get(nc)
+    return counts[sid] if counts else 0

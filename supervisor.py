@@ -1,0 +1,431 @@
+"""The process tree behind `bitnexus up`: OTP-style supervision of OS processes.
+
+Each service replica is its own process (own event loop). The supervisor starts children in
+order, restarts them by strategy within a restart intensity, and stops them in reverse order,
+draining first. Children die with it (parent-death signal), so none outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections import deque
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+log = logging.getLogger("bitnexus.supervisor")
+
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+Restart = Literal["permanent", "transient", "temporary"]
+State = Literal["starting", "running", "stopping", "stopped", "exited"]
+
+SERVICES: dict[str, str] = {}
+"""Service name -> "module:function" returning its serving context manager; filled as services land."""
+
+start_timeout_s = 30.0
+DEFAULT_CONFIG = Path("deploy/mesh.toml")
+PR_SET_PDEATHSIG = 1
+
+
+class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    replicas: int = 1
+    restart: Restart = "permanent"
+    shutdown_s: float | None = 10.0
+    """Seconds to drain after SIGTERM before SIGKILL; `None` (TOML: omit, set brutal_kill) kills at once."""
+    brutal_kill: bool = False
+    argv: tuple[str, ...] = ()
+    """What to run; empty means this package's own `bitnexus serve <name>`."""
+
+    def command(self, replica_name: str) -> list[str]:
+        if self.argv:
+            return list(self.argv)
+        return [sys.executable, "-m", "supervisor", "serve", self.name, "--as", replica_name]
+
+
+class SupervisorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    strategy: Strategy = "one_for_one"
+    restarts_max: int = 1
+    """OTP's defaults: at most 1 restart in 5 seconds, past that the supervisor gives up."""
+    restart_period_s: float = 5.0
+    children: tuple[ChildSpec, ...] = ()
+
+
+class NatsSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    port: int = 4222
+
+
+class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    supervisor: SupervisorSpec = SupervisorSpec()
+    nats: NatsSpec = NatsSpec()
+
+
+def load_config(path: Path) -> MeshConfig:
+    return msgspec.convert(tomllib.loads(path.read_text()), MeshConfig)
+
+
+@dataclass
+class Child:
+    """One replica: a stable name (`accounts.2`) across restarts, a new process each time."""
+
+    spec: ChildSpec
+    name: str
+    process: asyncio.subprocess.Process | None = None
+    state: State = "stopped"
+    restarts: int = 0
+    started_at: str = ""
+    ready: asyncio.Future[None] | None = None
+    exited: asyncio.Task[int] | None = None
+
+
+class Escalation(Exception):
+    """Restart intensity exceeded: stop everything and exit non-zero, as an OTP supervisor does."""
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Supervisor:
+    spec: SupervisorSpec
+    children: list[Child] = field(default_factory=list)
+    restart_times: deque[float] = field(default_factory=deque)
+    started_at: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.spec.restarts_max >= 0
+        assert self.spec.restart_period_s > 0
+        for child_spec in self.spec.children:
+            assert child_spec.replicas >= 1
+            for replica in range(1, child_spec.replicas + 1):
+                self.children.append(Child(spec=child_spec, name=f"{child_spec.name}.{replica}"))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start all, supervise until `stop`, then stop all in reverse order; `Escalation` past intensity."""
+        from bus.codec import timestamp
+
+        self.started_at = timestamp()
+        try:
+            for child in self.children:
+                await self._start(child)
+            await self._supervise(stop)
+        finally:
+            await self._stop_all(self.children)
+
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                exits = {child.exited for child in self.children if child.exited and child.state != "stopping"}
+                done, _ = await asyncio.wait({stopping, *exits}, return_when=asyncio.FIRST_COMPLETED)
+                for child in self.children:
+                    if child.exited in done and not stop.is_set():
+                        await self._on_exit(child, child.exited.result())
+        finally:
+            stopping.cancel()
+
+    async def _on_exit(self, child: Child, code: int) -> None:
+        child.state = "exited"
+        child.exited = None
+        log.error("child terminated", extra={"context": "child_terminated", "offender": child.name, "reason": code})
+        if not self._should_restart(child.spec, code):
+            return
+        self._count_restart()
+        affected = self._affected_by(child)
+        await self._stop_all([sibling for sibling in affected if sibling is not child])
+        for sibling in affected:
+            sibling.restarts += 1
+            await self._start(sibling)
+
+    @staticmethod
+    def _should_restart(spec: ChildSpec, code: int) -> bool:
+        return spec.restart == "permanent" or (spec.restart == "transient" and code != 0)
+
+    def _count_restart(self) -> None:
+        now = time.monotonic()
+        self.restart_times.append(now)
+        while self.restart_times and now - self.restart_times[0] > self.spec.restart_period_s:
+            self.restart_times.popleft()
+        if len(self.restart_times) > self.spec.restarts_max:
+            log.error(
+                "shutdown: reached max restart intensity",
+                extra={
+                    "context": "shutdown",
+                    "restarts_max": self.spec.restarts_max,
+                    "restart_period_s": self.spec.restart_period_s,
+                },
+            )
+            raise Escalation(f"more than {self.spec.restarts_max} restarts in {self.spec.restart_period_s} s")
+
+    def _affected_by(self, child: Child) -> list[Child]:
+        """Which children restart with `child`, in start order."""
+        if self.spec.strategy == "one_for_one":
+            return [child]
+        if self.spec.strategy == "one_for_all":
+            return list(self.children)
+        return self.children[self.children.index(child) :]
+
+    async def _start(self, child: Child) -> None:
+        from bus.codec import timestamp
+        from bus.runner import READY_FD_ENV
+
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, READY_FD_ENV: str(write_fd), "BITNEXUS_CHILD": child.name}
+        try:
+            child.process = await asyncio.create_subprocess_exec(
+                *child.spec.command(child.name),
+                env=env,
+                pass_fds=(write_fd,),
+                preexec_fn=_die_with_parent,
+                process_group=0,  # Ctrl-C reaches the supervisor alone; it drains children in order
+            )
+        finally:
+            os.close(write_fd)
+        child.state, child.started_at = "starting", timestamp()
+        child.exited = asyncio.ensure_future(child.process.wait())
+        log.info("child started", extra={"context": "child_started", "child": child.name, "pid": child.process.pid})
+        try:
+            await asyncio.wait_for(_read_ready(read_fd, child.exited), start_timeout_s)
+        finally:
+            os.close(read_fd)
+        if child.process.returncode is None:
+            child.state = "running"
+
+    async def _stop_all(self, children: list[Child]) -> None:
+        for child in reversed(children):
+            await self._stop(child)
+
+    async def _stop(self, child: Child) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            child.state = "stopped" if child.state != "exited" else child.state
+            return
+        child.state = "stopping"
+        if child.spec.brutal_kill or child.spec.shutdown_s is None:
+            process.kill()
+        else:
+            process.terminate()
+            try:
+                await asyncio.wait_for(asyncio.shield(child.exited), child.spec.shutdown_s)
+            except TimeoutError:
+                log.warning("child did not stop in time; killing", extra={"child": child.name})
+                process.kill()
+        await process.wait()
+        child.state, child.exited = "stopped", None
+
+
+async def _read_ready(read_fd: int, exited: asyncio.Future[int]) -> None:
+    """Wait for the child's `ready` line on the pipe, or for the child to exit first."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def on_readable() -> None:
+        data = os.read(read_fd, 64)
+        if not ready.done():
+            ready.set_result(data.startswith(b"ready"))
+
+    loop.add_reader(read_fd, on_readable)
+    try:
+        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(read_fd)
+
+
+class StatusRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class SupervisorStatus(msgspec.Struct, frozen=True):
+    pid: int
+    strategy: str
+    started_at: str
+
+
+class ChildStatus(msgspec.Struct, frozen=True):
+    name: str
+    pid: int | None
+    state: str
+    restarts: int
+    started_at: str
+
+
+class MeshStatus(msgspec.Struct, frozen=True):
+    supervisor: SupervisorStatus
+    children: list[ChildStatus]
+
+
+async def mesh_status(request: StatusRequest, supervisor: Supervisor) -> MeshStatus:
+    return MeshStatus(
+        supervisor=SupervisorStatus(os.getpid(), supervisor.spec.strategy, supervisor.started_at),
+        children=[
+            ChildStatus(
+                name=child.name,
+                pid=child.process.pid if child.process and child.process.returncode is None else None,
+                state=child.state,
+                restarts=child.restarts,
+                started_at=child.started_at,
+            )
+            for child in supervisor.children
+        ],
+    )
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("BITNEXUS_DATA_DIR", ".bitnexus")).resolve()
+
+
+def package_version() -> str:
+    return version("bitnexus-mesh")
+
+
+def start_embedded_nats(port: int) -> tuple[object, str]:
+    """The embedded server; when `port` is taken, another free port, said in one line."""
+    from bus.embedded import EmbeddedNats, PortTaken, free_port
+
+    server = EmbeddedNats(data_dir=data_dir() / "nats", port=port)
+    try:
+        return server, server.start()
+    except PortTaken:
+        server.port = free_port()
+        url = server.start()
+        print(
+            f"bitnexus: port {port} is taken (another NATS server?); the embedded nats-server listens on {url} "
+            f"instead. To use the server on {port}, run with NATS_URL=nats://127.0.0.1:{port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return server, url
+
+
+async def up(config: MeshConfig) -> int:
+    """Start everything, serve `mesh.status`, and on SIGTERM/Ctrl-C drain in reverse order."""
+    from bus.connection import Settings, connect
+    from bus.service import Service
+
+    server = None
+    if not os.environ.get("NATS_URL"):
+        port = int(os.environ.get("BITNEXUS_NATS_PORT", config.nats.port))
+        server, os.environ["NATS_URL"] = start_embedded_nats(port)
+    data_dir().mkdir(parents=True, exist_ok=True)
+    (data_dir() / "nats.url").write_text(os.environ["NATS_URL"] + "\n")
+    log.info("nats at %s", os.environ["NATS_URL"])
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(config.supervisor)
+    nc = await connect(Settings.from_env(), name="mesh")
+    service = Service(nc, "mesh", package_version(), "the BitNexus Mesh supervisor")
+    service.add_endpoint("mesh.status", mesh_status, supervisor)
+    exit_code = 0
+    try:
+        async with service.serving():
+            await supervisor.run(stop)
+    except* Escalation as group:
+        log.error("supervisor gave up: %s", group.exceptions[0])
+        exit_code = 1
+    finally:
+        await nc.drain()
+        if server is not None:
+            server.stop()
+    return exit_code
+
+
+async def status(url: str, json_output: bool) -> int:
+    import nats
+
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    except Exception as exc:
+        print(f"bitnexus: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        reply = await nc.request("mesh.status", b"{}", timeout=2)
+    except Exception:
+        print(f"bitnexus: no mesh answers mesh.status at {url}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    if json_output:
+        print(reply.data.decode())
+        return 0
+    print(render_status(msgspec.json.decode(reply.data, type=MeshStatus), time.time()))
+    return 0
+
+
+def render_status(status: MeshStatus, now: float) -> str:
+    from datetime import datetime
+
+    def uptime(started_at: str) -> str:
+        if not started_at:
+            return "-"
+        seconds = int(now - datetime.fromisoformat(started_at.replace("Z", "+00:00")).timestamp())
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+    top = status.supervisor
+    lines = [f"mesh  pid {top.pid}  {top.strategy}  up {uptime(top.started_at)}"]
+    lines.append(f"  {'CHILD':<18}{'PID':>8}  {'STATE':<10}{'RESTARTS':>8}  UPTIME")
+    for child in status.children:
+        pid = str(child.pid) if child.pid else "-"
+        lines.append(f"  {child.name:<18}{pid:>8}  {child.state:<10}{child.restarts:>8}  {uptime(child.started_at)}")
+    return "\n".join(lines)
+
+
+def serve(service_name: str, replica_name: str) -> None:
+    from bus.runner import serve_until_stopped
+
+    module_name, function_name = SERVICES[service_name].split(":")
+    serving = getattr(importlib.import_module(module_name), function_name)
+    asyncio.run(serve_until_stopped(replica_name, serving))
+
+
+def nats_url_for_status() -> str:
+    if os.environ.get("NATS_URL"):
+        return os.environ["NATS_URL"].split(",")[0]
+    saved = data_dir() / "nats.url"
+    return saved.read_text().strip() if saved.exists() else "nats://127.0.0.1:4222"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bus import logs
+
+    parser = argparse.ArgumentParser(prog="bitnexus", description="BitNexus Mesh")
+    parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="start the whole mesh under the supervisor")
+    up_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    status_parser = commands.add_parser("status", help="print the process tree of a running mesh")
+    status_parser.add_argument("--json", action="store_true")
+    serve_parser = commands.add_parser("serve", help="run one service replica (the supervisor does this)")
+    serve_parser.add_argument("service", choices=sorted(SERVICES))
+    serve_parser.add_argument("--as", dest="replica", default=None)
+    options = parser.parse_args(argv)
+    os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
+    if options.command == "up":
+        logs.configure("supervisor")
+        config = load_config(options.config) if options.config.exists() else MeshConfig()
+        sys.exit(asyncio.run(up(config)))
+    if options.command == "status":
+        sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
+    replica = options.replica or f"{options.service}.1"
+    logs.configure(replica)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(options.service, replica)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Connection settings, the request helper, slow consumers and the embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from bus.client import call
+from bus.connection import Settings
+from bus.embedded import EmbeddedNats, PortTaken, free_port, server_binary
+from bus.errors import NotFound, RemoteError, Unavailable
+from bus.service import Service
+
+
+class Key(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: int
+
+
+class Delay(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    seconds: float
+
+
+async def find(request: Key) -> Key:
+    if request.id != 1:
+        raise NotFound(f"key {request.id} not found")
+    return request
+
+
+async def slow(request: Delay) -> Delay:
+    await asyncio.sleep(request.seconds)
+    return request
+
+
+def test_settings_read_servers_credentials_and_tls_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {"NATS_URL": "nats://a:4222, nats://b:4222,", "NATS_USER": "u", "NATS_PASSWORD": "p", "NATS_TLS_CA": ""}
+    )
+    assert settings.servers == ["nats://a:4222", "nats://b:4222"]
+    assert (settings.user, settings.password, settings.token, settings.creds) == ("u", "p", None, None)
+    assert settings.tls_context() is None
+    assert Settings.from_env({}).servers == ["nats://127.0.0.1:4222"]
+
+
+async def test_call_decodes_the_reply_and_raises_error_replies_as_remote_errors(nc: Client) -> None:
+    service = Service(nc, "lookup", "0.1.0")
+    service.add_endpoint("lookup.find", find)
+    async with service.serving():
+        assert await call(nc, "lookup.find", Key(1), Key) == Key(1)
+        with pytest.raises(RemoteError) as raised:
+            await call(nc, "lookup.find", Key(2), Key)
+    assert (raised.value.code, raised.value.type, raised.value.message) == (404, "not_found", "key 2 not found")
+
+
+async def test_call_without_responders_is_unavailable_at_once(nc: Client) -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable) as raised:
+        await call(nc, "nobody.home", Key(1), Key, timeout_s=5)
+    assert raised.value.code == 503 and raised.value.type == "unavailable"
+    assert asyncio.get_running_loop().time() - started < 1
+
+
+async def test_call_that_times_out_is_unavailable(nc: Client) -> None:
+    service = Service(nc, "sloth", "0.1.0")
+    service.add_endpoint("sloth.slow", slow)
+    async with service.serving():
+        with pytest.raises(Unavailable, match="no answer within 0.2 s"):
+            await call(nc, "sloth.slow", Delay(0.5), Delay, timeout_s=0.2)
+
+
+async def test_slow_consumer_drops_are_counted_in_endpoint_stats(nc: Client) -> None:
+    service = Service(nc, "tiny", "0.1.0")
+    service.add_endpoint("tiny.slow", slow, concurrency_max=1, pending_msgs_max=2)
+    async with service.serving():
+        for _ in range(50):
+            await nc.publish("tiny.slow", b'{"seconds": 0.05}')
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        stats = json.loads((await nc.request(f"$SRV.STATS.tiny.{service.id}", b"", timeout=2)).data)
+    data = stats["endpoints"][0]["data"]
+    assert data["slow_consumer_drops"] >= 40
+    assert stats["endpoints"][0]["num_requests"] <= 10
+
+
+def test_server_binary_is_the_wheels_not_the_one_on_path() -> None:
+    binary = server_binary()
+    assert binary.parent.parent == Path(__import__("sys").prefix)
+
+
+def test_embedded_server_refuses_a_taken_port(tmp_path: Path, nats_server: EmbeddedNats) -> None:
+    with pytest.raises(PortTaken, match=f"127.0.0.1:{nats_server.port} is already in use"):
+        EmbeddedNats(data_dir=tmp_path, port=nats_server.port).start()
+
+
+def test_embedded_server_starts_with_jetstream_and_stops_cleanly(tmp_path: Path) -> None:
+    server = EmbeddedNats(data_dir=tmp_path, port=free_port())
+    url = server.start()
+
+    async def jetstream_account_info() -> int:
+        import nats
+
+        nc = await nats.connect(url)
+        info = await nc.jetstream().account_info()
+        await nc.close()
+        return info.limits.max_streams
+
+    assert asyncio.run(jetstream_account_info()) != 0
+    server.stop()
+    assert server.process is not None and server.process.returncode == 0
