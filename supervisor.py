@@ -26,14 +26,19 @@ from typing import Literal
 
 import msgspec
 
+import migrations
+
 log = logging.getLogger("bitnexus.supervisor")
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 Restart = Literal["permanent", "transient", "temporary"]
 State = Literal["starting", "running", "stopping", "stopped", "exited"]
 
-SERVICES: dict[str, str] = {}
-"""Service name -> "module:function" returning its serving context manager; filled as services land."""
+SERVICES: dict[str, str] = {
+    "accounts": "handlers.accounts:serving",
+    "products": "handlers.products:serving",
+}
+"""Service name -> "module:function" returning its serving context manager."""
 
 start_timeout_s = 30.0
 DEFAULT_CONFIG = Path("deploy/mesh.toml")
@@ -324,6 +329,7 @@ async def up(config: MeshConfig) -> int:
     data_dir().mkdir(parents=True, exist_ok=True)
     (data_dir() / "nats.url").write_text(os.environ["NATS_URL"] + "\n")
     log.info("nats at %s", os.environ["NATS_URL"])
+    await migrations.upgrade_async()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
@@ -410,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     up_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status_parser = commands.add_parser("status", help="print the process tree of a running mesh")
     status_parser.add_argument("--json", action="store_true")
+    migrate_parser = commands.add_parser("migrate", help="apply the database migrations of every service")
+    migrate_parser.add_argument("--down", action="store_true", help="undo them all instead")
     serve_parser = commands.add_parser("serve", help="run one service replica (the supervisor does this)")
     serve_parser.add_argument("service", choices=sorted(SERVICES))
     serve_parser.add_argument("--as", dest="replica", default=None)
@@ -419,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         logs.configure("supervisor")
         config = load_config(options.config) if options.config.exists() else MeshConfig()
         sys.exit(asyncio.run(up(config)))
+    if options.command == "migrate":
+        logs.configure("migrate")
+        migrations.downgrade() if options.down else migrations.upgrade()
+        return
     if options.command == "status":
         sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
     replica = options.replica or f"{options.service}.1"

@@ -64,6 +64,9 @@ class Endpoint:
     counters: EndpointCounters = field(default_factory=EndpointCounters)
     subscription: Subscription | None = None
 
+    def __post_init__(self) -> None:
+        self.decode = decoder(self.request_type).decode
+
     def info(self) -> discovery.EndpointInfo:
         return discovery.EndpointInfo(self.name, self.subject, self.queue_group, self.metadata)
 
@@ -205,7 +208,7 @@ class Service:
         started = perf_counter_ns()
         try:
             try:
-                request = decoder(endpoint.request_type).decode(msg.data)
+                request = endpoint.decode(msg.data)
             except msgspec.DecodeError as exc:
                 raise bad_request_from(exc) from None
             reply = await endpoint.handler(request, *endpoint.deps)

@@ -1,0 +1,57 @@
+"""`bitnexus migrate`: one alembic history, a branch per service (`accounts@head`, ...).
+
+On SQLite each service has its own file and gets only its own branch; on Postgres all
+services share one database and every branch is applied to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import MetaData
+from sqlalchemy.engine import URL
+
+from schemas.database import service_url
+
+SERVICES_WITH_TABLES = ("accounts", "products")
+
+
+def target_metadata() -> MetaData:
+    from schemas import accounts, products
+    from schemas.common import metadata
+
+    assert accounts.users.metadata is metadata and products.products.metadata is metadata
+    return metadata
+
+
+def _config(url: URL) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
+    return config
+
+
+def _targets(url: str | None) -> list[tuple[URL, str]]:
+    """(database, revision spec) pairs: a branch per SQLite file, or every branch on one Postgres."""
+    urls = {service: service_url(service, url) for service in SERVICES_WITH_TABLES}
+    if all(u.get_backend_name() == "sqlite" for u in urls.values()):
+        return [(urls[service], service) for service in SERVICES_WITH_TABLES]
+    return [(next(iter(urls.values())), "")]
+
+
+def upgrade(url: str | None = None) -> None:
+    for database, branch in _targets(url):
+        command.upgrade(_config(database), f"{branch}@head" if branch else "heads")
+
+
+def downgrade(url: str | None = None) -> None:
+    for database, branch in _targets(url):
+        command.downgrade(_config(database), f"{branch}@base" if branch else "base")
+
+
+async def upgrade_async(url: str | None = None) -> None:
+    """Alembic is synchronous and its env runs its own loop: run it in a thread."""
+    await asyncio.to_thread(upgrade, url)

@@ -68,7 +68,7 @@ async def test_call_that_times_out_is_unavailable(nc: Client) -> None:
     service = Service(nc, "sloth", "0.1.0")
     service.add_endpoint("sloth.slow", slow)
     async with service.serving():
-        with pytest.raises(Unavailable, match="no answer within 0.2 s"):
+        with pytest.raises(Unavailable, match=r"no answer within 0\.2 s"):
             await call(nc, "sloth.slow", Delay(0.5), Delay, timeout_s=0.2)
 
 

@@ -1,0 +1,129 @@
+"""Events (contract §6): written to a service's outbox in the same transaction as the change,
+then published to JetStream by a relay that deletes a row only after JetStream acknowledged it.
+
+A crash between commit and publish loses nothing: the row is still there when the relay
+restarts, and `Nats-Msg-Id` = event id lets JetStream drop the copy if the first publish
+did land. On Postgres, replicas claim rows with `FOR UPDATE SKIP LOCKED`; on SQLite each
+service has its own file and one process, so one relay reads, publishes and deletes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError
+from sqlalchemy import Table, delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bus.codec import encode, timestamp
+from schemas.database import Database
+from schemas.events import Envelope
+
+log = logging.getLogger("bitnexus.events")
+
+EVENTS_STREAM = "EVENTS"
+duplicate_window_s = 120.0
+relay_batch_max = 256
+relay_poll_interval_s = 0.5
+publish_timeout_s = 5.0
+relay_retry_wait_s_max = 5.0
+
+
+async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
+    """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is."""
+    try:
+        await js.add_stream(StreamConfig(name=name, subjects=subjects, duplicate_window=duplicate_window_s))
+    except BadRequestError as exc:
+        if exc.err_code != 10058:  # stream name already in use with a different configuration
+            raise
+
+
+async def write_event(
+    conn: AsyncConnection, outbox: Table, source: str, type: str, data: Any, moment: datetime | None = None
+) -> Envelope:
+    """Add the event to the outbox inside the caller's transaction; published after commit."""
+    moment = moment or datetime.now(UTC)
+    envelope = Envelope(id=str(uuid.uuid4()), type=type, source=source, occurred_at=timestamp(moment), data=data)
+    await conn.execute(
+        insert(outbox).values(
+            event_id=envelope.id, subject=f"events.{type}", payload=encode(envelope), created_at=moment
+        )
+    )
+    return envelope
+
+
+class OutboxRelay:
+    """Publishes outbox rows in order of commit; `wake()` after a commit for low latency."""
+
+    def __init__(self, js: JetStreamContext, db: Database, outbox: Table) -> None:
+        self.js = js
+        self.db = db
+        self.outbox = outbox
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Forever: publish what is pending, then sleep until woken or the poll interval passes."""
+        retry_wait_s = 0.1
+        while True:
+            try:
+                published = await self.publish_pending()
+                retry_wait_s = 0.1
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+                log.warning("outbox relay: JetStream did not acknowledge (%r); retrying in %.1f s", exc, retry_wait_s)
+                await asyncio.sleep(retry_wait_s)
+                retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
+                continue
+            if published < relay_batch_max:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(relay_poll_interval_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def publish_pending(self) -> int:
+        """Publish pending rows until none is left; returns how many were published by this call."""
+        total = 0
+        while True:
+            published = await self._publish_batch()
+            total += published
+            if published < relay_batch_max:
+                return total
+
+    async def _publish_batch(self) -> int:
+        query = select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject, self.outbox.c.payload)
+        query = query.order_by(self.outbox.c.seq).limit(relay_batch_max)
+        if self.db.is_sqlite:
+            async with self.db.reader.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            await self._publish(rows)
+            async with self.db.writer.begin() as conn:
+                await self._delete(conn, rows)
+            return len(rows)
+        async with self.db.writer.begin() as conn:
+            rows = (await conn.execute(query.with_for_update(skip_locked=True))).all()
+            await self._publish(rows)
+            await self._delete(conn, rows)
+        return len(rows)
+
+    async def _publish(self, rows: list) -> None:
+        publishes = (
+            self.js.publish(row.subject, row.payload, timeout=publish_timeout_s, headers={"Nats-Msg-Id": row.event_id})
+            for row in rows
+        )
+        acks = await asyncio.gather(*publishes)
+        assert len(acks) == len(rows)
+
+    async def _delete(self, conn: AsyncConnection, rows: list) -> None:
+        if rows:
+            await conn.execute(delete(self.outbox).where(self.outbox.c.seq.in_([row.seq for row in rows])))

@@ -1,0 +1,140 @@
+"""The accounts service: `accounts.users.*` (contract §4). Never a password or hash in a reply, event or log."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+
+from msgspec import UNSET
+from nats.aio.client import Client
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+
+from bus.codec import timestamp
+from bus.errors import Conflict, InvalidCredentials, NotFound
+from bus.events import write_event
+from bus.service import Service
+from handlers.passwords import hash_password, verify_password
+from handlers.runtime import Repo, serving_with_outbox
+from schemas.accounts import (
+    Authenticate,
+    CreateUser,
+    ListUsers,
+    UpdateUser,
+    User,
+    UserId,
+    UserPage,
+    accounts_outbox,
+    users,
+)
+from schemas.common import Deleted
+
+SOURCE = "accounts"
+USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
+
+
+def user_from(row: Row) -> User:
+    return User(
+        id=row.id,
+        email=row.email,
+        name=row.name,
+        inserted_at=timestamp(row.inserted_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def email_taken() -> Conflict:
+    return Conflict("email is already taken", type="email_taken")
+
+
+def user_not_found(user_id: int) -> NotFound:
+    return NotFound(f"user {user_id} not found")
+
+
+async def create_user(request: CreateUser, repo: Repo) -> User:
+    password_hash = await hash_password(request.password)
+    now = datetime.now(UTC)
+    values = {"email": request.email.lower(), "name": request.name, "password_hash": password_hash}
+    try:
+        async with repo.db.writer.begin() as conn:
+            statement = insert(users).values(**values, inserted_at=now, updated_at=now).returning(*USER_COLUMNS)
+            user = user_from((await conn.execute(statement)).one())
+            await write_event(conn, accounts_outbox, SOURCE, "accounts.user.created", user, now)
+    except IntegrityError:
+        raise email_taken() from None
+    repo.relay.wake()
+    return user
+
+
+async def get_user(request: UserId, repo: Repo) -> User:
+    async with repo.db.reader.connect() as conn:
+        row = (await conn.execute(select(*USER_COLUMNS).where(users.c.id == request.id))).one_or_none()
+    if row is None:
+        raise user_not_found(request.id)
+    return user_from(row)
+
+
+async def list_users(request: ListUsers, repo: Repo) -> UserPage:
+    query = select(*USER_COLUMNS).where(users.c.id > request.after_id).order_by(users.c.id).limit(request.limit + 1)
+    async with repo.db.reader.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    items = [user_from(row) for row in rows[: request.limit]]
+    return UserPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
+
+
+async def update_user(request: UpdateUser, repo: Repo) -> User:
+    changes: dict[str, object] = {}
+    if request.email is not UNSET:
+        changes["email"] = request.email.lower()
+    if request.name is not UNSET:
+        changes["name"] = request.name
+    if request.password is not UNSET:
+        changes["password_hash"] = await hash_password(request.password)
+    now = datetime.now(UTC)
+    statement = update(users).where(users.c.id == request.id).values(**changes, updated_at=now)
+    try:
+        async with repo.db.writer.begin() as conn:
+            row = (await conn.execute(statement.returning(*USER_COLUMNS))).one_or_none()
+            if row is None:
+                raise user_not_found(request.id)
+            user = user_from(row)
+            await write_event(conn, accounts_outbox, SOURCE, "accounts.user.updated", user, now)
+    except IntegrityError:
+        raise email_taken() from None
+    repo.relay.wake()
+    return user
+
+
+async def delete_user(request: UserId, repo: Repo) -> Deleted:
+    async with repo.db.writer.begin() as conn:
+        row = (await conn.execute(delete(users).where(users.c.id == request.id).returning(*USER_COLUMNS))).one_or_none()
+        if row is None:
+            raise user_not_found(request.id)
+        await write_event(conn, accounts_outbox, SOURCE, "accounts.user.deleted", user_from(row))
+    repo.relay.wake()
+    return Deleted(id=request.id)
+
+
+async def authenticate(request: Authenticate, repo: Repo) -> User:
+    """The same work whether or not the email exists; the reply does not say which was wrong."""
+    query = select(*USER_COLUMNS, users.c.password_hash).where(users.c.email == request.email.lower())
+    async with repo.db.reader.connect() as conn:
+        row = (await conn.execute(query)).one_or_none()
+    if not await verify_password(request.password, row.password_hash if row else None):
+        raise InvalidCredentials("invalid email or password")
+    assert row is not None
+    return user_from(row)
+
+
+def add_endpoints(service: Service, repo: Repo) -> None:
+    service.add_endpoint("accounts.users.create", create_user, repo)
+    service.add_endpoint("accounts.users.get", get_user, repo)
+    service.add_endpoint("accounts.users.list", list_users, repo)
+    service.add_endpoint("accounts.users.update", update_user, repo)
+    service.add_endpoint("accounts.users.delete", delete_user, repo)
+    service.add_endpoint("accounts.users.authenticate", authenticate, repo)
+
+
+def serving(nc: Client) -> AbstractAsyncContextManager[Service]:
+    return serving_with_outbox(nc, "accounts", "users and their credentials", accounts_outbox, add_endpoints)

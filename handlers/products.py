@@ -1,0 +1,235 @@
+"""The products service: `products.products.*` (contract §4) and the internal stock subjects.
+
+`products.internal.stock.reserve` / `.release` take `{reservation_id, product_id, quantity}`
+and answer `{reservation_id, status, quantity, product}`; stock moves by a conditional update
+(`stock = stock - n WHERE stock >= n`), once per reservation id however often it is retried.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+
+from msgspec import UNSET, structs
+from nats.aio.client import Client
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bus.client import call
+from bus.codec import timestamp
+from bus.errors import Conflict, NotFound, RemoteError, Unprocessable
+from bus.events import write_event
+from bus.service import Service
+from handlers.runtime import Repo, serving_with_outbox
+from schemas.accounts import User, UserId
+from schemas.common import INT64_MAX, Deleted
+from schemas.products import (
+    CreateProduct,
+    ListProducts,
+    Product,
+    ProductId,
+    ProductPage,
+    Reservation,
+    StockChange,
+    UpdateProduct,
+    product_reservations,
+    products,
+    products_outbox,
+)
+
+SOURCE = "products"
+PRODUCT_COLUMNS = tuple(products.c)
+accounts_timeout_s = 2.0
+
+
+def product_from(row: Row) -> Product:
+    return Product(
+        id=row.id,
+        sku=row.sku,
+        name=row.name,
+        description=row.description,
+        price=row.price,
+        currency=row.currency,
+        stock=row.stock,
+        seller_id=row.seller_id,
+        inserted_at=timestamp(row.inserted_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def sku_taken() -> Conflict:
+    return Conflict("sku is already taken", type="sku_taken")
+
+
+def product_not_found(product_id: int) -> NotFound:
+    return NotFound(f"product {product_id} not found")
+
+
+async def check_seller(repo: Repo, seller_id: int) -> None:
+    """The seller must be a user; accounts not answering is a 503 (raised by `call`)."""
+    try:
+        await call(repo.nc, "accounts.users.get", UserId(seller_id), User, timeout_s=accounts_timeout_s)
+    except RemoteError as error:
+        if error.code == 404:
+            raise NotFound(f"seller {seller_id} not found") from None
+        raise
+
+
+async def create_product(request: CreateProduct, repo: Repo) -> Product:
+    await check_seller(repo, request.seller_id)
+    now = datetime.now(UTC)
+    try:
+        async with repo.db.writer.begin() as conn:
+            statement = insert(products).values(**structs.asdict(request), inserted_at=now, updated_at=now)
+            product = product_from((await conn.execute(statement.returning(*PRODUCT_COLUMNS))).one())
+            await write_event(conn, products_outbox, SOURCE, "products.product.created", product, now)
+    except IntegrityError:
+        raise sku_taken() from None
+    repo.relay.wake()
+    return product
+
+
+async def get_product(request: ProductId, repo: Repo) -> Product:
+    async with repo.db.reader.connect() as conn:
+        row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.id == request.id))).one_or_none()
+    if row is None:
+        raise product_not_found(request.id)
+    return product_from(row)
+
+
+async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
+    query = select(*PRODUCT_COLUMNS).where(products.c.id > request.after_id).order_by(products.c.id)
+    async with repo.db.reader.connect() as conn:
+        rows = (await conn.execute(query.limit(request.limit + 1))).all()
+    items = [product_from(row) for row in rows[: request.limit]]
+    return ProductPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
+
+
+async def update_product(request: UpdateProduct, repo: Repo) -> Product:
+    changes = {key: value for key, value in structs.asdict(request).items() if value is not UNSET and key != "id"}
+    if "seller_id" in changes:
+        await check_seller(repo, request.seller_id)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    statement = update(products).where(products.c.id == request.id).values(**changes, updated_at=now)
+    try:
+        async with repo.db.writer.begin() as conn:
+            product = await _changed(conn, statement, request.id, "products.product.updated", now)
+    except IntegrityError:
+        raise sku_taken() from None
+    repo.relay.wake()
+    return product
+
+
+async def delete_product(request: ProductId, repo: Repo) -> Deleted:
+    async with repo.db.writer.begin() as conn:
+        await _changed(
+            conn,
+            delete(products).where(products.c.id == request.id),
+            request.id,
+            "products.product.deleted",
+            datetime.now(UTC),
+        )
+    repo.relay.wake()
+    return Deleted(id=request.id)
+
+
+async def _changed(conn: AsyncConnection, statement, product_id: int, event_type: str, now: datetime) -> Product:  # type: ignore[no-untyped-def]
+    """Run an update or delete of one product, 404 if there is none, and write its event."""
+    row = (await conn.execute(statement.returning(*PRODUCT_COLUMNS))).one_or_none()
+    if row is None:
+        raise product_not_found(product_id)
+    product = product_from(row)
+    await write_event(conn, products_outbox, SOURCE, event_type, product, now)
+    return product
+
+
+async def reserve_stock(request: StockChange, repo: Repo) -> Reservation:
+    """Take `quantity` from stock once per reservation id; 422 `out_of_stock` if there is not enough."""
+    return await _change_stock(request, repo, "reserved")
+
+
+async def release_stock(request: StockChange, repo: Repo) -> Reservation:
+    """Give a reservation's quantity back once; a release before its reserve leaves a tombstone."""
+    return await _change_stock(request, repo, "released")
+
+
+async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reservation:
+    now = datetime.now(UTC)
+    async with repo.db.writer.begin() as conn:
+        existing = (
+            await conn.execute(select(product_reservations).where(product_reservations.c.id == request.reservation_id))
+        ).one_or_none()
+        if existing is not None and (existing.product_id, existing.quantity) != (request.product_id, request.quantity):
+            raise Conflict("reservation id reused with another product or quantity", type="idempotency_conflict")
+        if existing is not None and (existing.status == "released" or status == "reserved"):
+            product = await _product_in(conn, request.product_id)  # nothing to move: replay or tombstone
+            return Reservation(request.reservation_id, existing.status, existing.quantity, product)
+        if existing is None and status == "released":
+            product = await _product_in(conn, request.product_id)  # release before reserve: tombstone only
+        else:
+            product = await _move_stock(conn, request, -request.quantity if status == "reserved" else request.quantity)
+            await write_event(conn, products_outbox, SOURCE, "products.product.updated", product, now)
+        await _record_reservation(conn, request, status, existing is None, now)
+    repo.relay.wake()
+    return Reservation(request.reservation_id, status, request.quantity, product)
+
+
+async def _move_stock(conn: AsyncConnection, request: StockChange, delta: int) -> Product:
+    condition = products.c.stock >= -delta if delta < 0 else products.c.stock <= INT64_MAX - delta
+    statement = (
+        update(products)
+        .where(products.c.id == request.product_id, condition)
+        .values(stock=products.c.stock + delta, updated_at=datetime.now(UTC))
+        .returning(*PRODUCT_COLUMNS)
+    )
+    row = (await conn.execute(statement)).one_or_none()
+    if row is None:
+        await _product_in(conn, request.product_id)  # 404 when it does not exist
+        if delta < 0:
+            raise Unprocessable(f"product {request.product_id} has less than {-delta} in stock", type="out_of_stock")
+        raise Unprocessable("stock would leave the signed 64-bit range", type="amount_overflow")
+    return product_from(row)
+
+
+async def _record_reservation(
+    conn: AsyncConnection, request: StockChange, status: str, new: bool, now: datetime
+) -> None:
+    table = product_reservations
+    if new:
+        await conn.execute(
+            insert(table).values(
+                id=request.reservation_id,
+                product_id=request.product_id,
+                quantity=request.quantity,
+                status=status,
+                inserted_at=now,
+                updated_at=now,
+            )
+        )
+    else:
+        await conn.execute(
+            update(table).where(table.c.id == request.reservation_id).values(status=status, updated_at=now)
+        )
+
+
+async def _product_in(conn: AsyncConnection, product_id: int) -> Product:
+    row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.id == product_id))).one_or_none()
+    if row is None:
+        raise product_not_found(product_id)
+    return product_from(row)
+
+
+def add_endpoints(service: Service, repo: Repo) -> None:
+    service.add_endpoint("products.products.create", create_product, repo)
+    service.add_endpoint("products.products.get", get_product, repo)
+    service.add_endpoint("products.products.list", list_products, repo)
+    service.add_endpoint("products.products.update", update_product, repo)
+    service.add_endpoint("products.products.delete", delete_product, repo)
+    service.add_endpoint("products.internal.stock.reserve", reserve_stock, repo, name="stock_reserve")
+    service.add_endpoint("products.internal.stock.release", release_stock, repo, name="stock_release")
+
+
+def serving(nc: Client) -> AbstractAsyncContextManager[Service]:
+    return serving_with_outbox(nc, "products", "the catalogue and its stock", products_outbox, add_endpoints)

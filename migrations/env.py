@@ -1,0 +1,28 @@
+"""Alembic environment: async engines for SQLite and Postgres; one history, a branch per service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from migrations import target_metadata
+
+
+def run_with(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata(), render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_online() -> None:
+    engine = create_async_engine(context.config.get_main_option("sqlalchemy.url"))
+    async with engine.connect() as connection:
+        await connection.run_sync(run_with)
+        await connection.commit()
+    await engine.dispose()
+
+
+asyncio.run(run_online())

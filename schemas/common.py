@@ -1,0 +1,30 @@
+"""Types every message shares: contract bounds live in the type, checked once at the edge."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+from sqlalchemy import BigInteger, Integer, MetaData
+
+INT64_MAX = 2**63 - 1
+
+Id = Annotated[int, Meta(gt=0, le=INT64_MAX)]
+Cents = Annotated[int, Meta(gt=0, le=INT64_MAX)]
+"""An amount or quantity: positive, within signed 64 bits."""
+NonNegative = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
+Limit = Annotated[int, Meta(ge=1, le=1000)]
+LIMIT_DEFAULT = 50
+
+metadata = MetaData()
+"""All tables of all services, for the one alembic history; each service touches only its own."""
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+"""64-bit ids on Postgres; SQLite's INTEGER PRIMARY KEY is the 64-bit rowid."""
+
+
+class Deleted(msgspec.Struct, frozen=True):
+    id: int
+    deleted: bool = True

@@ -1,0 +1,109 @@
+"""Engines from `DATABASE_URL`: SQLite (embedded default, a file per service) or Postgres.
+
+SQLite allows one writer per file: each service gets its own file, and within a process all
+writes go through one connection that begins `IMMEDIATE`, so writers queue in the pool
+instead of failing with SQLITE_BUSY; reads use a separate pool and never wait for the writer
+(WAL). On Postgres one pool serves both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import DateTime, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.types import TypeDecorator
+
+sqlite_busy_timeout_ms = 10_000
+sqlite_readers_max = 8
+postgres_pool_size = 10
+pool_timeout_s = 10.0
+postgres_command_timeout_s = 10.0
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp stored with its zone on Postgres and read back as UTC on both stores."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        assert value is None or value.tzinfo is not None
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def default_url() -> str:
+    data_dir = Path(os.environ.get("BITNEXUS_DATA_DIR", ".bitnexus")).resolve()
+    return f"sqlite+aiosqlite:///{data_dir / 'mesh.db'}"
+
+
+def service_url(service: str, url: str | None = None) -> URL:
+    """The database of one service: the same Postgres database, or its own SQLite file beside the named one."""
+    parsed = make_url(url or os.environ.get("DATABASE_URL") or default_url())
+    if parsed.get_backend_name() != "sqlite":
+        return parsed
+    assert parsed.database and parsed.database != ":memory:", "SQLite needs a file: one per service"
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return parsed.set(database=str(path.with_name(f"{path.stem}.{service}{path.suffix or '.db'}")))
+
+
+@dataclass(frozen=True)
+class Database:
+    """What a service's Repo talks to: `writer` for transactions that write, `reader` for reads."""
+
+    writer: AsyncEngine
+    reader: AsyncEngine
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.writer.dialect.name == "sqlite"
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+def open_database(url: URL) -> Database:
+    if url.get_backend_name() == "sqlite":
+        return Database(writer=_sqlite_engine(url, writer=True), reader=_sqlite_engine(url, writer=False))
+    engine = create_async_engine(
+        url,
+        pool_size=postgres_pool_size,
+        max_overflow=0,
+        pool_timeout=pool_timeout_s,
+        connect_args={"command_timeout": postgres_command_timeout_s},
+    )
+    return Database(writer=engine, reader=engine)
+
+
+def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
+    engine = create_async_engine(
+        url, pool_size=1 if writer else sqlite_readers_max, max_overflow=0, pool_timeout=pool_timeout_s
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
