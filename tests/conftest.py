@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from nats.aio.client import Client
+from sqlalchemy.engine import make_url
 
+import migrations
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
+from bus.events import EVENTS_STREAM, ensure_stream
+from schemas.database import open_database, service_url
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +39,123 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
     client = await connect(Settings(servers=[nats_url]), name="test")
     yield client
     await client.close()
+
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database for this test session on the machine's Postgres, dropped at the end.
+
+    Without a reachable Postgres the Postgres half is skipped, except under CI=1 where it fails.
+    """
+    admin = make_url(TEST_DATABASE_URL)
+    name = f"bitnexus_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def admin_execute(sql: str) -> None:
+        conn = await asyncpg.connect(
+            host=admin.host,
+            port=admin.port or 5432,
+            user=admin.username,
+            password=admin.password,
+            database=admin.database,
+            timeout=5,
+        )
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin_execute(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Postgres at {TEST_DATABASE_URL} is required on CI: {exc!r}")
+        pytest.skip(f"no Postgres at {TEST_DATABASE_URL}: {exc!r}")
+    yield admin.set(database=name).render_as_string(hide_password=False)
+    asyncio.run(admin_execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Each storage test runs twice: on SQLite (a file per service) and on Postgres."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'mesh.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    migrations.upgrade(url)
+    return url
+
+
+async def empty_tables(url: str) -> None:
+    for service in migrations.SERVICES_WITH_TABLES:
+        db = open_database(service_url(service, url))
+        tables = [table.name for table in migrations.target_metadata().sorted_tables]
+        async with db.writer.begin() as conn:
+            if db.is_sqlite:
+                existing = {row[0] for row in await conn.exec_driver_sql("SELECT name FROM sqlite_master")}
+                for table in tables:
+                    if table in existing:
+                        await conn.exec_driver_sql(f"DELETE FROM {table}")
+                await conn.exec_driver_sql("DELETE FROM sqlite_sequence")
+            else:
+                await conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+        await db.dispose()
+        if not db.is_sqlite:
+            return
+
+
+@pytest.fixture
+async def database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Empty tables, and `DATABASE_URL` pointing at them for services started in this test."""
+    await empty_tables(database_url)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    return database_url
+
+
+class Mesh:
+    """The services under test, spoken to over NATS exactly as an outside client would."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    async def request(self, subject: str, body: object, timeout_s: float = 10.0) -> tuple[int | None, dict]:
+        """Send `body` (bytes as they are, anything else as JSON); return (error code or None, reply)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        reply = await self.nc.request(subject, data, timeout=timeout_s)
+        code = reply.headers.get("Nats-Service-Error-Code") if reply.headers else None
+        return (int(code) if code is not None else None), json.loads(reply.data)
+
+    async def ok(self, subject: str, body: object) -> dict:
+        code, reply = await self.request(subject, body)
+        assert code is None, reply
+        return reply
+
+    async def events(self, count: int, timeout_s: float = 10.0) -> list[tuple[str, str, dict]]:
+        """The first `count` events of the stream as (subject, Nats-Msg-Id, envelope); fails on fewer."""
+        sub = await self.js.subscribe("events.>", ordered_consumer=True)
+        found = []
+        try:
+            for _ in range(count):
+                msg = await sub.next_msg(timeout=timeout_s)
+                found.append((msg.subject, (msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data)))
+        finally:
+            await sub.unsubscribe()
+        return found
+
+    async def event_count(self) -> int:
+        return (await self.js.stream_info(EVENTS_STREAM)).state.messages
+
+
+@pytest.fixture
+async def mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
+    """Accounts and products serving in this test's loop, on an empty database and event stream."""
+    from handlers import accounts, products
+
+    mesh = Mesh(nc)
+    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await mesh.js.purge_stream(EVENTS_STREAM)
+    async with accounts.serving(nc), products.serving(nc):
+        yield mesh

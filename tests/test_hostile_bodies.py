@@ -1,0 +1,73 @@
+"""Property tests: random and hostile bodies at every endpoint get a 4xx, never a 500 or silence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Mesh
+
+ENDPOINT_FIELDS = {
+    "accounts.users.create": ["email", "name", "password"],
+    "accounts.users.get": ["id"],
+    "accounts.users.list": ["limit", "after_id"],
+    "accounts.users.update": ["id", "email", "name", "password"],
+    "accounts.users.delete": ["id"],
+    "accounts.users.authenticate": ["email", "password"],
+    "products.products.create": ["sku", "name", "description", "price", "currency", "stock", "seller_id"],
+    "products.products.get": ["id"],
+    "products.products.list": ["limit", "after_id"],
+    "products.products.update": ["id", "sku", "name", "price", "stock", "seller_id"],
+    "products.products.delete": ["id"],
+    "products.internal.stock.reserve": ["reservation_id", "product_id", "quantity"],
+    "products.internal.stock.release": ["reservation_id", "product_id", "quantity"],
+}
+EXPECTED_CODES = {None, 400, 401, 404, 409, 422}
+
+hostile_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -1, 1, 2**63 - 1, 2**63, -(2**63), 2**64]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=300),
+    st.sampled_from(["", " ", "a@b", "EUR", "x" * 5000, "\u0000", "'; DROP TABLE users; --", "é@ü.de"]),
+)
+json_values = st.recursive(
+    hostile_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def bodies(fields: list[str]) -> st.SearchStrategy[bytes]:
+    objects = st.dictionaries(st.sampled_from([*fields, "extra", "__proto__"]), json_values, max_size=len(fields) + 1)
+    return st.one_of(
+        objects.map(lambda value: json.dumps(value).encode()),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        st.binary(max_size=200),
+        st.sampled_from([b"", b"{", b"{}", b"[]", b"null", b'{"id": 1, "id": 2}', b"\xff\xfe", b'{"id": 1e400}']),
+    )
+
+
+@pytest.mark.parametrize("subject", sorted(ENDPOINT_FIELDS))
+async def test_random_and_hostile_bodies_get_client_errors_only(mesh: Mesh, subject: str) -> None:
+    loop = asyncio.get_running_loop()
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies(ENDPOINT_FIELDS[subject]))
+    def check(body: bytes) -> None:
+        code, reply = asyncio.run_coroutine_threadsafe(mesh.request(subject, body, timeout_s=5), loop).result(10)
+        assert code in EXPECTED_CODES, (code, reply)
+        if code is not None:
+            assert set(reply) == {"error"} and reply["error"]["code"] == code
+
+    await asyncio.to_thread(check)
+    ping = await mesh.nc.request(f"$SRV.PING.{subject.split('.')[0]}", b"", timeout=2)
+    assert json.loads(ping.data)["type"] == "io.nats.micro.v1.ping_response"
+    stats = json.loads((await mesh.nc.request(f"$SRV.STATS.{subject.split('.')[0]}", b"", timeout=2)).data)
+    assert not any(endpoint["last_error"].startswith("500:") for endpoint in stats["endpoints"])

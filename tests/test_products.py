@@ -1,0 +1,201 @@
+"""`products.products.*` and the internal stock subjects, on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import Mesh
+
+PRODUCT_FIELDS = [
+    "id",
+    "sku",
+    "name",
+    "description",
+    "price",
+    "currency",
+    "stock",
+    "seller_id",
+    "inserted_at",
+    "updated_at",
+]
+INT64_MAX = 2**63 - 1
+
+
+async def seller(mesh: Mesh) -> int:
+    user = await mesh.ok("accounts.users.create", {"email": "seller@x.io", "name": "S", "password": "password1"})
+    return user["id"]
+
+
+def widget(seller_id: int, **overrides: object) -> dict:
+    return {
+        "sku": "WID-1",
+        "name": "Widget",
+        "price": 1250,
+        "currency": "EUR",
+        "stock": 10,
+        "seller_id": seller_id,
+        **overrides,
+    }
+
+
+async def test_create_get_update_delete_a_product(mesh: Mesh) -> None:
+    seller_id = await seller(mesh)
+    product = await mesh.ok("products.products.create", widget(seller_id))
+    assert list(product) == PRODUCT_FIELDS
+    assert product["description"] == "" and product["stock"] == 10 and product["seller_id"] == seller_id
+    assert await mesh.ok("products.products.get", {"id": product["id"]}) == product
+    changed = await mesh.ok(
+        "products.products.update",
+        {"id": product["id"], "price": 0, "description": "d", "sku": "WID-2", "currency": "USD", "stock": 0},
+    )
+    assert (changed["price"], changed["description"], changed["sku"], changed["currency"], changed["stock"]) == (
+        0,
+        "d",
+        "WID-2",
+        "USD",
+        0,
+    )
+    assert changed["name"] == "Widget"
+    assert await mesh.ok("products.products.delete", {"id": product["id"]}) == {"id": product["id"], "deleted": True}
+    assert (await mesh.request("products.products.get", {"id": product["id"]}))[0] == 404
+    assert (await mesh.request("products.products.update", {"id": product["id"], "name": "x"}))[0] == 404
+    assert (await mesh.request("products.products.delete", {"id": product["id"]}))[0] == 404
+
+
+async def test_seller_must_exist_on_create_and_update(mesh: Mesh) -> None:
+    code, reply = await mesh.request("products.products.create", widget(777))
+    assert code == 404 and reply["error"]["message"] == "seller 777 not found"
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    code, _ = await mesh.request("products.products.update", {"id": product["id"], "seller_id": 778})
+    assert code == 404
+    assert (await mesh.ok("products.products.list", {}))["items"] == [product]
+
+
+async def test_sku_is_unique(mesh: Mesh) -> None:
+    seller_id = await seller(mesh)
+    first = await mesh.ok("products.products.create", widget(seller_id))
+    code, reply = await mesh.request("products.products.create", widget(seller_id, name="Other"))
+    assert code == 409 and reply["error"]["type"] == "sku_taken"
+    other = await mesh.ok("products.products.create", widget(seller_id, sku="WID-9"))
+    code, reply = await mesh.request("products.products.update", {"id": other["id"], "sku": first["sku"]})
+    assert code == 409 and reply["error"]["type"] == "sku_taken"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"sku": ""}, "$.sku"),
+        ({"sku": "s" * 65}, "$.sku"),
+        ({"sku": "has space"}, "$.sku"),
+        ({"price": -1}, "$.price"),
+        ({"price": INT64_MAX + 1}, "$.price"),
+        ({"price": 1.5}, "$.price"),
+        ({"stock": -1}, "$.stock"),
+        ({"currency": "eur"}, "$.currency"),
+        ({"currency": "EURO"}, "$.currency"),
+        ({"seller_id": 0}, "$.seller_id"),
+        ({"name": ""}, "$.name"),
+        ({"id": 5}, "$.id"),
+    ],
+)
+async def test_invalid_create_is_400_naming_the_field(mesh: Mesh, overrides: dict, field: str) -> None:
+    code, reply = await mesh.request("products.products.create", {**widget(1), **overrides})
+    assert code == 400
+    assert reply["error"]["details"] == [field]
+
+
+async def test_boundaries_are_accepted(mesh: Mesh) -> None:
+    seller_id = await seller(mesh)
+    product = await mesh.ok(
+        "products.products.create", widget(seller_id, sku="a._-" + "Z" * 60, price=INT64_MAX, stock=0)
+    )
+    assert product["price"] == INT64_MAX and len(product["sku"]) == 64
+
+
+async def test_list_pages_products(mesh: Mesh) -> None:
+    seller_id = await seller(mesh)
+    ids = [(await mesh.ok("products.products.create", widget(seller_id, sku=f"S{n}")))["id"] for n in range(3)]
+    first = await mesh.ok("products.products.list", {"limit": 2})
+    rest = await mesh.ok("products.products.list", {"limit": 2, "after_id": first["next_after_id"]})
+    assert [p["id"] for p in first["items"] + rest["items"]] == ids
+    assert rest["next_after_id"] is None
+
+
+def reservation(product_id: int, key: str, quantity: int = 1) -> dict:
+    return {"reservation_id": key, "product_id": product_id, "quantity": quantity}
+
+
+async def stock(mesh: Mesh, product_id: int) -> int:
+    return (await mesh.ok("products.products.get", {"id": product_id}))["stock"]
+
+
+async def test_reserve_takes_stock_once_per_reservation_id_and_release_gives_it_back_once(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    reserved = await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "r1", 3))
+    assert reserved["status"] == "reserved" and reserved["product"]["stock"] == 7
+    again = await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "r1", 3))
+    assert again["status"] == "reserved"
+    assert await stock(mesh, product["id"]) == 7
+    released = await mesh.ok("products.internal.stock.release", reservation(product["id"], "r1", 3))
+    assert released["status"] == "released" and released["product"]["stock"] == 10
+    await mesh.ok("products.internal.stock.release", reservation(product["id"], "r1", 3))
+    assert await stock(mesh, product["id"]) == 10
+    code, reply = await mesh.request("products.internal.stock.reserve", reservation(product["id"], "r1", 4))
+    assert code == 409 and reply["error"]["type"] == "idempotency_conflict"
+
+
+async def test_release_before_reserve_leaves_a_tombstone_so_the_late_reserve_takes_nothing(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    assert (await mesh.ok("products.internal.stock.release", reservation(product["id"], "late", 2)))["status"] == (
+        "released"
+    )
+    late = await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "late", 2))
+    assert late["status"] == "released"
+    assert await stock(mesh, product["id"]) == 10
+
+
+async def test_reserving_more_than_the_stock_is_out_of_stock_and_changes_nothing(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    code, reply = await mesh.request("products.internal.stock.reserve", reservation(product["id"], "big", 11))
+    assert code == 422 and reply["error"]["type"] == "out_of_stock"
+    assert await stock(mesh, product["id"]) == 10
+    assert (await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "big", 10)))["product"][
+        "stock"
+    ] == 0
+    code, _ = await mesh.request("products.internal.stock.reserve", reservation(424242, "none"))
+    assert code == 404
+
+
+async def test_concurrent_reserves_never_oversell(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    results = await asyncio.gather(
+        *(mesh.request("products.internal.stock.reserve", reservation(product["id"], f"c{n}")) for n in range(25))
+    )
+    assert sorted(str(code) for code, _ in results) == ["422"] * 15 + ["None"] * 10
+    assert await stock(mesh, product["id"]) == 0
+
+
+async def test_release_past_int64_is_amount_overflow(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh), stock=INT64_MAX))
+    await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "o", 1))
+    await mesh.ok("products.products.update", {"id": product["id"], "stock": INT64_MAX})
+    code, reply = await mesh.request("products.internal.stock.release", reservation(product["id"], "o", 1))
+    assert code == 422 and reply["error"]["type"] == "amount_overflow"
+    assert await stock(mesh, product["id"]) == INT64_MAX
+
+
+async def test_product_changes_publish_events_in_commit_order(mesh: Mesh) -> None:
+    product = await mesh.ok("products.products.create", widget(await seller(mesh)))
+    await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "e1", 1))
+    await mesh.ok("products.products.delete", {"id": product["id"]})
+    events = await mesh.events(4)  # the seller's user.created comes from another relay, in any order
+    product_events = [(subject, envelope) for subject, _, envelope in events if subject.startswith("events.products")]
+    assert [subject for subject, _ in product_events] == [
+        "events.products.product.created",
+        "events.products.product.updated",
+        "events.products.product.deleted",
+    ]
+    assert [envelope["data"]["stock"] for _, envelope in product_events] == [10, 9, 9]
+    assert all(envelope["source"] == "products" for _, envelope in product_events)
