@@ -51,7 +51,7 @@ def bad_request_from(exc: msgspec.DecodeError) -> BadRequest:
 def timestamp(moment: datetime | None = None) -> str:
     """RFC 3339 UTC with microseconds and `Z`, always six digits (msgspec drops `.000000`)."""
     moment = (moment or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def to_builtins(value: Any) -> Any:

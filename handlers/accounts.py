@@ -15,6 +15,7 @@ from bus.codec import timestamp
 from bus.errors import Conflict, InvalidCredentials, NotFound
 from bus.events import write_event
 from bus.service import Service
+from handlers.batching import BatchLoader
 from handlers.passwords import hash_password, verify_password
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import (
@@ -67,12 +68,20 @@ async def create_user(request: CreateUser, repo: Repo) -> User:
     return user
 
 
-async def get_user(request: UserId, repo: Repo) -> User:
-    async with repo.db.reader.connect() as conn:
-        row = (await conn.execute(select(*USER_COLUMNS).where(users.c.id == request.id))).one_or_none()
-    if row is None:
+async def get_user(request: UserId, users_by_id: BatchLoader[int, User]) -> User:
+    user = await users_by_id.load(request.id)
+    if user is None:
         raise user_not_found(request.id)
-    return user_from(row)
+    return user
+
+
+def users_loader(repo: Repo) -> BatchLoader[int, User]:
+    async def fetch(ids: list[int]) -> dict[int, User]:
+        async with repo.db.reader.connect() as conn:
+            rows = (await conn.execute(select(*USER_COLUMNS).where(users.c.id.in_(ids)))).all()
+        return {row.id: user_from(row) for row in rows}
+
+    return BatchLoader(fetch, fetchers=2)
 
 
 async def list_users(request: ListUsers, repo: Repo) -> UserPage:
@@ -128,8 +137,10 @@ async def authenticate(request: Authenticate, repo: Repo) -> User:
 
 
 def add_endpoints(service: Service, repo: Repo) -> None:
+    users_by_id = users_loader(repo)
+    repo.background.append(users_by_id.run)
     service.add_endpoint("accounts.users.create", create_user, repo)
-    service.add_endpoint("accounts.users.get", get_user, repo)
+    service.add_endpoint("accounts.users.get", get_user, users_by_id)
     service.add_endpoint("accounts.users.list", list_users, repo)
     service.add_endpoint("accounts.users.update", update_user, repo)
     service.add_endpoint("accounts.users.delete", delete_user, repo)

@@ -10,7 +10,9 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 scrypt_n = 2**14  # 16 MiB of memory per hash (128 * n * r bytes)
@@ -21,7 +23,18 @@ key_bytes = 32
 hash_threads_max = 2
 """hashlib.scrypt releases the GIL; more threads than cores would only queue in the kernel."""
 
-_executor = ThreadPoolExecutor(max_workers=hash_threads_max, thread_name_prefix="scrypt")
+hash_thread_nice = 10
+"""Hashing threads run at a lower priority than the event loop thread: on a busy machine the
+kernel gives the loop the CPU first, so reads keep their latency while hashes queue."""
+
+
+def _lower_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), hash_thread_nice)  # Linux: per thread
+
+
+_executor = ThreadPoolExecutor(
+    max_workers=hash_threads_max, thread_name_prefix="scrypt", initializer=_lower_priority
+)
 
 
 def _derive(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:

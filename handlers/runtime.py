@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import Any
 
 from nats.aio.client import Client
 from sqlalchemy import Table
@@ -23,6 +24,8 @@ class Repo:
     db: Database
     relay: OutboxRelay
     nc: Client
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    """Jobs that run as long as the service serves (batch loaders), started in its task group."""
 
 
 @contextlib.asynccontextmanager
@@ -39,9 +42,11 @@ async def serving_with_outbox(
     try:
         async with asyncio.TaskGroup() as group:
             relay = group.create_task(repo.relay.run(), name=f"{name}-outbox-relay")
+            jobs = [group.create_task(job()) for job in repo.background]
             async with service.serving():
                 yield service
             await repo.relay.publish_pending()
-            relay.cancel()
+            for task in [relay, *jobs]:
+                task.cancel()
     finally:
         await db.dispose()

@@ -70,7 +70,7 @@ class Database:
 
     async def dispose(self) -> None:
         await self.writer.dispose()
-        if self.reader is not self.writer:
+        if self.reader.pool is not self.writer.pool:
             await self.reader.dispose()
 
 
@@ -84,12 +84,17 @@ def open_database(url: URL) -> Database:
         pool_timeout=pool_timeout_s,
         connect_args={"command_timeout": postgres_command_timeout_s},
     )
-    return Database(writer=engine, reader=engine)
+    # a read is one statement: no BEGIN/COMMIT round trips around it
+    return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
     engine = create_async_engine(
-        url, pool_size=1 if writer else sqlite_readers_max, max_overflow=0, pool_timeout=pool_timeout_s
+        url,
+        pool_size=1 if writer else sqlite_readers_max,
+        max_overflow=0,
+        pool_timeout=pool_timeout_s,
+        pool_reset_on_return="rollback" if writer else None,  # readers never open a transaction
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -102,8 +107,10 @@ def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
         cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms}")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+    if writer:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

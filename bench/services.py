@@ -1,0 +1,162 @@
+"""accounts.users.get and accounts.users.create on SQLite and Postgres, beside the raw echo.
+
+    python -m bench.services [--duration 4] [--stores sqlite postgres]
+
+Starts its own nats-server, the raw nats-py echo responder of bench.echo, and one accounts
+process per store (`bitnexus serve accounts`), seeded with users straight into its table.
+Also measures `get` at c64 while a stream of `create` (scrypt, deliberately slow) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import nats
+from sqlalchemy import insert
+
+import migrations
+from bench.echo import BODY, start_responder
+from bench.harness import Result, closed_loop, median_result, run_requester, table, warmup_s
+from bus.embedded import EmbeddedNats, free_port
+from schemas.accounts import users
+from schemas.database import open_database, service_url
+
+SEEDED_USERS = 10_000
+POSTGRES_ADMIN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BENCH_DATABASE = "bitnexus_bench"
+
+
+def body_for(kind: str, counter: int) -> bytes:
+    if kind == "get":
+        return b'{"id": %d}' % (counter % SEEDED_USERS + 1)
+    email = f"bench-{os.getpid()}-{counter}-{time.monotonic_ns()}@example.com"
+    return json.dumps({"email": email, "name": "Bench", "password": "bench password"}).encode()
+
+
+async def seed(database_url: str) -> None:
+    db = open_database(service_url("accounts", database_url))
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "email": f"seed{n}@example.com",
+            "name": f"Seed {n}",
+            "password_hash": "scrypt$1$1$1$AA==$AA==",
+            "inserted_at": now,
+            "updated_at": now,
+        }
+        for n in range(SEEDED_USERS)
+    ]
+    async with db.writer.begin() as conn:
+        await conn.execute(insert(users), rows)
+    await db.dispose()
+
+
+async def fresh_postgres() -> str:
+    admin = await asyncpg.connect(POSTGRES_ADMIN)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    await admin.close()
+    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
+
+
+def start_accounts(nats_url: str, database_url: str) -> subprocess.Popen:
+    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "BITNEXUS_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "accounts"], env=env)
+
+    async def wait() -> None:
+        nc = await nats.connect(nats_url)
+        for _ in range(300):
+            try:
+                await nc.request("$SRV.PING.accounts", b"", timeout=0.2)
+                break
+            except Exception:  # not serving yet
+                await asyncio.sleep(0.05)
+        await nc.close()
+
+    asyncio.run(wait())
+    return process
+
+
+def measure(store: str, url: str, duration: float, raw_pid: int, accounts_pid: int) -> list[tuple[Result, Result]]:
+    rows = []
+    for concurrency in (64, 512):
+        raw = median_result(
+            [
+                run_requester("bench.echo", [url, str(duration), "bench.raw"], "raw nats-py", concurrency, [raw_pid])
+                for _ in range(2)
+            ]
+        )
+        get = run_requester(
+            "bench.services", [url, str(duration), "get"], f"users.get {store}", concurrency, [accounts_pid]
+        )
+        rows += [(raw, get)]
+    for concurrency in (64, 512):
+        create = run_requester(
+            "bench.services", [url, str(duration), "create"], f"users.create {store}", concurrency, [accounts_pid]
+        )
+        rows.append((rows[0][0], create))
+    creates = subprocess.Popen(
+        [sys.executable, "-m", "bench.services", "requester", url, str(duration + 2 * warmup_s), "create", "64"],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(warmup_s)
+    under_load = run_requester(
+        "bench.services", [url, str(duration), "get"], f"users.get {store} + creates", 64, [accounts_pid]
+    )
+    creates.wait()
+    rows.append((rows[0][0], under_load))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
+        url = server.start()
+        raw = start_responder("raw", url)
+        rows = []
+        try:
+            for store in options.stores:
+                database_url = (
+                    f"sqlite+aiosqlite:///{data_dir}/mesh.db" if store == "sqlite" else asyncio.run(fresh_postgres())
+                )
+                migrations.upgrade(database_url)
+                asyncio.run(seed(database_url))
+                accounts = start_accounts(url, database_url)
+                try:
+                    rows += measure(store, url, options.duration, raw.pid, accounts.pid)
+                finally:
+                    accounts.terminate()
+                    accounts.wait()
+        finally:
+            raw.terminate()
+            raw.wait()
+            server.stop()
+    print(
+        f"{SEEDED_USERS} users seeded, {options.duration:g} s per measurement, cpus {os.cpu_count()}, "
+        f"echo body {len(BODY)} bytes"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["requester"]:
+        url, duration, kind, concurrency = sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+        subject = f"accounts.users.{kind}"
+        result = asyncio.run(closed_loop(url, subject, lambda n: body_for(kind, n), concurrency, warmup_s, duration))
+        print(json.dumps(result))
+    else:
+        main()
