@@ -35,6 +35,7 @@ Restart = Literal["permanent", "transient", "temporary"]
 State = Literal["starting", "running", "stopping", "stopped", "exited"]
 
 SERVICES: dict[str, str] = {
+    "ledger": "ledger.service:serving",
     "accounts": "handlers.accounts:serving",
     "products": "handlers.products:serving",
 }

@@ -10,8 +10,10 @@ service has its own file and one process, so one relay reads, publishes and dele
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +36,28 @@ relay_batch_max = 256
 relay_poll_interval_s = 0.5
 publish_timeout_s = 5.0
 relay_retry_wait_s_max = 5.0
+
+
+async def relay_forever(publish_pending: Callable[[], Awaitable[int]], wake: asyncio.Event) -> None:
+    """Publish what is pending, then sleep until woken or the poll interval passes; forever.
+
+    JetStream not acknowledging (no stream, a timeout, a reconnect) is expected now and then:
+    the rows stay, and the relay retries with back-off instead of crashing its service.
+    """
+    retry_wait_s = 0.1
+    while True:
+        try:
+            await publish_pending()
+            retry_wait_s = 0.1
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            log.warning("relay: JetStream did not acknowledge (%r); retrying in %.1f s", exc, retry_wait_s)
+            await asyncio.sleep(retry_wait_s)
+            retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
+            continue
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(relay_poll_interval_s):
+                await wake.wait()
 
 
 async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
@@ -72,24 +96,7 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
-        """Forever: publish what is pending, then sleep until woken or the poll interval passes."""
-        retry_wait_s = 0.1
-        while True:
-            try:
-                published = await self.publish_pending()
-                retry_wait_s = 0.1
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-                log.warning("outbox relay: JetStream did not acknowledge (%r); retrying in %.1f s", exc, retry_wait_s)
-                await asyncio.sleep(retry_wait_s)
-                retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
-                continue
-            if published < relay_batch_max:
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(relay_poll_interval_s):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+        await relay_forever(self.publish_pending, self._wake)
 
     async def publish_pending(self) -> int:
         """Publish pending rows until none is left; returns how many were published by this call."""

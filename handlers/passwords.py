@@ -32,9 +32,7 @@ def _lower_priority() -> None:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), hash_thread_nice)  # Linux: per thread
 
 
-_executor = ThreadPoolExecutor(
-    max_workers=hash_threads_max, thread_name_prefix="scrypt", initializer=_lower_priority
-)
+_executor = ThreadPoolExecutor(max_workers=hash_threads_max, thread_name_prefix="scrypt", initializer=_lower_priority)
 
 
 def _derive(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:

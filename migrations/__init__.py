@@ -16,14 +16,16 @@ from sqlalchemy.engine import URL
 
 from schemas.database import service_url
 
-SERVICES_WITH_TABLES = ("accounts", "products")
+SERVICES_WITH_TABLES = ("accounts", "products", "ledger")
 
 
 def target_metadata() -> MetaData:
-    from schemas import accounts, products
+    from schemas import accounts, ledger, products
     from schemas.common import metadata
 
-    assert accounts.users.metadata is metadata and products.products.metadata is metadata
+    assert all(
+        module_table.metadata is metadata for module_table in (accounts.users, products.products, ledger.ledger_entries)
+    )
     return metadata
 
 

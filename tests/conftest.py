@@ -89,21 +89,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 async def empty_tables(url: str) -> None:
+    """Delete every row (SQLite: in each service's file) and rewind the ledger's event cursor."""
+    all_tables = [table.name for table in migrations.target_metadata().sorted_tables if table.name != "ledger_cursors"]
     for service in migrations.SERVICES_WITH_TABLES:
         db = open_database(service_url(service, url))
-        tables = [table.name for table in migrations.target_metadata().sorted_tables]
         async with db.writer.begin() as conn:
             if db.is_sqlite:
                 existing = {row[0] for row in await conn.exec_driver_sql("SELECT name FROM sqlite_master")}
-                for table in tables:
-                    if table in existing:
-                        await conn.exec_driver_sql(f"DELETE FROM {table}")
-                await conn.exec_driver_sql("DELETE FROM sqlite_sequence")
+                for table in [name for name in all_tables if name in existing]:
+                    await conn.exec_driver_sql(f"DELETE FROM {table}")
+                if "sqlite_sequence" in existing:
+                    await conn.exec_driver_sql("DELETE FROM sqlite_sequence")
             else:
-                await conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+                await conn.exec_driver_sql(f"TRUNCATE {', '.join(all_tables)} RESTART IDENTITY")
+            if service == "ledger" or not db.is_sqlite:
+                await conn.exec_driver_sql("UPDATE ledger_cursors SET seq = 0")
         await db.dispose()
         if not db.is_sqlite:
-            return
+            return  # one Postgres database holds every service's tables
 
 
 @pytest.fixture
@@ -152,10 +155,11 @@ class Mesh:
 @pytest.fixture
 async def mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
     """Accounts and products serving in this test's loop, on an empty database and event stream."""
+    import ledger.service as ledger
     from handlers import accounts, products
 
     mesh = Mesh(nc)
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     await mesh.js.purge_stream(EVENTS_STREAM)
-    async with accounts.serving(nc), products.serving(nc):
+    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc):
         yield mesh

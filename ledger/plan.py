@@ -1,0 +1,141 @@
+"""Deciding a batch, without I/O: which requests commit, their seq and hash, the new balances.
+
+The writer reads the head, the balances and the already-recorded ids a batch touches, calls
+`plan`, writes what it returns in one transaction, and only then answers. Each request
+(a `ledger.record`, or a whole `ledger.record_batch`) is all or nothing and refuses only itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bus.errors import Conflict, ServiceError, Unprocessable
+from ledger.chain import make_entry
+from schemas.common import INT64_MAX
+from schemas.ledger import GENESIS_HASH, WORLD, Entry, Transfer
+
+INT64_MIN = -(2**63)
+BalanceKey = tuple[str, str]
+"""(account, currency)"""
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int = 0
+    hash: str = GENESIS_HASH
+
+
+@dataclass
+class Plan:
+    outcomes: list[list[Entry] | ServiceError] = field(default_factory=list)
+    """One per request, in order: its entries (new or recorded before) or why it was refused."""
+    new_entries: list[Entry] = field(default_factory=list)
+    balances: dict[BalanceKey, int] = field(default_factory=dict)
+    """Only the balances this batch changed, with their new values."""
+    head: Head = field(default_factory=Head)
+
+
+def same_body(transfer: Transfer, entry: Entry) -> bool:
+    return (transfer.from_, transfer.to, transfer.amount, transfer.currency, transfer.memo) == (
+        entry.from_,
+        entry.to,
+        entry.amount,
+        entry.currency,
+        entry.memo,
+    )
+
+
+def plan(
+    requests: list[list[Transfer]],
+    head: Head,
+    recorded: dict[str, Entry],
+    balances: dict[BalanceKey, int],
+    recorded_at: str,
+    batched: list[bool],
+) -> Plan:
+    """Apply `requests` in order.
+
+    `balances` holds the stored value of every key the requests touch (absent is 0) and is
+    updated in place as requests commit; `recorded` holds entries already stored for their ids.
+    """
+    result = Plan(head=head)
+    known = dict(recorded)
+    for transfers, is_batch in zip(requests, batched, strict=True):
+        changes: dict[BalanceKey, int] = {}
+        answer: list[Entry] = []
+        fresh: dict[str, Entry] = {}
+        seq, prev_hash = result.head.seq, result.head.hash
+        outcome: list[Entry] | ServiceError = answer
+        for index, transfer in enumerate(transfers):
+            where = [f"$.transfers[{index}]"] if is_batch else []
+            earlier = known.get(transfer.id) or fresh.get(transfer.id)
+            if earlier is not None:
+                if not same_body(transfer, earlier):
+                    outcome = Conflict(
+                        f"transfer id {transfer.id} was recorded with another body",
+                        type="idempotency_conflict",
+                        details=where,
+                    )
+                    break
+                answer.append(earlier)
+                continue
+            refusal = _refusal(transfer, changes, balances, where)
+            if refusal is not None:
+                outcome = refusal
+                break
+            seq += 1
+            entry = make_entry(
+                seq,
+                transfer.id,
+                transfer.from_,
+                transfer.to,
+                transfer.amount,
+                transfer.currency,
+                transfer.memo,
+                recorded_at,
+                prev_hash,
+            )
+            prev_hash = entry.hash
+            fresh[entry.id] = entry
+            answer.append(entry)
+        result.outcomes.append(outcome)
+        if isinstance(outcome, ServiceError):
+            continue
+        result.new_entries += fresh.values()
+        known.update(fresh)
+        balances.update(changes)
+        result.balances.update(changes)
+        result.head = Head(seq, prev_hash)
+    _assert_plan(result, head)
+    return result
+
+
+def _refusal(
+    transfer: Transfer, changes: dict[BalanceKey, int], balances: dict[BalanceKey, int], where: list[str]
+) -> ServiceError | None:
+    """Check one transfer against the balances so far; on success record its effect in `changes`."""
+    if transfer.from_ == transfer.to:
+        return Unprocessable("from and to are the same account", type="same_account", details=where)
+    debit, credit = (transfer.from_, transfer.currency), (transfer.to, transfer.currency)
+    debit_after = changes.get(debit, balances.get(debit, 0)) - transfer.amount
+    credit_after = changes.get(credit, balances.get(credit, 0)) + transfer.amount
+    if debit_after < 0 and transfer.from_ != WORLD:
+        return Unprocessable(f"insufficient funds in {transfer.from_}", type="insufficient_funds", details=where)
+    if debit_after < INT64_MIN or credit_after > INT64_MAX:
+        return Unprocessable("a balance would leave the signed 64-bit range", type="amount_overflow", details=where)
+    changes[debit], changes[credit] = debit_after, credit_after
+    return None
+
+
+def _assert_plan(result: Plan, start: Head) -> None:
+    """Invariants of every plan: dense seqs from the head, linked hashes, no account but world negative."""
+    expected_seq, expected_prev = start.seq + 1, start.hash
+    for entry in result.new_entries:
+        assert entry.seq == expected_seq
+        assert entry.prev_hash == expected_prev
+        assert entry.from_ != entry.to
+        expected_seq, expected_prev = entry.seq + 1, entry.hash
+    assert result.head == (Head(expected_seq - 1, expected_prev) if result.new_entries else start)
+    for (account, _currency), balance in result.balances.items():
+        assert balance >= 0 or account == WORLD
+        assert INT64_MIN <= balance <= INT64_MAX

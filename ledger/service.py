@@ -1,0 +1,178 @@
+"""The ledger service: `ledger.*` (contract §4, §5). Writes go through the group-commit writer;
+reads use their own connections and never wait behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from sqlalchemy import or_, select, update
+
+from bus.codec import encode
+from bus.events import EVENTS_STREAM, ensure_stream, publish_timeout_s, relay_batch_max, relay_forever
+from bus.service import Service
+from ledger.chain import entry_is_valid
+from ledger.writer import Writer, entry_from
+from schemas.database import Database, open_database, service_url
+from schemas.events import Envelope
+from schemas.ledger import (
+    GENESIS_HASH,
+    BalanceRequest,
+    Balances,
+    ChainRequest,
+    Entries,
+    Entry,
+    EntryPage,
+    HistoryRequest,
+    RecordBatch,
+    Transfer,
+    Verification,
+    VerifyRequest,
+    ledger_balances,
+    ledger_cursors,
+    ledger_entries,
+)
+
+log = logging.getLogger("bitnexus.ledger")
+
+verify_page_entries = 2_000
+EVENTS_CURSOR = "events"
+EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a4e-0d7b-4c39-9a51-3f0e8b7d2c10")
+
+
+async def record(request: Transfer, writer: Writer) -> Entry:
+    (entry,) = await writer.submit([request], batched=False)
+    return entry
+
+
+async def record_batch(request: RecordBatch, writer: Writer) -> Entries:
+    return Entries(items=await writer.submit(request.transfers, batched=True))
+
+
+async def balance(request: BalanceRequest, db: Database) -> Balances:
+    query = select(ledger_balances.c.currency, ledger_balances.c.balance).where(
+        ledger_balances.c.account == request.account
+    )
+    async with db.reader.connect() as conn:
+        rows = (await conn.execute(query.order_by(ledger_balances.c.currency))).all()
+    return Balances(account=request.account, balances={row.currency: row.balance for row in rows})
+
+
+async def history(request: HistoryRequest, db: Database) -> EntryPage:
+    touches = or_(ledger_entries.c.from_account == request.account, ledger_entries.c.to_account == request.account)
+    return await _page(db, touches, request.after_seq, request.limit)
+
+
+async def chain(request: ChainRequest, db: Database) -> EntryPage:
+    return await _page(db, None, request.after_seq, request.limit)
+
+
+async def _page(db: Database, condition, after_seq: int, limit: int) -> EntryPage:  # type: ignore[no-untyped-def]
+    query = select(ledger_entries).where(ledger_entries.c.seq > after_seq)
+    if condition is not None:
+        query = query.where(condition)
+    async with db.reader.connect() as conn:
+        rows = (await conn.execute(query.order_by(ledger_entries.c.seq).limit(limit + 1))).all()
+    items = [entry_from(row) for row in rows[:limit]]
+    return EntryPage(items=items, next_after_seq=items[-1].seq if len(rows) > limit else None)
+
+
+async def verify(request: VerifyRequest, db: Database) -> Verification:
+    """Recompute every hash from the stored rows, page by page, yielding to other requests between pages."""
+    seq, prev_hash = 0, GENESIS_HASH
+    while True:
+        page = await _page(db, None, seq, verify_page_entries - 1)
+        for entry in page.items:
+            if not entry_is_valid(entry, prev_hash, seq + 1):
+                return Verification(ok=False, length=seq, head=prev_hash, first_bad_seq=seq + 1)
+            seq, prev_hash = entry.seq, entry.hash
+        if page.next_after_seq is None:
+            return Verification(ok=True, length=seq, head=prev_hash, first_bad_seq=None)
+        await asyncio.sleep(0)
+
+
+class ChainRelay:
+    """Publishes `events.ledger.transfer.recorded` for every entry past the stored cursor.
+
+    The chain is already an ordered, append-only log, so it is its own outbox: no second row
+    per transfer. The event id is derived from the entry's hash, so a republish after a crash
+    carries the same `Nats-Msg-Id` and JetStream drops the copy.
+    """
+
+    def __init__(self, js: JetStreamContext, db: Database) -> None:
+        self.js = js
+        self.db = db
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        await relay_forever(self.publish_pending, self._wake)
+
+    async def publish_pending(self) -> int:
+        total = 0
+        while True:
+            async with self.db.reader.connect() as conn:
+                cursor = (
+                    await conn.execute(select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR))
+                ).scalar_one()
+                query = select(ledger_entries).where(ledger_entries.c.seq > cursor).order_by(ledger_entries.c.seq)
+                entries = [entry_from(row) for row in (await conn.execute(query.limit(relay_batch_max))).all()]
+            if not entries:
+                return total
+            await asyncio.gather(*(self._publish(entry) for entry in entries))
+            async with self.db.writer.begin() as conn:
+                await conn.execute(
+                    update(ledger_cursors)
+                    .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < entries[-1].seq)
+                    .values(seq=entries[-1].seq)
+                )
+            total += len(entries)
+
+    async def _publish(self, entry: Entry) -> None:
+        envelope = Envelope(
+            id=str(uuid.uuid5(EVENT_ID_NAMESPACE, entry.hash)),
+            type="ledger.transfer.recorded",
+            source="ledger",
+            occurred_at=entry.recorded_at,
+            data=entry,
+        )
+        await self.js.publish(
+            "events.ledger.transfer.recorded",
+            encode(envelope),
+            timeout=publish_timeout_s,
+            headers={"Nats-Msg-Id": envelope.id},
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving(nc: Client) -> AsyncIterator[Service]:
+    db = open_database(service_url("ledger"))
+    js = nc.jetstream()
+    await ensure_stream(js, EVENTS_STREAM, ["events.>"])
+    relay = ChainRelay(js, db)
+    writer = Writer(db, on_commit=relay.wake)
+    service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger")
+    service.add_endpoint("ledger.record", record, writer, concurrency_max=4096)
+    service.add_endpoint("ledger.record_batch", record_batch, writer, concurrency_max=64)
+    service.add_endpoint("ledger.balance", balance, db)
+    service.add_endpoint("ledger.history", history, db)
+    service.add_endpoint("ledger.chain", chain, db)
+    service.add_endpoint("ledger.verify", verify, db, concurrency_max=2)
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(writer.run()), group.create_task(relay.run())]
+            async with service.serving():
+                yield service
+            await relay.publish_pending()
+            for task in tasks:
+                task.cancel()
+    finally:
+        await db.dispose()

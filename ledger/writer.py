@@ -1,0 +1,169 @@
+"""Group commit: one writer owns the chain head; requests queue (bounded), are planned in
+batches, written in one transaction, and answered only after it committed.
+
+Two ledger processes on one database never fork the chain: each batch transaction first takes
+the ledger's lock (a Postgres advisory transaction lock; on SQLite `BEGIN IMMEDIATE` holds the
+file's write lock), then reads the head, balances and ids from the database under that lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import insert, select, text
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from bus.codec import timestamp
+from bus.errors import ServiceError
+from ledger.plan import BalanceKey, Head, plan
+from schemas.database import Database
+from schemas.ledger import Entry, Transfer, ledger_balances, ledger_entries, record_batch_transfers_max
+
+log = logging.getLogger("bitnexus.ledger")
+
+queue_requests_max = 16_384
+batch_transfers_max = 4_096
+LEDGER_LOCK_KEY = 0x4C454447  # "LEDG": the advisory lock every ledger writer takes per batch
+assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch always fits in one batch"
+
+
+@dataclass(frozen=True)
+class Pending:
+    transfers: list[Transfer]
+    batched: bool
+    answer: asyncio.Future[list[Entry]]
+
+
+def entry_from(row: Row) -> Entry:
+    return Entry(
+        row.seq,
+        row.id,
+        row.from_account,
+        row.to_account,
+        row.amount,
+        row.currency,
+        row.memo,
+        timestamp(row.recorded_at),
+        row.prev_hash,
+        row.hash,
+    )
+
+
+class Writer:
+    def __init__(self, db: Database, on_commit: Callable[[], None]) -> None:
+        self.db = db
+        self.on_commit = on_commit
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
+
+    async def submit(self, transfers: list[Transfer], batched: bool) -> list[Entry]:
+        """Queue a request and wait until it is committed (its entries) or refused (raises)."""
+        pending = Pending(transfers, batched, asyncio.get_running_loop().create_future())
+        await self.queue.put(pending)
+        return await pending.answer
+
+    async def run(self) -> None:
+        """Forever: take what is queued, up to `batch_transfers_max` transfers, commit it as one batch."""
+        carried: Pending | None = None
+        while True:
+            batch = [carried or await self.queue.get()]
+            carried = None
+            size = len(batch[0].transfers)
+            while not self.queue.empty():
+                pending = self.queue.get_nowait()
+                if size + len(pending.transfers) > batch_transfers_max:
+                    carried = pending
+                    break
+                batch.append(pending)
+                size += len(pending.transfers)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        try:
+            outcomes = await self._write(batch)
+        except Exception as exc:  # a database failure fails this batch, answered as 500s
+            log.exception("ledger batch of %d requests failed", len(batch))
+            for pending in batch:
+                if not pending.answer.done():
+                    pending.answer.set_exception(exc)
+            return
+        self.on_commit()
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.answer.done():
+                continue  # its requester went away; the outcome stands
+            if isinstance(outcome, ServiceError):
+                pending.answer.set_exception(outcome)
+            else:
+                pending.answer.set_result(outcome)
+
+    async def _write(self, batch: list[Pending]) -> list[list[Entry] | ServiceError]:
+        transfers = [transfer for pending in batch for transfer in pending.transfers]
+        now = datetime.now(UTC)
+        async with self.db.writer.begin() as conn:
+            if not self.db.is_sqlite:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK_KEY})
+            head = await read_head(conn)
+            recorded = await read_entries_by_id(conn, list({t.id for t in transfers}))
+            balances = await read_balances(
+                conn, {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
+            )
+            result = plan(
+                [p.transfers for p in batch], head, recorded, balances, timestamp(now), [p.batched for p in batch]
+            )
+            if result.new_entries:
+                await conn.execute(insert(ledger_entries), [entry_row(entry, now) for entry in result.new_entries])
+                await self._store_balances(conn, result.balances)
+        return result.outcomes
+
+    async def _store_balances(self, conn: AsyncConnection, balances: dict[BalanceKey, int]) -> None:
+        insert_ = sqlite_insert if self.db.is_sqlite else postgres_insert
+        statement = insert_(ledger_balances)
+        statement = statement.on_conflict_do_update(
+            index_elements=[ledger_balances.c.account, ledger_balances.c.currency],
+            set_={"balance": statement.excluded.balance},
+        )
+        rows = [
+            {"account": account, "currency": currency, "balance": value}
+            for (account, currency), value in balances.items()
+        ]
+        await conn.execute(statement, rows)
+
+
+def entry_row(entry: Entry, recorded_at: datetime) -> dict[str, object]:
+    assert timestamp(recorded_at) == entry.recorded_at
+    return {
+        "seq": entry.seq,
+        "id": entry.id,
+        "from_account": entry.from_,
+        "to_account": entry.to,
+        "amount": entry.amount,
+        "currency": entry.currency,
+        "memo": entry.memo,
+        "recorded_at": recorded_at,
+        "prev_hash": entry.prev_hash,
+        "hash": entry.hash,
+    }
+
+
+async def read_head(conn: AsyncConnection) -> Head:
+    query = select(ledger_entries.c.seq, ledger_entries.c.hash).order_by(ledger_entries.c.seq.desc()).limit(1)
+    row = (await conn.execute(query)).one_or_none()
+    return Head(row.seq, row.hash) if row else Head()
+
+
+async def read_entries_by_id(conn: AsyncConnection, ids: list[str]) -> dict[str, Entry]:
+    rows = (await conn.execute(select(ledger_entries).where(ledger_entries.c.id.in_(ids)))).all()
+    return {row.id: entry_from(row) for row in rows}
+
+
+async def read_balances(conn: AsyncConnection, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
+    accounts = list({account for account, _ in keys})
+    query = select(ledger_balances).where(ledger_balances.c.account.in_(accounts))
+    rows = (await conn.execute(query)).all()
+    return {(row.account, row.currency): row.balance for row in rows if (row.account, row.currency) in keys}

@@ -1,0 +1,123 @@
+"""Messages and tables of the ledger (contract §4 `ledger.*`, §5)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
+
+from schemas.common import LIMIT_DEFAULT, Cents, Currency, Limit, metadata
+from schemas.database import UtcDateTime
+
+Account = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
+TransferId = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
+Memo = Annotated[str, Meta(max_length=1024)]
+Seq = Annotated[int, Meta(ge=0)]
+WORLD = "world"
+GENESIS_HASH = "0" * 64
+record_batch_transfers_max = 1000
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("id", String(128), nullable=False, unique=True),
+    Column("from_account", String(128), nullable=False),
+    Column("to_account", String(128), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("memo", Text, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    CheckConstraint("amount > 0", name="ledger_entries_amount_positive"),
+    CheckConstraint("from_account <> to_account", name="ledger_entries_two_accounts"),
+    Index("ledger_entries_from_seq", "from_account", "seq"),
+    Index("ledger_entries_to_seq", "to_account", "seq"),
+)
+ledger_balances = Table(
+    "ledger_balances",
+    metadata,
+    Column("account", String(128), primary_key=True),
+    Column("currency", String(3), primary_key=True),
+    Column("balance", BigInteger, nullable=False),
+)
+ledger_cursors = Table(
+    "ledger_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+"""How far the chain has been published as events: the chain is its own outbox."""
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Transfer(Request, rename={"from_": "from"}):
+    id: TransferId
+    from_: Account
+    to: Account
+    amount: Cents
+    currency: Currency
+    memo: Memo = ""
+
+
+class RecordBatch(Request):
+    transfers: Annotated[list[Transfer], Meta(min_length=1, max_length=record_batch_transfers_max)]
+
+
+class BalanceRequest(Request):
+    account: Account
+
+
+class HistoryRequest(Request):
+    account: Account
+    after_seq: Seq = 0
+    limit: Limit = LIMIT_DEFAULT
+
+
+class ChainRequest(Request):
+    after_seq: Seq = 0
+    limit: Limit = LIMIT_DEFAULT
+
+
+class VerifyRequest(Request):
+    pass
+
+
+class Entry(msgspec.Struct, frozen=True, rename={"from_": "from"}):
+    seq: int
+    id: str
+    from_: str
+    to: str
+    amount: int
+    currency: str
+    memo: str
+    recorded_at: str
+    prev_hash: str
+    hash: str
+
+
+class Entries(msgspec.Struct, frozen=True):
+    items: list[Entry]
+
+
+class EntryPage(msgspec.Struct, frozen=True):
+    items: list[Entry]
+    next_after_seq: int | None
+
+
+class Balances(msgspec.Struct, frozen=True):
+    account: str
+    balances: dict[str, int]
+
+
+class Verification(msgspec.Struct, frozen=True):
+    ok: bool
+    length: int
+    head: str
+    first_bad_seq: int | None

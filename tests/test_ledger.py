@@ -1,0 +1,198 @@
+"""`ledger.*` as the contract writes them (§4, §5), on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from sqlalchemy import update
+
+from schemas.database import open_database, service_url
+from schemas.ledger import ledger_entries
+from tests.conftest import Mesh
+from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain
+
+INT64_MAX = 2**63 - 1
+ENTRY_FIELDS = ["seq", "id", "from", "to", "amount", "currency", "memo", "recorded_at", "prev_hash", "hash"]
+
+
+def transfer(id: str, from_: str, to: str, amount: int, currency: str = "EUR", **extra: object) -> dict:
+    return {"id": id, "from": from_, "to": to, "amount": amount, "currency": currency, **extra}
+
+
+async def test_first_entry_follows_genesis_and_hashes_as_the_contract_says(mesh: Mesh) -> None:
+    entry = await mesh.ok("ledger.record", transfer("t1", "world", "user:1", 500, memo='hello ✓ "quoted"\n'))
+    assert list(entry) == ENTRY_FIELDS
+    assert entry["seq"] == 1 and entry["prev_hash"] == GENESIS
+    assert entry["memo"] == 'hello ✓ "quoted"\n'
+    assert re.fullmatch(r"[0-9a-f]{64}", entry["hash"])
+    assert entry["hash"] == outside_hash(entry)
+    second = await mesh.ok("ledger.record", transfer("t2", "user:1", "user:2", 200))
+    assert second["seq"] == 2 and second["prev_hash"] == entry["hash"] and second["memo"] == ""
+    assert second["hash"] == outside_hash(second)
+
+
+async def test_balances_follow_the_transfers_and_unknown_accounts_are_empty(mesh: Mesh) -> None:
+    await mesh.ok("ledger.record", transfer("d1", "world", "user:1", 1000))
+    await mesh.ok("ledger.record", transfer("d2", "world", "user:1", 7, currency="USD"))
+    await mesh.ok("ledger.record", transfer("t1", "user:1", "user:2", 300))
+    assert await mesh.ok("ledger.balance", {"account": "user:1"}) == {
+        "account": "user:1",
+        "balances": {"EUR": 700, "USD": 7},
+    }
+    assert await mesh.ok("ledger.balance", {"account": "world"}) == {
+        "account": "world",
+        "balances": {"EUR": -1000, "USD": -7},
+    }
+    assert await mesh.ok("ledger.balance", {"account": "nobody"}) == {"account": "nobody", "balances": {}}
+
+
+async def test_business_rules_refuse_with_422_and_record_nothing(mesh: Mesh) -> None:
+    await mesh.ok("ledger.record", transfer("d1", "world", "user:1", 100))
+    cases = [
+        (transfer("x1", "user:1", "user:2", 101), "insufficient_funds"),
+        (transfer("x2", "user:2", "user:1", 1), "insufficient_funds"),
+        (transfer("x3", "user:1", "user:1", 1), "same_account"),
+        (transfer("x4", "world", "world", 1), "same_account"),
+        (transfer("x5", "world", "user:1", INT64_MAX), "amount_overflow"),
+    ]
+    for body, error_type in cases:
+        code, reply = await mesh.request("ledger.record", body)
+        assert (code, reply["error"]["type"]) == (422, error_type), body
+    assert len(await whole_chain(mesh)) == 1
+    await assert_ledger_invariants(mesh)
+
+
+async def test_world_may_go_negative_but_not_past_int64(mesh: Mesh) -> None:
+    await mesh.ok("ledger.record", transfer("a", "world", "user:a", INT64_MAX))
+    code, reply = await mesh.request("ledger.record", transfer("b", "world", "user:b", 2))
+    assert code == 422 and reply["error"]["type"] == "amount_overflow"
+    await mesh.ok("ledger.record", transfer("c", "world", "user:b", 1))
+    assert (await mesh.ok("ledger.balance", {"account": "world"}))["balances"] == {"EUR": -(2**63)}
+
+
+async def test_retry_with_same_id_and_body_returns_the_original_and_moves_nothing(mesh: Mesh) -> None:
+    first = await mesh.ok("ledger.record", transfer("same", "world", "user:1", 50, memo="m"))
+    again = await mesh.ok("ledger.record", transfer("same", "world", "user:1", 50, memo="m"))
+    assert again == first
+    assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 50}
+    for changed in ({"amount": 51}, {"memo": "other"}, {"to": "user:2"}, {"currency": "USD"}):
+        code, reply = await mesh.request(
+            "ledger.record", {**transfer("same", "world", "user:1", 50, memo="m"), **changed}
+        )
+        assert code == 409 and reply["error"]["type"] == "idempotency_conflict", changed
+
+
+async def test_a_refused_transfer_id_may_be_used_again(mesh: Mesh) -> None:
+    code, _ = await mesh.request("ledger.record", transfer("retry-me", "user:1", "user:2", 10))
+    assert code == 422
+    await mesh.ok("ledger.record", transfer("fund", "world", "user:1", 10))
+    entry = await mesh.ok("ledger.record", transfer("retry-me", "user:1", "user:2", 10))
+    assert entry["seq"] == 2
+
+
+async def test_concurrent_retries_of_one_id_record_it_once(mesh: Mesh) -> None:
+    results = await asyncio.gather(
+        *(mesh.ok("ledger.record", transfer("dup", "world", "user:1", 5)) for _ in range(20))
+    )
+    assert len({entry["seq"] for entry in results}) == 1
+    assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 5}
+
+
+async def test_record_batch_is_all_or_nothing_and_names_the_refused_index(mesh: Mesh) -> None:
+    batch = [
+        transfer("b1", "world", "user:1", 100),
+        transfer("b2", "user:1", "user:2", 60),
+        transfer("b3", "user:1", "user:2", 60),
+    ]
+    code, reply = await mesh.request("ledger.record_batch", {"transfers": batch})
+    assert code == 422
+    assert reply["error"]["type"] == "insufficient_funds" and reply["error"]["details"] == ["$.transfers[2]"]
+    assert await whole_chain(mesh) == []
+    result = await mesh.ok("ledger.record_batch", {"transfers": batch[:2]})
+    assert [entry["seq"] for entry in result["items"]] == [1, 2]
+    assert result["items"][1]["prev_hash"] == result["items"][0]["hash"]
+    retried = await mesh.ok("ledger.record_batch", {"transfers": batch[:2]})
+    assert retried == result
+    code, reply = await mesh.request(
+        "ledger.record_batch", {"transfers": [transfer("n", "world", "u", 1), {**batch[0], "amount": 1}]}
+    )
+    assert code == 409 and reply["error"]["details"] == ["$.transfers[1]"]
+
+
+async def test_record_batch_bounds(mesh: Mesh) -> None:
+    code, reply = await mesh.request("ledger.record_batch", {"transfers": []})
+    assert code == 400
+    too_many = [transfer(f"t{n}", "world", "user:1", 1) for n in range(1001)]
+    code, reply = await mesh.request("ledger.record_batch", {"transfers": too_many})
+    assert code == 400 and reply["error"]["details"] == ["$.transfers"]
+    full = await mesh.ok("ledger.record_batch", {"transfers": too_many[:1000]})
+    assert len(full["items"]) == 1000
+    code, reply = await mesh.request("ledger.record_batch", {"transfers": [transfer("x", "world", "u", 0)]})
+    assert code == 400 and reply["error"]["details"] == ["$.transfers[0].amount"]
+
+
+async def test_invalid_transfers_are_400(mesh: Mesh) -> None:
+    for body, field in [
+        (transfer("", "world", "a", 1), "$.id"),
+        (transfer("x" * 129, "world", "a", 1), "$.id"),
+        (transfer("ok", "world", "bad account", 1), "$.to"),
+        (transfer("ok", "w" * 129, "a", 1), "$.from"),
+        (transfer("ok", "world", "a", 1, currency="eur"), "$.currency"),
+        (transfer("ok", "world", "a", INT64_MAX + 1), "$.amount"),
+        (transfer("ok", "world", "a", 1, memo="m" * 1025), "$.memo"),
+        ({"id": "ok", "from": "world", "to": "a", "amount": 1}, "$.currency"),
+    ]:
+        code, reply = await mesh.request("ledger.record", body)
+        assert (code, reply["error"]["details"]) == (400, [field]), body
+
+
+async def test_history_and_chain_page_in_seq_order(mesh: Mesh) -> None:
+    await mesh.ok(
+        "ledger.record_batch", {"transfers": [transfer(f"d{n}", "world", f"user:{n % 2}", 10) for n in range(5)]}
+    )
+    history = await mesh.ok("ledger.history", {"account": "user:0", "limit": 2})
+    assert [e["seq"] for e in history["items"]] == [1, 3] and history["next_after_seq"] == 3
+    rest = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": 3, "limit": 2})
+    assert [e["seq"] for e in rest["items"]] == [5] and rest["next_after_seq"] is None
+    chain = await mesh.ok("ledger.chain", {"limit": 5})
+    assert [e["seq"] for e in chain["items"]] == [1, 2, 3, 4, 5] and chain["next_after_seq"] is None
+    assert (await mesh.ok("ledger.history", {"account": "nobody"})) == {"items": [], "next_after_seq": None}
+
+
+async def test_verify_names_the_first_tampered_seq(mesh: Mesh, database: str) -> None:
+    await mesh.ok("ledger.record_batch", {"transfers": [transfer(f"v{n}", "world", "user:1", 10) for n in range(6)]})
+    assert (await mesh.ok("ledger.verify", {}))["ok"] is True
+    db = open_database(service_url("ledger", database))
+    async with db.writer.begin() as conn:
+        await conn.execute(update(ledger_entries).where(ledger_entries.c.seq == 4).values(amount=1_000_000))
+    await db.dispose()
+    verification = await mesh.ok("ledger.verify", {})
+    assert verification["ok"] is False and verification["first_bad_seq"] == 4
+    assert verification["length"] == 3
+
+
+async def test_concurrent_spending_never_overspends_and_keeps_every_invariant(mesh: Mesh) -> None:
+    await mesh.ok("ledger.record", transfer("fund", "world", "user:rich", 100))
+    results = await asyncio.gather(
+        *(mesh.request("ledger.record", transfer(f"spend{n}", "user:rich", f"user:{n % 7}", 1)) for n in range(250))
+    )
+    codes = [code for code, _ in results]
+    assert codes.count(None) == 100 and codes.count(422) == 150
+    assert (await mesh.ok("ledger.balance", {"account": "user:rich"}))["balances"] == {"EUR": 0}
+    entries = await assert_ledger_invariants(mesh)
+    assert len(entries) == 101
+
+
+async def test_every_entry_publishes_a_recorded_event(mesh: Mesh) -> None:
+    batch = await mesh.ok(
+        "ledger.record_batch", {"transfers": [transfer(f"e{n}", "world", "user:1", 1) for n in range(3)]}
+    )
+    events = await mesh.events(3)
+    for (subject, msg_id, envelope), entry in zip(events, batch["items"], strict=True):
+        assert subject == "events.ledger.transfer.recorded"
+        assert msg_id == envelope["id"]
+        assert envelope["type"] == "ledger.transfer.recorded" and envelope["source"] == "ledger"
+        assert envelope["data"] == entry and envelope["occurred_at"] == entry["recorded_at"]
+    await asyncio.sleep(0.3)
+    assert await mesh.event_count() == 3
