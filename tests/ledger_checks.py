@@ -13,10 +13,24 @@ GENESIS = "0" * 64
 HASHED_FIELDS = ("seq", "id", "from", "to", "amount", "currency", "memo", "recorded_at")
 
 
+JS_SAFE_INTEGER_MAX = 2**53 - 1
+
+
 def outside_hash(entry: dict) -> str:
-    """The contract's formula with a third-party RFC 8785 implementation."""
+    """The contract's formula with a third-party RFC 8785 implementation.
+
+    RFC 8785 numbers are IEEE doubles, so JCS libraries refuse integers past 2^53 - 1; the
+    ledger writes every integer exactly (docs/decisions.md), which is the same bytes below
+    that bound. Above it, this check canonicalises with 0 and splices in the exact digits.
+    """
     body = {key: entry[key] for key in HASHED_FIELDS}
-    return hashlib.sha256(entry["prev_hash"].encode() + rfc8785.dumps(body)).hexdigest()
+    if body["amount"] <= JS_SAFE_INTEGER_MAX and body["seq"] <= JS_SAFE_INTEGER_MAX:
+        canonical = rfc8785.dumps(body)
+    else:
+        canonical = rfc8785.dumps({**body, "amount": 0})
+        assert canonical.startswith(b'{"amount":0,')
+        canonical = b'{"amount":%d,' % body["amount"] + canonical.removeprefix(b'{"amount":0,')
+    return hashlib.sha256(entry["prev_hash"].encode() + canonical).hexdigest()
 
 
 async def whole_chain(mesh: Mesh) -> list[dict]:

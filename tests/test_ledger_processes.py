@@ -1,0 +1,93 @@
+"""The ledger as real processes: two writers on one database, kills, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+from nats.aio.client import Client
+
+from bus.events import EVENTS_STREAM, ensure_stream
+from tests.conftest import Mesh
+from tests.ledger_checks import assert_ledger_invariants
+from tests.test_faults import start_service, wait_until_serving
+
+
+async def test_two_ledger_processes_on_one_database_never_fork_reuse_a_seq_or_overspend(
+    nc: Client, database: str, nats_url: str
+) -> None:
+    mesh = Mesh(nc)
+    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    ledgers = [start_service("ledger", nats_url, database) for _ in range(2)]
+    try:
+        await wait_until_serving(nc, "ledger")
+        await asyncio.sleep(1.0)  # both subscribed: the queue group spreads requests over them
+        await mesh.ok(
+            "ledger.record", {"id": "fund", "from": "world", "to": "user:1", "amount": 300, "currency": "EUR"}
+        )
+        transfers = [
+            {"id": f"spend{n}", "from": "user:1", "to": f"user:{2 + n % 5}", "amount": 1, "currency": "EUR"}
+            for n in range(600)
+        ] + [
+            {"id": f"dep{n}", "from": "world", "to": f"user:{2 + n % 5}", "amount": 3, "currency": "EUR"}
+            for n in range(300)
+        ]
+        results = await asyncio.gather(*(mesh.request("ledger.record", body) for body in transfers))
+        codes = [code for code, _ in results]
+        assert codes.count(None) == 300 + 300 and codes.count(422) == 300
+        served_by = await served_requests_by_instance(nc)
+        assert len(served_by) == 2 and all(count > 50 for count in served_by.values()), served_by
+        entries = await assert_ledger_invariants(mesh)
+        assert len(entries) == 601
+    finally:
+        for ledger in ledgers:
+            ledger.send_signal(signal.SIGTERM)
+        for ledger in ledgers:
+            assert ledger.wait(15) == 0
+
+
+async def served_requests_by_instance(nc: Client) -> dict[str, int]:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish("$SRV.STATS.ledger", b"", reply=inbox)
+    counts = {}
+    for _ in range(2):
+        stats = json.loads((await sub.next_msg(timeout=2)).data)
+        counts[stats["id"]] = next(e["num_requests"] for e in stats["endpoints"] if e["name"] == "record")
+    await sub.unsubscribe()
+    return counts
+
+
+async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_entry_once(
+    nc: Client, database: str, nats_url: str
+) -> None:
+    mesh = Mesh(nc)
+    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await mesh.js.purge_stream(EVENTS_STREAM)
+    ledger = start_service("ledger", nats_url, database)
+    try:
+        await wait_until_serving(nc, "ledger")
+        first = await mesh.ok(
+            "ledger.record", {"id": "a", "from": "world", "to": "u:1", "amount": 5, "currency": "EUR"}
+        )
+        await mesh.events(1)
+        await mesh.js.delete_stream(EVENTS_STREAM)  # from here JetStream refuses: entries stay unpublished
+        second = await mesh.ok("ledger.record", {"id": "b", "from": "u:1", "to": "u:2", "amount": 2, "currency": "EUR"})
+        await asyncio.sleep(0.3)
+        ledger.send_signal(signal.SIGKILL)
+        ledger.wait(10)
+        await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+        ledger = start_service("ledger", nats_url, database)
+        await wait_until_serving(nc, "ledger")
+        third = await mesh.ok("ledger.record", {"id": "c", "from": "u:2", "to": "u:1", "amount": 1, "currency": "EUR"})
+        assert (first["seq"], second["seq"], third["seq"]) == (1, 2, 3)
+        assert third["prev_hash"] == second["hash"]
+        events = await mesh.events(2)
+        assert [envelope["data"]["seq"] for _, _, envelope in events] == [2, 3]
+        await asyncio.sleep(0.5)
+        assert await mesh.event_count() == 2
+        await assert_ledger_invariants(mesh)
+    finally:
+        ledger.send_signal(signal.SIGTERM)
+        ledger.wait(10)
