@@ -69,15 +69,16 @@ async def fresh_postgres() -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
 
 
-def start_accounts(nats_url: str, database_url: str) -> subprocess.Popen:
+def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Popen:
+    """`bitnexus serve <name>` in its own process; returns once it answers `$SRV.PING.<name>`."""
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "BITNEXUS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", "accounts"], env=env)
+    process = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", name], env=env)
 
     async def wait() -> None:
         nc = await nats.connect(nats_url)
         for _ in range(300):
             try:
-                await nc.request("$SRV.PING.accounts", b"", timeout=0.2)
+                await nc.request(f"$SRV.PING.{name}", b"", timeout=0.2)
                 break
             except Exception:  # not serving yet
                 await asyncio.sleep(0.05)
@@ -135,7 +136,7 @@ def main() -> None:
                 )
                 migrations.upgrade(database_url)
                 asyncio.run(seed(database_url))
-                accounts = start_accounts(url, database_url)
+                accounts = start_service("accounts", url, database_url)
                 try:
                     rows += measure(store, url, options.duration, raw.pid, accounts.pid)
                 finally:

@@ -25,6 +25,7 @@ from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
+from bus.jetstream import BatchPublisher, Message
 from schemas.database import Database
 from schemas.events import Envelope
 
@@ -34,7 +35,6 @@ EVENTS_STREAM = "EVENTS"
 duplicate_window_s = 120.0
 relay_batch_max = 256
 relay_poll_interval_s = 0.5
-publish_timeout_s = 5.0
 relay_retry_wait_s_max = 5.0
 
 
@@ -86,8 +86,8 @@ async def write_event(
 class OutboxRelay:
     """Publishes outbox rows in order of commit; `wake()` after a commit for low latency."""
 
-    def __init__(self, js: JetStreamContext, db: Database, outbox: Table) -> None:
-        self.js = js
+    def __init__(self, publisher: BatchPublisher, db: Database, outbox: Table) -> None:
+        self.publisher = publisher
         self.db = db
         self.outbox = outbox
         self._wake = asyncio.Event()
@@ -124,12 +124,7 @@ class OutboxRelay:
         return len(rows)
 
     async def _publish(self, rows: list) -> None:
-        publishes = (
-            self.js.publish(row.subject, row.payload, timeout=publish_timeout_s, headers={"Nats-Msg-Id": row.event_id})
-            for row in rows
-        )
-        acks = await asyncio.gather(*publishes)
-        assert len(acks) == len(rows)
+        await self.publisher.publish([Message(row.subject, row.payload, row.event_id) for row in rows])
 
     async def _delete(self, conn: AsyncConnection, rows: list) -> None:
         if rows:

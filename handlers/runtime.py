@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from sqlalchemy import Table
 
 from bus.events import EVENTS_STREAM, OutboxRelay, ensure_stream
+from bus.jetstream import BatchPublisher
 from bus.service import Service
 from schemas.database import Database, open_database, service_url
 
@@ -36,7 +37,7 @@ async def serving_with_outbox(
     db = open_database(service_url(name))
     js = nc.jetstream()
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
-    repo = Repo(db=db, relay=OutboxRelay(js, db, outbox), nc=nc)
+    repo = Repo(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc)
     service = Service(nc, name, version("bitnexus-mesh"), description)
     add_endpoints(service, repo)
     try:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 from sqlalchemy import or_, select, update
 
 from bus.codec import encode
-from bus.events import EVENTS_STREAM, ensure_stream, publish_timeout_s, relay_batch_max, relay_forever
+from bus.events import EVENTS_STREAM, ensure_stream, relay_batch_max, relay_forever
+from bus.jetstream import BatchPublisher, Message
 from bus.service import Service
 from ledger.chain import entry_is_valid
 from ledger.writer import Writer, entry_from
@@ -42,8 +42,8 @@ from schemas.ledger import (
 log = logging.getLogger("bitnexus.ledger")
 
 verify_page_entries = 2_000
+recent_entries_max = 65_536
 EVENTS_CURSOR = "events"
-EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a4e-0d7b-4c39-9a51-3f0e8b7d2c10")
 
 
 async def record(request: Transfer, writer: Writer) -> Entry:
@@ -101,16 +101,23 @@ class ChainRelay:
     """Publishes `events.ledger.transfer.recorded` for every entry past the stored cursor.
 
     The chain is already an ordered, append-only log, so it is its own outbox: no second row
-    per transfer. The event id is derived from the entry's hash, so a republish after a crash
-    carries the same `Nats-Msg-Id` and JetStream drops the copy.
+    per transfer. Entries this process just committed are handed over in memory; anything
+    else past the cursor (a crash, another replica's entries) is read from the database.
+    The event id is derived from the entry's hash, so a republish carries the same
+    `Nats-Msg-Id` and JetStream drops the copy.
     """
 
-    def __init__(self, js: JetStreamContext, db: Database) -> None:
-        self.js = js
+    def __init__(self, publisher: BatchPublisher, db: Database) -> None:
+        self.publisher = publisher
         self.db = db
+        self.recent: dict[int, Entry] = {}
         self._wake = asyncio.Event()
 
-    def wake(self) -> None:
+    def committed(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.recent[entry.seq] = entry
+        while len(self.recent) > recent_entries_max:
+            del self.recent[next(iter(self.recent))]  # oldest first; it will be read back if needed
         self._wake.set()
 
     async def run(self) -> None:
@@ -119,37 +126,42 @@ class ChainRelay:
     async def publish_pending(self) -> int:
         total = 0
         while True:
-            async with self.db.reader.connect() as conn:
-                cursor = (
-                    await conn.execute(select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR))
-                ).scalar_one()
-                query = select(ledger_entries).where(ledger_entries.c.seq > cursor).order_by(ledger_entries.c.seq)
-                entries = [entry_from(row) for row in (await conn.execute(query.limit(relay_batch_max))).all()]
+            cursor, entries = await self._next_entries()
             if not entries:
                 return total
-            await asyncio.gather(*(self._publish(entry) for entry in entries))
+            await self.publisher.publish([event_message(entry) for entry in entries])
             async with self.db.writer.begin() as conn:
                 await conn.execute(
                     update(ledger_cursors)
                     .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < entries[-1].seq)
                     .values(seq=entries[-1].seq)
                 )
+            for seq in range(cursor + 1, entries[-1].seq + 1):
+                self.recent.pop(seq, None)
             total += len(entries)
 
-    async def _publish(self, entry: Entry) -> None:
-        envelope = Envelope(
-            id=str(uuid.uuid5(EVENT_ID_NAMESPACE, entry.hash)),
-            type="ledger.transfer.recorded",
-            source="ledger",
-            occurred_at=entry.recorded_at,
-            data=entry,
-        )
-        await self.js.publish(
-            "events.ledger.transfer.recorded",
-            encode(envelope),
-            timeout=publish_timeout_s,
-            headers={"Nats-Msg-Id": envelope.id},
-        )
+    async def _next_entries(self) -> tuple[int, list[Entry]]:
+        async with self.db.reader.connect() as conn:
+            query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
+            cursor = (await conn.execute(query)).scalar_one()
+            following = (self.recent.get(cursor + n) for n in range(1, relay_batch_max + 1))
+            in_memory = list(itertools.takewhile(lambda entry: entry is not None, following))
+            if in_memory:
+                return cursor, in_memory
+            query = select(ledger_entries).where(ledger_entries.c.seq > cursor).order_by(ledger_entries.c.seq)
+            return cursor, [entry_from(row) for row in (await conn.execute(query.limit(relay_batch_max))).all()]
+
+
+def event_message(entry: Entry) -> Message:
+    digest = entry.hash  # unique per entry and the same on every republish: the event id derives from it
+    envelope = Envelope(
+        id=f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}",
+        type="ledger.transfer.recorded",
+        source="ledger",
+        occurred_at=entry.recorded_at,
+        data=entry,
+    )
+    return Message("events.ledger.transfer.recorded", encode(envelope), envelope.id)
 
 
 @contextlib.asynccontextmanager
@@ -157,8 +169,8 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     db = open_database(service_url("ledger"))
     js = nc.jetstream()
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
-    relay = ChainRelay(js, db)
-    writer = Writer(db, on_commit=relay.wake)
+    relay = ChainRelay(BatchPublisher(nc), db)
+    writer = Writer(db, on_commit=relay.committed)
     service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger")
     service.add_endpoint("ledger.record", record, writer, concurrency_max=4096)
     service.add_endpoint("ledger.record_batch", record_batch, writer, concurrency_max=64)

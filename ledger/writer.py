@@ -21,7 +21,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import timestamp
-from bus.errors import ServiceError
+from bus.errors import ServiceError, Unavailable
 from ledger.plan import BalanceKey, Head, plan
 from schemas.database import Database
 from schemas.ledger import Entry, Transfer, ledger_balances, ledger_entries, record_batch_transfers_max
@@ -30,6 +30,7 @@ log = logging.getLogger("bitnexus.ledger")
 
 queue_requests_max = 16_384
 batch_transfers_max = 4_096
+cached_balances_max = 1_000_000
 LEDGER_LOCK_KEY = 0x4C454447  # "LEDG": the advisory lock every ledger writer takes per batch
 assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch always fits in one batch"
 
@@ -57,10 +58,12 @@ def entry_from(row: Row) -> Entry:
 
 
 class Writer:
-    def __init__(self, db: Database, on_commit: Callable[[], None]) -> None:
+    def __init__(self, db: Database, on_commit: Callable[[list[Entry]], None]) -> None:
         self.db = db
         self.on_commit = on_commit
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
+        self._cached: dict[BalanceKey, int] = {}
+        self._cached_head: Head | None = None
 
     async def submit(self, transfers: list[Transfer], batched: bool) -> list[Entry]:
         """Queue a request and wait until it is committed (its entries) or refused (raises)."""
@@ -71,29 +74,39 @@ class Writer:
     async def run(self) -> None:
         """Forever: take what is queued, up to `batch_transfers_max` transfers, commit it as one batch."""
         carried: Pending | None = None
-        while True:
-            batch = [carried or await self.queue.get()]
-            carried = None
-            size = len(batch[0].transfers)
+        batch: list[Pending] = []
+        try:
+            while True:
+                batch = [carried or await self.queue.get()]
+                carried = None
+                size = len(batch[0].transfers)
+                while not self.queue.empty():
+                    pending = self.queue.get_nowait()
+                    if size + len(pending.transfers) > batch_transfers_max:
+                        carried = pending
+                        break
+                    batch.append(pending)
+                    size += len(pending.transfers)
+                await self._commit(batch)
+        finally:
+            # stopped (cancelled or crashed): no request waits forever for an answer
+            leftovers = [*batch, *([carried] if carried else [])]
             while not self.queue.empty():
-                pending = self.queue.get_nowait()
-                if size + len(pending.transfers) > batch_transfers_max:
-                    carried = pending
-                    break
-                batch.append(pending)
-                size += len(pending.transfers)
-            await self._commit(batch)
+                leftovers.append(self.queue.get_nowait())
+            for pending in leftovers:
+                if not pending.answer.done():
+                    pending.answer.set_exception(Unavailable("the ledger writer stopped"))
 
     async def _commit(self, batch: list[Pending]) -> None:
         try:
-            outcomes = await self._write(batch)
+            outcomes, new_entries = await self._write(batch)
         except Exception as exc:  # a database failure fails this batch, answered as 500s
             log.exception("ledger batch of %d requests failed", len(batch))
             for pending in batch:
                 if not pending.answer.done():
                     pending.answer.set_exception(exc)
             return
-        self.on_commit()
+        self.on_commit(new_entries)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.answer.done():
                 continue  # its requester went away; the outcome stands
@@ -102,24 +115,43 @@ class Writer:
             else:
                 pending.answer.set_result(outcome)
 
-    async def _write(self, batch: list[Pending]) -> list[list[Entry] | ServiceError]:
+    async def _write(self, batch: list[Pending]) -> tuple[list[list[Entry] | ServiceError], list[Entry]]:
         transfers = [transfer for pending in batch for transfer in pending.transfers]
+        keys = {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
         now = datetime.now(UTC)
-        async with self.db.writer.begin() as conn:
-            if not self.db.is_sqlite:
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK_KEY})
-            head = await read_head(conn)
-            recorded = await read_entries_by_id(conn, list({t.id for t in transfers}))
-            balances = await read_balances(
-                conn, {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
-            )
-            result = plan(
-                [p.transfers for p in batch], head, recorded, balances, timestamp(now), [p.batched for p in batch]
-            )
-            if result.new_entries:
-                await conn.execute(insert(ledger_entries), [entry_row(entry, now) for entry in result.new_entries])
-                await self._store_balances(conn, result.balances)
-        return result.outcomes
+        try:
+            async with self.db.writer.begin() as conn:
+                if not self.db.is_sqlite:
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK_KEY})
+                head = await read_head(conn)
+                recorded = await read_entries_by_id(conn, list({t.id for t in transfers}))
+                balances = await self._balances_at(conn, head, keys)
+                result = plan(
+                    [p.transfers for p in batch], head, recorded, balances, timestamp(now), [p.batched for p in batch]
+                )
+                if result.new_entries:
+                    await conn.execute(insert(ledger_entries), [entry_row(entry, now) for entry in result.new_entries])
+                    await self._store_balances(conn, result.balances)
+        except BaseException:
+            self._cached_head = None  # the transaction may or may not have committed
+            raise
+        self._cached.update(result.balances)
+        self._cached_head = result.head
+        return result.outcomes, result.new_entries
+
+    async def _balances_at(self, conn: AsyncConnection, head: Head, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
+        """Balances as of `head`: from memory while this writer wrote the head, else from the database.
+
+        The cache is only trusted when the stored head is the one this writer committed last,
+        so another replica's writes (or an unknown outcome) always send us back to the database.
+        """
+        if head != self._cached_head or len(self._cached) > cached_balances_max:
+            self._cached.clear()
+        missing = keys - self._cached.keys()
+        if missing:
+            stored = await read_balances(conn, missing)
+            self._cached.update({key: stored.get(key, 0) for key in missing})
+        return {key: self._cached[key] for key in keys}
 
     async def _store_balances(self, conn: AsyncConnection, balances: dict[BalanceKey, int]) -> None:
         insert_ = sqlite_insert if self.db.is_sqlite else postgres_insert

@@ -1,0 +1,127 @@
+"""ledger.record at c1/c64/c512 and ledger.record_batch of 100 on SQLite and Postgres, beside the raw echo.
+
+    python -m bench.ledger [--duration 4] [--stores sqlite postgres]
+
+Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
+synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
+between 1,000 funded accounts, so none is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+
+import migrations
+from bench.echo import BODY, start_responder
+from bench.harness import Result, closed_loop, run_requester, table, warmup_s
+from bench.services import fresh_postgres, start_service
+from bus.embedded import EmbeddedNats, free_port
+
+ACCOUNTS = 1_000
+BATCH_TRANSFERS = 100
+
+
+def transfer(counter: int) -> dict:
+    source = counter % ACCOUNTS
+    return {
+        "id": f"b{os.getpid()}-{time.monotonic_ns()}-{counter}",
+        "from": f"user:{source}",
+        "to": f"user:{(source + 1) % ACCOUNTS}",
+        "amount": 1,
+        "currency": "EUR",
+    }
+
+
+def body_for(kind: str, counter: int) -> bytes:
+    if kind == "record":
+        return msgspec.json.encode(transfer(counter))
+    return msgspec.json.encode({"transfers": [transfer(counter * BATCH_TRANSFERS + n) for n in range(BATCH_TRANSFERS)]})
+
+
+async def fund(url: str) -> None:
+    nc = await nats.connect(url)
+    deposits = [
+        {"id": f"fund-{n}", "from": "world", "to": f"user:{n}", "amount": 10**12, "currency": "EUR"}
+        for n in range(ACCOUNTS)
+    ]
+    reply = await nc.request("ledger.record_batch", msgspec.json.encode({"transfers": deposits}), timeout=30)
+    assert not reply.headers, reply.data
+    await nc.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
+    options = parser.parse_args()
+    rows: list[tuple[Result, Result]] = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
+        url = server.start()
+        raw = start_responder("raw", url)
+        try:
+            for store in options.stores:
+                database_url = (
+                    f"sqlite+aiosqlite:///{data_dir}/mesh.db" if store == "sqlite" else asyncio.run(fresh_postgres())
+                )
+                migrations.upgrade(database_url)
+                ledger = start_service("ledger", url, database_url)
+                try:
+                    asyncio.run(fund(url))
+                    for concurrency in (1, 64, 512):
+                        echo = run_requester(
+                            "bench.echo",
+                            [url, str(options.duration), "bench.raw"],
+                            "raw nats-py",
+                            concurrency,
+                            [raw.pid],
+                        )
+                        record = run_requester(
+                            "bench.ledger",
+                            [url, str(options.duration), "record"],
+                            f"ledger.record {store}",
+                            concurrency,
+                            [ledger.pid],
+                        )
+                        rows.append((echo, record))
+                    batch = run_requester(
+                        "bench.ledger",
+                        [url, str(options.duration), "record_batch"],
+                        f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
+                        8,
+                        [ledger.pid],
+                    )
+                    rows.append((rows[-2][0], batch))
+                finally:
+                    ledger.terminate()
+                    ledger.wait()
+        finally:
+            raw.terminate()
+            raw.wait()
+            server.stop()
+    print(
+        f"{options.duration:g} s per measurement, cpus {os.cpu_count()}, echo body {len(BODY)} bytes; "
+        f"record_batch rows count requests (x{BATCH_TRANSFERS} transfers each)"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["requester"]:
+        url, duration, kind, concurrency = sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+        result = asyncio.run(
+            closed_loop(url, f"ledger.{kind}", lambda n: body_for(kind, n), concurrency, warmup_s, duration)
+        )
+        print(json.dumps(result))
+    else:
+        main()
