@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -27,6 +29,7 @@ from typing import Literal
 import msgspec
 
 import migrations
+from bus.parent_death import die_with_parent
 
 log = logging.getLogger("bitnexus.supervisor")
 
@@ -43,7 +46,6 @@ SERVICES: dict[str, str] = {
 
 start_timeout_s = 30.0
 DEFAULT_CONFIG = Path("deploy/mesh.toml")
-PR_SET_PDEATHSIG = 1
 
 
 class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,12 +56,7 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds to drain after SIGTERM before SIGKILL; `None` (TOML: omit, set brutal_kill) kills at once."""
     brutal_kill: bool = False
     argv: tuple[str, ...] = ()
-    """What to run; empty means this package's own `bitnexus serve <name>`."""
-
-    def command(self, replica_name: str) -> list[str]:
-        if self.argv:
-            return list(self.argv)
-        return [sys.executable, "-m", "supervisor", "serve", self.name, "--as", replica_name]
+    """A command to run; empty means service `name` of this package, forked from the forkserver."""
 
 
 class SupervisorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -89,7 +86,7 @@ class Child:
 
     spec: ChildSpec
     name: str
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedProcess | None = None
     state: State = "stopped"
     restarts: int = 0
     started_at: str = ""
@@ -99,11 +96,6 @@ class Child:
 
 class Escalation(Exception):
     """Restart intensity exceeded: stop everything and exit non-zero, as an OTP supervisor does."""
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -188,20 +180,11 @@ class Supervisor:
 
     async def _start(self, child: Child) -> None:
         from bus.codec import timestamp
-        from bus.runner import READY_FD_ENV
 
-        read_fd, write_fd = os.pipe()
-        env = {**os.environ, READY_FD_ENV: str(write_fd), "BITNEXUS_CHILD": child.name}
-        try:
-            child.process = await asyncio.create_subprocess_exec(
-                *child.spec.command(child.name),
-                env=env,
-                pass_fds=(write_fd,),
-                preexec_fn=_die_with_parent,
-                process_group=0,  # Ctrl-C reaches the supervisor alone; it drains children in order
-            )
-        finally:
-            os.close(write_fd)
+        if child.spec.argv:
+            child.process, read_fd = await _launch_command(child)
+        else:
+            child.process, read_fd = _launch_forked(child)
         child.state, child.started_at = "starting", timestamp()
         child.exited = asyncio.ensure_future(child.process.wait())
         log.info("child started", extra={"context": "child_started", "child": child.name, "pid": child.process.pid})
@@ -217,6 +200,7 @@ class Supervisor:
             await self._stop(child)
 
     async def _stop(self, child: Child) -> None:
+        """SIGTERM (the child drains), SIGKILL after `shutdown_s`; `brutal_kill` kills at once."""
         process = child.process
         if process is None or process.returncode is not None:
             child.state = "stopped" if child.state != "exited" else child.state
@@ -233,6 +217,97 @@ class Supervisor:
                 process.kill()
         await process.wait()
         child.state, child.exited = "stopped", None
+
+
+async def _launch_command(child: Child) -> tuple[asyncio.subprocess.Process, int]:
+    """Any command (a nested supervisor, a test child): it says ready on the fd in BITNEXUS_READY_FD."""
+    from bus.runner import READY_FD_ENV
+
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, READY_FD_ENV: str(write_fd), "BITNEXUS_CHILD": child.name}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *child.spec.argv,
+            env=env,
+            pass_fds=(write_fd,),
+            preexec_fn=die_with_parent,
+            process_group=0,  # Ctrl-C reaches the supervisor alone; it drains children in order
+        )
+    finally:
+        os.close(write_fd)
+    return process, read_fd
+
+
+class ForkedProcess:
+    """A service replica forked from the forkserver (modules already imported), awaited like a subprocess."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self._process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    async def wait(self) -> int:
+        if self._process.exitcode is None:
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+            loop.add_reader(self._process.sentinel, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(self._process.sentinel)
+        self._process.join()
+        code = self._process.exitcode
+        assert code is not None
+        return code
+
+
+_forkserver = multiprocessing.get_context("forkserver")
+FORKSERVER_PRELOAD = [
+    "bus.forkserver_init",
+    "supervisor",
+    "bus.runner",
+    "handlers.accounts",
+    "handlers.products",
+    "ledger.service",
+]
+
+
+def _launch_forked(child: Child) -> tuple[ForkedProcess, int]:
+    """Fork the replica from the forkserver: no interpreter start, no imports, so restarts are fast."""
+    _forkserver.set_forkserver_preload(FORKSERVER_PRELOAD)
+    read_end, write_end = _forkserver.Pipe(duplex=False)
+    process = _forkserver.Process(
+        target=run_forked_child, args=(child.spec.name, child.name, write_end), name=child.name, daemon=False
+    )
+    process.start()
+    write_end.close()
+    read_fd = os.dup(read_end.fileno())
+    read_end.close()
+    return ForkedProcess(process), read_fd
+
+
+def run_forked_child(service_name: str, replica_name: str, ready: multiprocessing.connection.Connection) -> None:
+    """The body of a forked replica: die with the forkserver (which dies with the supervisor), serve."""
+    from bus import logs
+    from bus.runner import serve_until_stopped
+
+    die_with_parent()
+    os.environ["BITNEXUS_CHILD"] = replica_name
+    os.setpgid(0, 0)  # Ctrl-C reaches the supervisor alone; it drains children in order
+    logs.configure(replica_name)
+    module_name, function_name = SERVICES[service_name].split(":")
+    serving = getattr(importlib.import_module(module_name), function_name)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_until_stopped(replica_name, serving, ready_fd=os.dup(ready.fileno())))
 
 
 async def _read_ready(read_fd: int, exited: asyncio.Future[int]) -> None:
@@ -393,11 +468,11 @@ def render_status(status: MeshStatus, now: float) -> str:
 
 
 def serve(service_name: str, replica_name: str) -> None:
-    from bus.runner import serve_until_stopped
+    from bus.runner import ready_fd_from_env, serve_until_stopped
 
     module_name, function_name = SERVICES[service_name].split(":")
     serving = getattr(importlib.import_module(module_name), function_name)
-    asyncio.run(serve_until_stopped(replica_name, serving))
+    asyncio.run(serve_until_stopped(replica_name, serving, ready_fd_from_env()))
 
 
 def nats_url_for_status() -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bus.parent_death import die_with_parent
+
 ready_timeout_s = 10.0
 stop_timeout_s = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 class PortTaken(Exception):
@@ -52,12 +51,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: be sent SIGTERM when the parent dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class EmbeddedNats:
     data_dir: Path
@@ -90,7 +83,7 @@ class EmbeddedNats:
                 command,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 process_group=0,  # a terminal's Ctrl-C reaches the owner, which stops us last
             )
         self._wait_ready()

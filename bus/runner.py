@@ -20,16 +20,20 @@ Serving = Callable[[Client], AbstractAsyncContextManager[object]]
 READY_FD_ENV = "BITNEXUS_READY_FD"
 
 
-def notify_ready() -> None:
+def notify_ready(fd: int | None) -> None:
     """Tell the supervisor this process serves: one line on the pipe it passed us, then close it."""
-    fd = os.environ.pop(READY_FD_ENV, None)
     if fd is not None:
         with contextlib.suppress(OSError):
-            os.write(int(fd), b"ready\n")
-            os.close(int(fd))
+            os.write(fd, b"ready\n")
+            os.close(fd)
 
 
-async def serve_until_stopped(name: str, serving: Serving) -> None:
+def ready_fd_from_env() -> int | None:
+    fd = os.environ.pop(READY_FD_ENV, None)
+    return int(fd) if fd is not None else None
+
+
+async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None = None) -> None:
     """Serve until SIGTERM or SIGINT; leaving `serving` drains the work in flight."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -38,10 +42,13 @@ async def serve_until_stopped(name: str, serving: Serving) -> None:
     nc = await connect(Settings.from_env(), name=name)
     try:
         async with serving(nc):
-            notify_ready()
+            notify_ready(ready_fd)
             log.info("serving")
             await stop.wait()
             log.info("draining")
     finally:
-        await nc.drain()
+        if nc.is_connected:
+            await nc.drain()  # flushes our last replies and publishes
+        else:
+            await nc.close()  # NATS is gone (say, it died with the supervisor): nothing to flush to
     log.info("stopped")

@@ -179,8 +179,8 @@ class Service:
 
     async def _drain(self, discovery_subs: list[Subscription]) -> None:
         """Unsubscribe, then wait until every message already received has been answered."""
-        if self.nc.is_closed:
-            return
+        if not self.nc.is_connected:
+            return  # nothing can be unsubscribed or answered; requests in flight end with the process
         subs = [endpoint.subscription for endpoint in self.endpoints if endpoint.subscription]
         try:
             async with asyncio.timeout(drain_timeout_s):
