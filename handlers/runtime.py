@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -29,6 +30,11 @@ class Repo:
     """Jobs that run as long as the service serves (batch loaders), started in its task group."""
 
 
+def instance_metadata() -> dict[str, str]:
+    """ADR-32 metadata of this replica: which OS process and which supervisor child it is."""
+    return {"pid": str(os.getpid()), "child": os.environ.get("BITNEXUS_CHILD", "")}
+
+
 @contextlib.asynccontextmanager
 async def serving_with_outbox(
     nc: Client, name: str, description: str, outbox: Table, add_endpoints: Callable[[Service, Repo], None]
@@ -38,7 +44,7 @@ async def serving_with_outbox(
     js = nc.jetstream()
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
     repo = Repo(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc)
-    service = Service(nc, name, version("bitnexus-mesh"), description)
+    service = Service(nc, name, version("bitnexus-mesh"), description, instance_metadata())
     add_endpoints(service, repo)
     try:
         async with asyncio.TaskGroup() as group:

@@ -17,6 +17,7 @@ from bus.codec import encode
 from bus.events import EVENTS_STREAM, ensure_stream, relay_batch_max, relay_forever
 from bus.jetstream import BatchPublisher, Message
 from bus.service import Service
+from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.writer import Writer, entry_from
 from schemas.database import Database, open_database, service_url
@@ -171,7 +172,7 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
     relay = ChainRelay(BatchPublisher(nc), db)
     writer = Writer(db, on_commit=relay.committed)
-    service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger")
+    service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger", instance_metadata())
     service.add_endpoint("ledger.record", record, writer, concurrency_max=4096)
     service.add_endpoint("ledger.record_batch", record_batch, writer, concurrency_max=64)
     service.add_endpoint("ledger.balance", balance, db)
