@@ -16,6 +16,7 @@ from sqlalchemy import Table
 from bus.events import EVENTS_STREAM, OutboxRelay, ensure_stream
 from bus.jetstream import BatchPublisher
 from bus.service import Service
+from bus.tasks import supervised
 from schemas.database import Database, open_database, service_url
 
 
@@ -48,8 +49,8 @@ async def serving_with_outbox(
     add_endpoints(service, repo)
     try:
         async with asyncio.TaskGroup() as group:
-            relay = group.create_task(repo.relay.run(), name=f"{name}-outbox-relay")
-            jobs = [group.create_task(job()) for job in repo.background]
+            relay = group.create_task(supervised(f"{name}.outbox_relay", repo.relay.run))
+            jobs = [group.create_task(supervised(f"{name}.{job.__qualname__}", job)) for job in repo.background]
             async with service.serving():
                 yield service
             await repo.relay.publish_pending()

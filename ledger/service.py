@@ -17,6 +17,7 @@ from bus.codec import encode
 from bus.events import EVENTS_STREAM, ensure_stream, relay_batch_max, relay_forever
 from bus.jetstream import BatchPublisher, Message
 from bus.service import Service
+from bus.tasks import supervised
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.writer import Writer, entry_from
@@ -181,7 +182,10 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     service.add_endpoint("ledger.verify", verify, db, concurrency_max=2)
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(writer.run()), group.create_task(relay.run())]
+            tasks = [
+                group.create_task(supervised("ledger.writer", writer.run)),
+                group.create_task(supervised("ledger.chain_relay", relay.run)),
+            ]
             async with service.serving():
                 yield service
             await relay.publish_pending()

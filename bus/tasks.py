@@ -1,0 +1,42 @@
+"""Task-level supervision inside a service process, the in-process half of the OTP tree.
+
+A background task (outbox relay, batch loader, ledger writer) that crashes is logged and
+started again, so one bad moment does not take the process's endpoints down with it. Past
+`restarts_max` crashes in `restart_period_s` the crash propagates: the process exits, and
+the OS-level supervisor restarts it from durable state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("bitnexus.tasks")
+
+restarts_max_default = 3
+restart_period_s_default = 5.0
+
+
+async def supervised(
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    restarts_max: int = restarts_max_default,
+    restart_period_s: float = restart_period_s_default,
+) -> None:
+    assert restarts_max >= 0 and restart_period_s > 0
+    crashes: deque[float] = deque()
+    while True:
+        try:
+            await run()
+            return
+        except Exception as exc:
+            now = time.monotonic()
+            crashes.append(now)
+            while now - crashes[0] > restart_period_s:
+                crashes.popleft()
+            if len(crashes) > restarts_max:
+                log.error("task crashed too often; giving up", extra={"task": name, "reason": repr(exc)})
+                raise
+            log.exception("task crashed; restarting", extra={"task": name, "restarts": len(crashes)})
