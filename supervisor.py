@@ -41,6 +41,7 @@ SERVICES: dict[str, str] = {
     "ledger": "ledger.service:serving",
     "accounts": "handlers.accounts:serving",
     "products": "handlers.products:serving",
+    "transactions": "handlers.transactions:serving",
 }
 """Service name -> "module:function" returning its serving context manager."""
 
@@ -277,6 +278,7 @@ FORKSERVER_PRELOAD = [
     "bus.runner",
     "handlers.accounts",
     "handlers.products",
+    "handlers.transactions",
     "ledger.service",
 ]
 

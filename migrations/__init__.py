@@ -16,16 +16,15 @@ from sqlalchemy.engine import URL
 
 from schemas.database import service_url
 
-SERVICES_WITH_TABLES = ("accounts", "products", "ledger")
+SERVICES_WITH_TABLES = ("accounts", "products", "ledger", "transactions")
 
 
 def target_metadata() -> MetaData:
-    from schemas import accounts, ledger, products
+    from schemas import accounts, ledger, products, transactions
     from schemas.common import metadata
 
-    assert all(
-        module_table.metadata is metadata for module_table in (accounts.users, products.products, ledger.ledger_entries)
-    )
+    tables = (accounts.users, products.products, ledger.ledger_entries, transactions.transactions)
+    assert all(table.metadata is metadata for table in tables)
     return metadata
 
 

@@ -156,10 +156,10 @@ class Mesh:
 async def mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
     """Accounts and products serving in this test's loop, on an empty database and event stream."""
     import ledger.service as ledger
-    from handlers import accounts, products
+    from handlers import accounts, products, transactions
 
     mesh = Mesh(nc)
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     await mesh.js.purge_stream(EVENTS_STREAM)
-    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc):
+    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc), transactions.serving(nc):
         yield mesh

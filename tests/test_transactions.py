@@ -1,0 +1,189 @@
+"""`transactions.*` as the contract writes them, on SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import Mesh
+from tests.ledger_checks import assert_ledger_invariants
+
+TRANSACTION_FIELDS = [
+    "id",
+    "idempotency_key",
+    "kind",
+    "from_account",
+    "to_account",
+    "amount",
+    "currency",
+    "product_id",
+    "quantity",
+    "memo",
+    "status",
+    "ledger_seq",
+    "ledger_hash",
+    "inserted_at",
+]
+
+
+async def user(mesh: Mesh, name: str) -> int:
+    return (await mesh.ok("accounts.users.create", {"email": f"{name}@x.io", "name": name, "password": "password1"}))[
+        "id"
+    ]
+
+
+async def balance(mesh: Mesh, user_id: int, currency: str = "EUR") -> int:
+    return (await mesh.ok("ledger.balance", {"account": f"user:{user_id}"}))["balances"].get(currency, 0)
+
+
+async def test_deposit_withdrawal_and_transfer_move_money_through_the_ledger(mesh: Mesh) -> None:
+    alice, bob = await user(mesh, "alice"), await user(mesh, "bob")
+    deposit = await mesh.ok(
+        "transactions.deposits.create", {"idempotency_key": "d-1", "user_id": alice, "amount": 1000, "currency": "EUR"}
+    )
+    assert list(deposit) == TRANSACTION_FIELDS
+    assert (deposit["kind"], deposit["status"], deposit["from_account"], deposit["to_account"]) == (
+        "deposit",
+        "committed",
+        "world",
+        f"user:{alice}",
+    )
+    assert deposit["ledger_seq"] == 1 and len(deposit["ledger_hash"]) == 64
+    transfer = await mesh.ok(
+        "transactions.transfers.create",
+        {
+            "idempotency_key": "t-1",
+            "from_user_id": alice,
+            "to_user_id": bob,
+            "amount": 300,
+            "currency": "EUR",
+            "memo": "rent",
+        },
+    )
+    assert transfer["memo"] == "rent" and transfer["kind"] == "transfer"
+    withdrawal = await mesh.ok(
+        "transactions.withdrawals.create", {"idempotency_key": "w-1", "user_id": bob, "amount": 100, "currency": "EUR"}
+    )
+    assert withdrawal["to_account"] == "world"
+    assert (await balance(mesh, alice), await balance(mesh, bob)) == (700, 200)
+    assert await mesh.ok("transactions.transactions.get", {"id": transfer["id"]}) == transfer
+    await assert_ledger_invariants(mesh)
+
+
+async def test_refused_requests_are_rejected_finally_and_move_nothing(mesh: Mesh) -> None:
+    alice, bob = await user(mesh, "alice"), await user(mesh, "bob")
+    body = {"idempotency_key": "too-much", "user_id": alice, "amount": 5, "currency": "EUR"}
+    code, reply = await mesh.request("transactions.withdrawals.create", body)
+    assert code == 422 and reply["error"]["type"] == "insufficient_funds"
+    await mesh.ok(
+        "transactions.deposits.create", {"idempotency_key": "d", "user_id": alice, "amount": 10, "currency": "EUR"}
+    )
+    code, again = await mesh.request("transactions.withdrawals.create", body)
+    assert code == 422 and again == reply  # final: a retry gets the same refusal
+    code, reply = await mesh.request(
+        "transactions.transfers.create",
+        {"idempotency_key": "self", "from_user_id": alice, "to_user_id": alice, "amount": 1, "currency": "EUR"},
+    )
+    assert code == 422 and reply["error"]["type"] == "same_account"
+    page = await mesh.ok("transactions.transactions.list", {"user_id": alice})
+    statuses = {item["idempotency_key"]: item["status"] for item in page["items"]}
+    assert statuses == {"too-much": "rejected", "d": "committed", "self": "rejected"}
+    rejected = next(item for item in page["items"] if item["idempotency_key"] == "too-much")
+    assert rejected["ledger_seq"] is None and rejected["ledger_hash"] is None
+    assert await balance(mesh, alice) == 10 and await balance(mesh, bob) == 0
+
+
+async def test_same_key_same_body_is_the_same_transaction_other_body_is_409(mesh: Mesh) -> None:
+    alice = await user(mesh, "alice")
+    body = {"idempotency_key": "k", "user_id": alice, "amount": 50, "currency": "EUR"}
+    results = await asyncio.gather(*(mesh.ok("transactions.deposits.create", body) for _ in range(10)))
+    assert all(result == results[0] for result in results)
+    assert await balance(mesh, alice) == 50
+    code, reply = await mesh.request("transactions.deposits.create", {**body, "amount": 51})
+    assert code == 409 and reply["error"]["type"] == "idempotency_conflict"
+    code, _ = await mesh.request("transactions.withdrawals.create", body)
+    assert code == 409
+
+
+async def test_unknown_user_and_bad_bodies_record_nothing_and_leave_the_key_free(mesh: Mesh) -> None:
+    code, _ = await mesh.request(
+        "transactions.deposits.create", {"idempotency_key": "free", "user_id": 999, "amount": 1, "currency": "EUR"}
+    )
+    assert code == 404
+    for bad, field in [
+        ({"idempotency_key": "bad key!", "user_id": 1, "amount": 1, "currency": "EUR"}, "$.idempotency_key"),
+        ({"idempotency_key": "free", "user_id": 1, "amount": 0, "currency": "EUR"}, "$.amount"),
+    ]:
+        code, reply = await mesh.request("transactions.deposits.create", bad)
+        assert (code, reply["error"]["details"]) == (400, [field])
+    alice = await user(mesh, "alice")
+    await mesh.ok(
+        "transactions.deposits.create", {"idempotency_key": "free", "user_id": alice, "amount": 1, "currency": "EUR"}
+    )
+
+
+async def test_purchase_pays_the_seller_and_takes_the_stock(mesh: Mesh) -> None:
+    buyer, seller = await user(mesh, "buyer"), await user(mesh, "seller")
+    product = await mesh.ok(
+        "products.products.create",
+        {"sku": "P", "name": "P", "price": 250, "currency": "EUR", "stock": 5, "seller_id": seller},
+    )
+    await mesh.ok(
+        "transactions.deposits.create", {"idempotency_key": "fund", "user_id": buyer, "amount": 1000, "currency": "EUR"}
+    )
+    purchase = await mesh.ok(
+        "transactions.purchases.create",
+        {"idempotency_key": "buy", "buyer_id": buyer, "product_id": product["id"], "quantity": 2},
+    )
+    assert (purchase["kind"], purchase["amount"], purchase["product_id"], purchase["quantity"]) == (
+        "purchase",
+        500,
+        product["id"],
+        2,
+    )
+    assert purchase["to_account"] == f"user:{seller}"
+    assert (await balance(mesh, buyer), await balance(mesh, seller)) == (500, 500)
+    assert (await mesh.ok("products.products.get", {"id": product["id"]}))["stock"] == 3
+    seller_view = await mesh.ok("transactions.transactions.list", {"user_id": seller})
+    assert [item["idempotency_key"] for item in seller_view["items"]] == ["buy"]
+
+
+async def test_purchase_refused_by_the_ledger_gives_the_stock_back(mesh: Mesh) -> None:
+    buyer, seller = await user(mesh, "buyer"), await user(mesh, "seller")
+    product = await mesh.ok(
+        "products.products.create",
+        {"sku": "P", "name": "P", "price": 250, "currency": "EUR", "stock": 5, "seller_id": seller},
+    )
+    code, reply = await mesh.request(
+        "transactions.purchases.create",
+        {"idempotency_key": "broke", "buyer_id": buyer, "product_id": product["id"], "quantity": 1},
+    )
+    assert code == 422 and reply["error"]["type"] == "insufficient_funds"
+    assert (await mesh.ok("products.products.get", {"id": product["id"]}))["stock"] == 5
+    code, reply = await mesh.request(
+        "transactions.purchases.create",
+        {"idempotency_key": "many", "buyer_id": buyer, "product_id": product["id"], "quantity": 6},
+    )
+    assert code == 422 and reply["error"]["type"] == "out_of_stock"
+    assert (await mesh.ok("products.products.get", {"id": product["id"]}))["stock"] == 5
+    events = await mesh.events(7)  # 2 users, product created, reserve and release, 2 rejected
+    rejected = [
+        envelope["data"]["idempotency_key"]
+        for subject, _, envelope in events
+        if subject == "events.transactions.transaction.rejected"
+    ]
+    assert sorted(rejected) == ["broke", "many"]
+
+
+async def test_each_outcome_publishes_its_event(mesh: Mesh) -> None:
+    alice = await user(mesh, "alice")
+    committed = await mesh.ok(
+        "transactions.deposits.create", {"idempotency_key": "e1", "user_id": alice, "amount": 5, "currency": "EUR"}
+    )
+    await mesh.request(
+        "transactions.withdrawals.create", {"idempotency_key": "e2", "user_id": alice, "amount": 6, "currency": "EUR"}
+    )
+    events = await mesh.events(4)  # user created, ledger entry, committed, rejected
+    by_subject = {subject: envelope for subject, _, envelope in events}
+    assert by_subject["events.transactions.transaction.committed"]["data"] == committed
+    assert by_subject["events.transactions.transaction.rejected"]["data"]["idempotency_key"] == "e2"
+    assert by_subject["events.transactions.transaction.rejected"]["data"]["status"] == "rejected"
