@@ -349,7 +349,15 @@ def add_endpoints(service: Service, repo: Repo) -> None:
     service.add_endpoint("transactions.purchases.create", create_purchase, repo)
     service.add_endpoint("transactions.transactions.get", get_transaction, repo)
     service.add_endpoint("transactions.transactions.list", list_transactions, repo)
-    repo.background.append(lambda: recover_forever(repo))
+    from handlers import ingest  # ingest routes messages to the create functions of this module
+
+    async def recovery() -> None:
+        await recover_forever(repo)
+
+    async def ingest_consumer() -> None:
+        await ingest.consume_forever(repo.nc.jetstream(), repo)
+
+    repo.background.extend([recovery, ingest_consumer])
 
 
 def serving(nc: Client) -> AbstractAsyncContextManager[Service]:

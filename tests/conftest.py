@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from sqlalchemy.engine import make_url
 
 import migrations
@@ -152,14 +154,32 @@ class Mesh:
         return (await self.js.stream_info(EVENTS_STREAM)).state.messages
 
 
-@pytest.fixture
-async def mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
-    """Accounts and products serving in this test's loop, on an empty database and event stream."""
-    import ledger.service as ledger
-    from handlers import accounts, products, transactions
-
-    mesh = Mesh(nc)
+async def fresh_streams(mesh: Mesh) -> None:
+    """Empty EVENTS and INGEST, and a fresh durable ingest consumer, for each test."""
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     await mesh.js.purge_stream(EVENTS_STREAM)
-    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc), transactions.serving(nc):
+    await ensure_stream(mesh.js, "INGEST", ["ingest.>"])
+    await mesh.js.purge_stream("INGEST")
+    with contextlib.suppress(NotFoundError):
+        await mesh.js.delete_consumer("INGEST", "transactions")
+
+
+@pytest.fixture
+async def core_mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
+    """Ledger, accounts and products serving in this test's loop, on an empty database and streams."""
+    import ledger.service as ledger
+    from handlers import accounts, products
+
+    mesh = Mesh(nc)
+    await fresh_streams(mesh)
+    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc):
         yield mesh
+
+
+@pytest.fixture
+async def mesh(core_mesh: Mesh) -> AsyncIterator[Mesh]:
+    """The whole mesh in this test's loop: the core services and transactions."""
+    from handlers import transactions
+
+    async with transactions.serving(core_mesh.nc):
+        yield core_mesh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from tests.conftest import Mesh
 from tests.ledger_checks import assert_ledger_invariants
@@ -187,3 +188,34 @@ async def test_each_outcome_publishes_its_event(mesh: Mesh) -> None:
     assert by_subject["events.transactions.transaction.committed"]["data"] == committed
     assert by_subject["events.transactions.transaction.rejected"]["data"]["idempotency_key"] == "e2"
     assert by_subject["events.transactions.transaction.rejected"]["data"]["status"] == "rejected"
+
+
+async def test_ingested_messages_are_applied_once_each_and_malformed_ones_rejected(mesh: Mesh) -> None:
+    alice = await user(mesh, "alice")
+    deposit = {"idempotency_key": "in-1", "user_id": alice, "amount": 70, "currency": "EUR"}
+    for body in (deposit, deposit, {**deposit, "idempotency_key": "in-2"}):
+        await mesh.js.publish("ingest.transactions.deposits", json.dumps(body).encode())
+    await mesh.js.publish("ingest.transactions.deposits", b'{"idempotency_key": "in-3", "amount": "lots"}')
+    await mesh.js.publish("ingest.transactions.transfers", b"not json")
+    await wait_until(lambda: balance(mesh, alice), 140)
+    page = await mesh.ok("transactions.transactions.list", {"user_id": alice})
+    assert sorted(item["idempotency_key"] for item in page["items"]) == ["in-1", "in-2"]
+    events = await mesh.events(6)  # user, 2 ledger entries, 2 committed, and the rejections
+    rejections = [
+        envelope["data"]
+        for subject, _, envelope in await mesh.events(7)
+        if subject == "events.transactions.transaction.rejected"
+    ]
+    assert sorted(str(r["idempotency_key"]) for r in rejections) == ["None", "in-3"]
+    assert all(r["error"]["code"] == 400 for r in rejections)
+    assert len(events) == 6
+    await asyncio.sleep(0.5)
+    info = await mesh.js.consumer_info("INGEST", "transactions")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def wait_until(read, expected, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (value := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"{value} != {expected}"
+        await asyncio.sleep(0.05)

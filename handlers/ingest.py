@@ -1,0 +1,134 @@
+"""Ingest (contract §7): other systems publish to `ingest.transactions.*` on the stream `INGEST`;
+a durable pull consumer shared by all transactions replicas applies each message once.
+
+A message is acknowledged only after its outcome is committed (or refused, for good). A
+dependency that did not answer is a transient failure: nak with a growing delay. A malformed
+or refused message gets a `rejected` event and a terminal ack, never an endless redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from bus.codec import decode
+from bus.errors import BadRequest, ServiceError, Unavailable
+from bus.events import ensure_stream, write_event
+from handlers import transactions as saga
+from handlers.runtime import Repo
+from schemas.transactions import (
+    CreateDeposit,
+    CreatePurchase,
+    CreateTransfer,
+    CreateWithdrawal,
+    Rejection,
+    transactions_outbox,
+)
+
+log = logging.getLogger("bitnexus.ingest")
+
+INGEST_STREAM = "INGEST"
+CONSUMER = "transactions"
+workers_max = 32
+fetch_messages_max = 4
+fetch_wait_s = 1.0
+ack_wait_s = 30.0
+deliveries_max = 50
+redelivery_delay_s_max = 30.0
+
+Create = Callable[[msgspec.Struct, Repo], Awaitable[object]]
+ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
+    "deposits": (CreateDeposit, saga.create_deposit),
+    "withdrawals": (CreateWithdrawal, saga.create_withdrawal),
+    "transfers": (CreateTransfer, saga.create_transfer),
+    "purchases": (CreatePurchase, saga.create_purchase),
+}
+
+
+async def consume_forever(js: JetStreamContext, repo: Repo) -> None:
+    """`workers_max` workers, each fetching at most `fetch_messages_max`: never more in flight than that."""
+    await ensure_stream(js, INGEST_STREAM, ["ingest.>"])
+    config = ConsumerConfig(
+        durable_name=CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=deliveries_max,
+        max_ack_pending=workers_max * fetch_messages_max,
+        filter_subject="ingest.transactions.*",
+    )
+    subscription = await js.pull_subscribe(
+        "ingest.transactions.*", durable=CONSUMER, stream=INGEST_STREAM, config=config
+    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers_max):
+                group.create_task(_work(subscription, repo))
+    finally:
+        # unacknowledged messages go back to the consumer; a drained connection must not wait for them
+        await subscription.unsubscribe()
+
+
+async def _work(subscription: JetStreamContext.PullSubscription, repo: Repo) -> None:
+    while True:
+        try:
+            messages = await subscription.fetch(fetch_messages_max, timeout=fetch_wait_s)
+        except TimeoutError:  # nothing to fetch within fetch_wait_s (nats-py raises both kinds)
+            continue
+        for msg in messages:
+            await handle(msg, repo)
+
+
+async def handle(msg: Msg, repo: Repo) -> None:
+    kind = msg.subject.rsplit(".", 1)[-1]
+    route = ROUTES.get(kind)
+    try:
+        if route is None:
+            raise BadRequest(f"no ingest subject {msg.subject}", details=["subject"])
+        request_type, create = route
+        request = decode(request_type, msg.data)
+    except BadRequest as error:
+        await reject(repo, key_of(msg.data), error)
+        await msg.term()
+        return
+    try:
+        await create(request, repo)
+    except Unavailable:
+        delay_s = min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
+        await msg.nak(delay=delay_s)
+        return
+    except ServiceError as error:
+        if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not
+            await reject(repo, request.idempotency_key, error)  # type: ignore[attr-defined]
+        await msg.term()
+        return
+    await msg.ack_sync()
+
+
+def key_of(data: bytes) -> str | None:
+    """The idempotency key of a malformed message, when one can be read at all."""
+    try:
+        body = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    key = body.get("idempotency_key") if isinstance(body, dict) else None
+    return key if isinstance(key, str) and len(key) <= 128 else None
+
+
+async def reject(repo: Repo, key: str | None, error: ServiceError) -> None:
+    async with repo.db.writer.begin() as conn:
+        await write_event(
+            conn,
+            transactions_outbox,
+            saga.SOURCE,
+            "transactions.transaction.rejected",
+            Rejection(idempotency_key=key, error=error.body()),
+            datetime.now(UTC),
+        )
+    repo.relay.wake()
