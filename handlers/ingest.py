@@ -17,6 +17,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
 from bus.errors import BadRequest, ServiceError, Unavailable
@@ -122,13 +123,13 @@ def key_of(data: bytes) -> str | None:
 
 
 async def reject(repo: Repo, key: str | None, error: ServiceError) -> None:
-    async with repo.db.writer.begin() as conn:
+    """A `rejected` event for a message that recorded nothing, committed before the message is acked."""
+
+    async def write_rejection(conn: AsyncConnection) -> None:
+        rejection = Rejection(idempotency_key=key, error=error.body())
         await write_event(
-            conn,
-            transactions_outbox,
-            saga.SOURCE,
-            "transactions.transaction.rejected",
-            Rejection(idempotency_key=key, error=error.body()),
-            datetime.now(UTC),
+            conn, transactions_outbox, saga.SOURCE, "transactions.transaction.rejected", rejection, datetime.now(UTC)
         )
+
+    await repo.commits.run(write_rejection)
     repo.relay.wake()

@@ -17,6 +17,7 @@ from bus.events import EVENTS_STREAM, OutboxRelay, ensure_stream
 from bus.jetstream import BatchPublisher
 from bus.service import Service
 from bus.tasks import supervised
+from handlers.group_commit import GroupCommit
 from schemas.database import Database, open_database, service_url
 
 
@@ -27,6 +28,7 @@ class Repo:
     db: Database
     relay: OutboxRelay
     nc: Client
+    commits: GroupCommit
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     """Jobs that run as long as the service serves (batch loaders), started in its task group."""
 
@@ -44,7 +46,8 @@ async def serving_with_outbox(
     db = open_database(service_url(name))
     js = nc.jetstream()
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
-    repo = Repo(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc)
+    repo = Repo(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc, commits=GroupCommit(db.writer))
+    repo.background.append(repo.commits.commit_forever)
     service = Service(nc, name, version("bitnexus-mesh"), description, instance_metadata())
     add_endpoints(service, repo)
     try:

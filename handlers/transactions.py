@@ -21,9 +21,11 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.client import call
 from bus.codec import encode, timestamp
@@ -117,12 +119,7 @@ def fingerprint(request: msgspec.Struct) -> str:
 
 async def create(repo: Repo, request: msgspec.Struct, intent: Intent, user_ids: list[int]) -> Transaction:
     key, print_ = request.idempotency_key, fingerprint(request)  # type: ignore[attr-defined]
-    existing = await find_by_key(repo, key)
-    if existing is None:
-        for user_id in dict.fromkeys(user_ids):
-            await check_user(repo, user_id)
-        existing = await insert_pending(repo, key, print_, intent)
-        crash_point("after_pending")
+    existing = await insert_pending(repo, key, print_, intent, user_ids)
     if existing.fingerprint != print_:
         raise Conflict(f"idempotency key {key} was used with another request", type="idempotency_conflict")
     return await drive(repo, existing)
@@ -142,8 +139,12 @@ async def find_by_key(repo: Repo, key: str) -> Row | None:
         return (await conn.execute(select(transactions).where(transactions.c.idempotency_key == key))).one_or_none()
 
 
-async def insert_pending(repo: Repo, key: str, print_: str, intent: Intent) -> Row:
-    """The pending row; when a concurrent request with the same key won the insert, theirs."""
+async def insert_pending(repo: Repo, key: str, print_: str, intent: Intent, user_ids: list[int]) -> Row:
+    """The pending row, or the row this key already has; users are checked before a new one."""
+    existing = await find_by_key(repo, key)
+    if existing is not None:
+        return existing
+    await asyncio.gather(*(check_user(repo, user_id) for user_id in dict.fromkeys(user_ids)))
     now = datetime.now(UTC)
     values = {
         **intent.__dict__,
@@ -153,13 +154,18 @@ async def insert_pending(repo: Repo, key: str, print_: str, intent: Intent) -> R
         "inserted_at": now,
         "updated_at": now,
     }
-    try:
-        async with repo.db.writer.begin() as conn:
-            return (await conn.execute(insert(transactions).values(**values).returning(transactions))).one()
-    except IntegrityError:
+    insert_ = sqlite_insert if repo.db.is_sqlite else postgres_insert
+    statement = insert_(transactions).values(**values).on_conflict_do_nothing(index_elements=["idempotency_key"])
+
+    async def insert_row(conn: AsyncConnection) -> Row | None:
+        return (await conn.execute(statement.returning(transactions))).one_or_none()
+
+    row = await repo.commits.run(insert_row)
+    crash_point("after_pending")
+    if row is None:  # a concurrent request with this key inserted first: theirs
         row = await find_by_key(repo, key)
         assert row is not None
-        return row
+    return row
 
 
 async def drive(repo: Repo, row: Row) -> Transaction:
@@ -206,9 +212,12 @@ async def reserve_stock(repo: Repo, row: Row) -> Row:
     }
     if values["amount"] == 0:
         values["amount"] = None  # a free product: there is no money to move
-    async with repo.db.writer.begin() as conn:
+
+    async def price_row(conn: AsyncConnection) -> Row:
         await conn.execute(update(transactions).where(transactions.c.id == row.id).values(**values))
-        row = (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+        return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+
+    row = await repo.commits.run(price_row)
     if row.amount is None:
         return await finish(repo, row, "committed")
     return row
@@ -235,13 +244,16 @@ async def record_in_ledger(repo: Repo, row: Row) -> Row:
 
 async def refuse(repo: Repo, row: Row, error: ErrorBody) -> Row:
     """Store the refusal first, then give back any stock, then close the transaction."""
-    async with repo.db.writer.begin() as conn:
+
+    async def store_refusal(conn: AsyncConnection) -> Row:
         await conn.execute(
             update(transactions)
             .where(transactions.c.id == row.id, transactions.c.status == "pending")
             .values(refusal=encode(error).decode(), updated_at=datetime.now(UTC))
         )
-        row = (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+        return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+
+    row = await repo.commits.run(store_refusal)
     crash_point("after_refusal")
     if row.status != "pending":
         return row
@@ -266,21 +278,27 @@ async def finish(repo: Repo, row: Row, status: str, entry: Entry | None = None) 
     values: dict[str, object] = {"status": status, "updated_at": datetime.now(UTC)}
     if entry is not None:
         values |= {"ledger_seq": entry.seq, "ledger_hash": entry.hash}
-    async with repo.db.writer.begin() as conn:
+
+    async def close(conn: AsyncConnection) -> Row:
         statement = update(transactions).where(transactions.c.id == row.id, transactions.c.status == "pending")
-        changed = (await conn.execute(statement.values(**values))).rowcount
-        row = (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
-        if changed:
-            await write_event(
-                conn, transactions_outbox, SOURCE, f"transactions.transaction.{status}", transaction_from(row)
-            )
+        closed = (await conn.execute(statement.values(**values).returning(transactions))).one_or_none()
+        if closed is None:  # someone else closed it first (a retry, the recovery loop): theirs stands
+            return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+        await write_event(
+            conn, transactions_outbox, SOURCE, f"transactions.transaction.{status}", transaction_from(closed)
+        )
+        return closed
+
+    closed = await repo.commits.run(close)
     repo.relay.wake()
-    return row
+    return closed
 
 
 async def forget(repo: Repo, row: Row) -> None:
-    async with repo.db.writer.begin() as conn:
+    async def delete_row(conn: AsyncConnection) -> None:
         await conn.execute(delete(transactions).where(transactions.c.id == row.id, transactions.c.status == "pending"))
+
+    await repo.commits.run(delete_row)
 
 
 def transaction_from(row: Row) -> Transaction:

@@ -1,0 +1,167 @@
+"""transactions.transfers.create end to end (transactions -> accounts -> ledger), and ingest.
+
+    python -m bench.transactions [--duration 4] [--stores sqlite postgres] [--ingest 5000]
+
+Starts its own nats-server and one process per service (ledger, accounts, transactions),
+seeds 1,000 users and funds them through the ledger, then measures create at c64 and c512
+beside the raw echo, and ingest: N messages published to `ingest.transactions.transfers`,
+timed until the last one is committed (the sink's balance reaches N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import nats
+from sqlalchemy import insert
+
+import migrations
+from bench.echo import start_responder
+from bench.harness import Result, closed_loop, run_requester, table, warmup_s
+from bench.services import fresh_postgres, start_service
+from bus.embedded import EmbeddedNats, free_port
+from schemas.accounts import users
+from schemas.database import open_database, service_url
+
+USERS = 1_000
+SINK = USERS  # user ids are 1..USERS; ingest sends everything to the last one
+
+
+def body_for(counter: int) -> bytes:
+    source = counter % (USERS - 1) + 1
+    return msgspec.json.encode(
+        {
+            "idempotency_key": f"b{os.getpid()}-{time.monotonic_ns()}-{counter}",
+            "from_user_id": source,
+            "to_user_id": source % (USERS - 1) + 1,
+            "amount": 1,
+            "currency": "EUR",
+        }
+    )
+
+
+async def seed(database_url: str, url: str) -> None:
+    db = open_database(service_url("accounts", database_url))
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "email": f"u{n}@example.com",
+            "name": f"U{n}",
+            "password_hash": "scrypt$1$1$1$AA==$AA==",
+            "inserted_at": now,
+            "updated_at": now,
+        }
+        for n in range(USERS)
+    ]
+    async with db.writer.begin() as conn:
+        await conn.execute(insert(users), rows)
+    await db.dispose()
+    nc = await nats.connect(url)
+    deposits = [
+        {"id": f"fund-{n}", "from": "world", "to": f"user:{n}", "amount": 10**12, "currency": "EUR"}
+        for n in range(1, USERS + 1)
+    ]
+    reply = await nc.request("ledger.record_batch", msgspec.json.encode({"transfers": deposits}), timeout=60)
+    assert not reply.headers, reply.data
+    await nc.close()
+
+
+async def ingest(url: str, count: int) -> Result:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    start_balance = await sink_balance(nc)
+    started = time.perf_counter()
+    for n in range(count):
+        body = {
+            "idempotency_key": f"in-{time.monotonic_ns()}-{n}",
+            "from_user_id": n % (USERS - 1) + 1,
+            "to_user_id": SINK,
+            "amount": 1,
+            "currency": "EUR",
+        }
+        await js.publish_async("ingest.transactions.transfers", msgspec.json.encode(body))
+    await js.publish_async_completed()
+    published = time.perf_counter()
+    while await sink_balance(nc) < start_balance + count:
+        await asyncio.sleep(0.05)
+    seconds = time.perf_counter() - started
+    await nc.close()
+    print(f"ingest: {count} published in {published - started:.2f} s, all committed after {seconds:.2f} s")
+    return Result("ingest transfers", 0, count, seconds, 0.0, 0.0, 0)
+
+
+async def sink_balance(nc) -> int:
+    reply = await nc.request("ledger.balance", json.dumps({"account": f"user:{SINK}"}).encode(), timeout=5)
+    return json.loads(reply.data)["balances"].get("EUR", 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--ingest", type=int, default=5_000)
+    options = parser.parse_args()
+    rows: list[tuple[Result, Result]] = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
+        url = server.start()
+        raw = start_responder("raw", url)
+        try:
+            for store in options.stores:
+                database_url = (
+                    f"sqlite+aiosqlite:///{data_dir}/{store}.db" if store == "sqlite" else asyncio.run(fresh_postgres())
+                )
+                migrations.upgrade(database_url)
+                services = [start_service(name, url, database_url) for name in ("ledger", "accounts", "transactions")]
+                pids = [process.pid for process in services]
+                try:
+                    asyncio.run(seed(database_url, url))
+                    for concurrency in (64, 512):
+                        echo = run_requester(
+                            "bench.echo",
+                            [url, str(options.duration), "bench.raw"],
+                            "raw nats-py",
+                            concurrency,
+                            [raw.pid],
+                        )
+                        create = run_requester(
+                            "bench.transactions",
+                            [url, str(options.duration)],
+                            f"transfers.create {store}",
+                            concurrency,
+                            pids,
+                        )
+                        rows.append((echo, create))
+                    result = asyncio.run(ingest(url, options.ingest))
+                    rows.append((rows[-1][0], Result(f"ingest {store}", 0, result.requests, result.seconds, 0, 0, 0)))
+                finally:
+                    for process in services:
+                        process.terminate()
+                    for process in services:
+                        process.wait()
+        finally:
+            raw.terminate()
+            raw.wait()
+            server.stop()
+    print(f"{options.duration:g} s per measurement, cpus {os.cpu_count()}; responder CPU counts all three services")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["requester"]:
+        url, duration, concurrency = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+        result = asyncio.run(
+            closed_loop(url, "transactions.transfers.create", body_for, concurrency, warmup_s, duration)
+        )
+        print(json.dumps(result))
+    else:
+        main()
