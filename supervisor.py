@@ -21,6 +21,7 @@ import sys
 import time
 import tomllib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -53,11 +54,13 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     replicas: int = 1
     restart: Restart = "permanent"
-    shutdown_s: float | None = 10.0
-    """Seconds to drain after SIGTERM before SIGKILL; `None` (TOML: omit, set brutal_kill) kills at once."""
+    shutdown_s: float = 10.0
+    """Seconds to drain after SIGTERM before SIGKILL."""
     brutal_kill: bool = False
+    """SIGKILL at once instead of SIGTERM and `shutdown_s`."""
     argv: tuple[str, ...] = ()
-    """A command to run; empty means service `name` of this package, forked from the forkserver."""
+    """A command to run, e.g. a nested supervisor (`bitnexus supervise --config sub.toml`); empty
+    means service `name` of this package, forked from the forkserver."""
 
 
 class SupervisorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -114,7 +117,7 @@ class Supervisor:
             for replica in range(1, child_spec.replicas + 1):
                 self.children.append(Child(spec=child_spec, name=f"{child_spec.name}.{replica}"))
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, on_started: Callable[[], None] = lambda: None) -> None:
         """Start all, supervise until `stop`, then stop all in reverse order; `Escalation` past intensity."""
         from bus.codec import timestamp
 
@@ -122,6 +125,7 @@ class Supervisor:
         try:
             for child in self.children:
                 await self._start(child)
+            on_started()
             await self._supervise(stop)
         finally:
             await self._stop_all(self.children)
@@ -188,7 +192,10 @@ class Supervisor:
             child.process, read_fd = _launch_forked(child)
         child.state, child.started_at = "starting", timestamp()
         child.exited = asyncio.ensure_future(child.process.wait())
-        log.info("child started", extra={"context": "child_started", "child": child.name, "pid": child.process.pid})
+        log.info(
+            "child started",
+            extra={"context": "child_started", "offender": child.name, "offender_pid": child.process.pid},
+        )
         try:
             await asyncio.wait_for(_read_ready(read_fd, child.exited), start_timeout_s)
         finally:
@@ -207,14 +214,14 @@ class Supervisor:
             child.state = "stopped" if child.state != "exited" else child.state
             return
         child.state = "stopping"
-        if child.spec.brutal_kill or child.spec.shutdown_s is None:
+        if child.spec.brutal_kill:
             process.kill()
         else:
             process.terminate()
             try:
                 await asyncio.wait_for(asyncio.shield(child.exited), child.spec.shutdown_s)
             except TimeoutError:
-                log.warning("child did not stop in time; killing", extra={"child": child.name})
+                log.warning("child did not stop in time; killing", extra={"offender": child.name})
                 process.kill()
         await process.wait()
         child.state, child.exited = "stopped", None
@@ -469,6 +476,23 @@ def render_status(status: MeshStatus, now: float) -> str:
     return "\n".join(lines)
 
 
+async def supervise(config: MeshConfig) -> int:
+    """A nested supervisor: its own children and intensity, no NATS of its own. It says ready to its
+    parent once its children run, and exits 1 past its intensity, so the parent's strategy decides."""
+    from bus.runner import notify_ready, ready_fd_from_env
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    ready_fd = ready_fd_from_env()
+    try:
+        await Supervisor(config.supervisor).run(stop, on_started=lambda: notify_ready(ready_fd))
+    except Escalation as exc:
+        log.error("supervisor gave up: %s", exc)
+        return 1
+    return 0
+
+
 def serve(service_name: str, replica_name: str) -> None:
     from bus.runner import ready_fd_from_env, serve_until_stopped
 
@@ -492,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="start the whole mesh under the supervisor")
     up_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    supervise_parser = commands.add_parser("supervise", help="run a nested supervisor (a child of another)")
+    supervise_parser.add_argument("--config", type=Path, required=True)
     status_parser = commands.add_parser("status", help="print the process tree of a running mesh")
     status_parser.add_argument("--json", action="store_true")
     migrate_parser = commands.add_parser("migrate", help="apply the database migrations of every service")
@@ -505,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         logs.configure("supervisor")
         config = load_config(options.config) if options.config.exists() else MeshConfig()
         sys.exit(asyncio.run(up(config)))
+    if options.command == "supervise":
+        logs.configure(os.environ.get("BITNEXUS_CHILD", "supervisor"))
+        sys.exit(asyncio.run(supervise(load_config(options.config))))
     if options.command == "migrate":
         logs.configure("migrate")
         migrations.downgrade() if options.down else migrations.upgrade()

@@ -38,13 +38,13 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
+            **_fields(record),  # the fields below win over an `extra` of the same name
             "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "level": record.levelname.lower(),
             "child": self.name,
             "pid": os.getpid(),
             "logger": record.name,
             "message": record.getMessage(),
-            **_fields(record),
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)

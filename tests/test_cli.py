@@ -72,3 +72,31 @@ def test_status_without_a_mesh_says_so_without_a_traceback(tmp_path: Path, nats_
     result = subprocess.run(bitnexus("status"), env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == f"bitnexus: no mesh answers mesh.status at {nats_server.url}"
+
+
+def test_json_logs_are_one_object_per_line_tagged_with_child_and_pid(tmp_path: Path, nats_server: EmbeddedNats) -> None:
+    env = {**os.environ, "NATS_URL": nats_server.url, "BITNEXUS_DATA_DIR": str(tmp_path)}
+    env.pop("BITNEXUS_LOG_FORMAT", None)
+    config = tmp_path / "mesh.toml"
+    config.write_text('[supervisor]\n\n[[supervisor.children]]\nname = "accounts"\n')
+    up = subprocess.Popen(
+        bitnexus("--log-format", "json", "up", "--config", str(config)), env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_file(tmp_path / "nats.url")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = subprocess.run(bitnexus("status", "--json"), env=env, capture_output=True, text=True)
+            if status.returncode == 0 and '"running"' in status.stdout:
+                break
+            time.sleep(0.1)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, stderr = up.communicate(timeout=30)
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    assert records
+    assert all({"time", "level", "child", "pid", "logger", "message"} <= set(record) for record in records)
+    children = {record["child"] for record in records}
+    assert {"supervisor", "accounts.1"} <= children
+    started = next(record for record in records if record["message"] == "child started")
+    assert started["child"] == "supervisor" and started["context"] == "child_started"

@@ -206,3 +206,42 @@ async def test_sigterm_under_load_loses_no_acknowledged_request_and_leaves_nothi
                 "ledger.history", {"account": entry["to"], "after_seq": entry["seq"] - 1, "limit": 1}
             )
             assert history["items"] == [entry]
+
+
+async def test_nested_supervisor_restarts_its_own_children_and_escalates_to_its_parent(
+    start_mesh, tmp_path: Path
+) -> None:
+    sub = tmp_path / "sub.toml"
+    sub.write_text(config("one_for_one", [("products", 1)], restarts_max=1, period_s=30))
+    top = config("one_for_one", [("accounts", 1)]) + (
+        '\n[[supervisor.children]]\nname = "shop"\n'
+        f'argv = ["{sys.executable}", "-m", "supervisor", "supervise", "--config", "{sub}"]\n'
+    )
+    async with start_mesh(top) as mesh:
+        nested_pid = (await mesh.pids())["shop.1"]
+        first = await products_pid(mesh)
+        os.kill(first, signal.SIGKILL)  # the nested supervisor restarts it; the top one sees nothing
+        second = await wait_for_new_products_pid(mesh, first)
+        assert (await mesh.pids())["shop.1"] == nested_pid
+        os.kill(second, signal.SIGKILL)  # past the nested intensity: it gives up, exits 1, the top restarts it
+        status = await mesh.wait_for(lambda s: all_running(s) and s["children"][1]["restarts"] == 1)
+        assert status["children"][1]["pid"] != nested_pid
+        assert not pid_alive(nested_pid)
+        await wait_for_new_products_pid(mesh, second)
+
+
+async def products_pid(mesh: RunningMesh) -> int:
+    reply = await mesh.mesh.nc.request("$SRV.PING.products", b"", timeout=5)
+    return int(json.loads(reply.data)["metadata"]["pid"])
+
+
+async def wait_for_new_products_pid(mesh: RunningMesh, old: int) -> int:
+    for _ in range(400):
+        try:
+            pid = await products_pid(mesh)
+            if pid != old:
+                return pid
+        except Exception:  # none serving right now
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError("products never came back")
