@@ -8,7 +8,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import Column, String, Table
 
-from schemas.common import LIMIT_DEFAULT, BigId, Id, Limit, metadata
+from schemas.common import BigId, ById, Id, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
@@ -30,23 +30,14 @@ users = Table(
 accounts_outbox = outbox_table("accounts")
 
 
-class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
-
-
 class CreateUser(Request):
     email: Email
     name: Name
     password: Password
 
 
-class UserId(Request):
-    id: Id
-
-
-class ListUsers(Request):
-    limit: Limit = LIMIT_DEFAULT
-    after_id: Annotated[int, Meta(ge=0)] = 0
+UserId = ById
+ListUsers = PageRequest
 
 
 class UpdateUser(Request):

@@ -25,6 +25,19 @@ BigId = BigInteger().with_variant(Integer, "sqlite")
 """64-bit ids on Postgres; SQLite's INTEGER PRIMARY KEY is the 64-bit rowid."""
 
 
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every request: decoded once at the edge, strictly, unknown fields refused."""
+
+
+class ById(Request):
+    id: Id
+
+
+class PageRequest(Request):
+    limit: Limit = LIMIT_DEFAULT
+    after_id: Annotated[int, Meta(ge=0)] = 0
+
+
 class Deleted(msgspec.Struct, frozen=True):
     id: int
     deleted: bool = True

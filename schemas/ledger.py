@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
 
-from schemas.common import LIMIT_DEFAULT, Cents, Currency, Limit, metadata
+from schemas.common import LIMIT_DEFAULT, Cents, Currency, Limit, Request, metadata
 from schemas.database import UtcDateTime
 
 Account = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
@@ -51,10 +51,6 @@ ledger_cursors = Table(
     Column("seq", BigInteger, nullable=False),
 )
 """How far the chain has been published as events: the chain is its own outbox."""
-
-
-class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
 
 
 class Transfer(Request, rename={"from_": "from"}):

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 
-from schemas.common import LIMIT_DEFAULT, BigId, Cents, Currency, Id, Limit, NonNegative, metadata
+from schemas.common import BigId, ById, Cents, Currency, Id, NonNegative, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
@@ -48,10 +48,6 @@ product_reservations = Table(
 products_outbox = outbox_table("products")
 
 
-class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
-
-
 class CreateProduct(Request):
     sku: Sku
     name: Name
@@ -62,13 +58,8 @@ class CreateProduct(Request):
     description: Description = ""
 
 
-class ProductId(Request):
-    id: Id
-
-
-class ListProducts(Request):
-    limit: Limit = LIMIT_DEFAULT
-    after_id: Annotated[int, Meta(ge=0)] = 0
+ProductId = ById
+ListProducts = PageRequest
 
 
 class UpdateProduct(Request):

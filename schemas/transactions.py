@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
 
-from schemas.common import LIMIT_DEFAULT, BigId, Cents, Currency, Id, Limit, metadata
+from schemas.common import BigId, ById, Cents, Currency, Id, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 from schemas.ledger import Memo
@@ -47,10 +47,6 @@ transactions = Table(
 transactions_outbox = outbox_table("transactions")
 
 
-class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
-
-
 class CreateDeposit(Request):
     idempotency_key: IdempotencyKey
     user_id: Id
@@ -78,14 +74,11 @@ class CreatePurchase(Request):
     quantity: Cents
 
 
-class TransactionId(Request):
-    id: Id
+TransactionId = ById
 
 
-class ListTransactions(Request):
+class ListTransactions(PageRequest):
     user_id: Id | None = None
-    limit: Limit = LIMIT_DEFAULT
-    after_id: Annotated[int, Meta(ge=0)] = 0
 
 
 class Transaction(msgspec.Struct, frozen=True):
