@@ -43,7 +43,8 @@ def body_for(kind: str, counter: int) -> bytes:
     return json.dumps({"email": email, "name": "Bench", "password": "bench password"}).encode()
 
 
-async def seed(database_url: str) -> None:
+async def seed(database_url: str, count: int = SEEDED_USERS) -> None:
+    """`count` users straight into the accounts table (ids 1..count), with a hash nobody can match."""
     db = open_database(service_url("accounts", database_url))
     now = datetime.now(UTC)
     rows = [
@@ -54,7 +55,7 @@ async def seed(database_url: str) -> None:
             "inserted_at": now,
             "updated_at": now,
         }
-        for n in range(SEEDED_USERS)
+        for n in range(count)
     ]
     async with db.writer.begin() as conn:
         await conn.execute(insert(users), rows)

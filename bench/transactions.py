@@ -17,20 +17,17 @@ import os
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 import nats
-from sqlalchemy import insert
 
 import migrations
 from bench.echo import start_responder
 from bench.harness import Result, closed_loop, run_requester, table, warmup_s
 from bench.services import fresh_postgres, start_service
+from bench.services import seed as seed_users
 from bus.embedded import EmbeddedNats, free_port
-from schemas.accounts import users
-from schemas.database import open_database, service_url
 
 USERS = 1_000
 SINK = USERS  # user ids are 1..USERS; ingest sends everything to the last one
@@ -50,21 +47,7 @@ def body_for(counter: int) -> bytes:
 
 
 async def seed(database_url: str, url: str) -> None:
-    db = open_database(service_url("accounts", database_url))
-    now = datetime.now(UTC)
-    rows = [
-        {
-            "email": f"u{n}@example.com",
-            "name": f"U{n}",
-            "password_hash": "scrypt$1$1$1$AA==$AA==",
-            "inserted_at": now,
-            "updated_at": now,
-        }
-        for n in range(USERS)
-    ]
-    async with db.writer.begin() as conn:
-        await conn.execute(insert(users), rows)
-    await db.dispose()
+    await seed_users(database_url, USERS)
     nc = await nats.connect(url)
     deposits = [
         {"id": f"fund-{n}", "from": "world", "to": f"user:{n}", "amount": 10**12, "currency": "EUR"}

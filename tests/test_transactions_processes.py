@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Mesh
 from tests.ledger_checks import assert_ledger_invariants
 from tests.test_faults import wait_until_serving
-from tests.test_transactions import balance, user, wait_until
+from tests.test_transactions import balance, committed_keys, user, wait_until
 
 
 def start_transactions(nats_url: str, database_url: str, crash_point: str | None = None) -> subprocess.Popen:
@@ -102,7 +102,8 @@ async def test_ingest_published_while_transactions_is_down_is_processed_once_aft
     assert await balance(mesh, alice) == 0
     service = start_transactions(nats_url, database)
     try:
-        await wait_until(lambda: balance(mesh, alice), 100)
+        await wait_until_serving(mesh.nc, "transactions")
+        await wait_until(lambda: committed_keys(mesh, alice), sorted(f"down-{n}" for n in range(10)))
         await asyncio.sleep(1.0)
         assert await balance(mesh, alice) == 100
         info = await mesh.js.consumer_info("INGEST", "transactions")
