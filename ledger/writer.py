@@ -13,18 +13,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import insert, select, text
-from sqlalchemy.dialects.postgresql import insert as postgres_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import text
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
 from ledger.plan import BalanceKey, Head, plan
+from ledger.storage import LedgerSql
 from schemas.database import Database
-from schemas.ledger import Entry, Transfer, ledger_balances, ledger_entries, record_batch_transfers_max
+from schemas.ledger import Entry, Transfer, record_batch_transfers_max
 
 log = logging.getLogger("bitnexus.ledger")
 
@@ -62,6 +61,7 @@ class Writer:
         self.db = db
         self.on_commit = on_commit
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
+        self.sql = LedgerSql(db.is_sqlite)
         self._cached: dict[BalanceKey, int] = {}
         self._cached_head: Head | None = None
 
@@ -123,15 +123,16 @@ class Writer:
             async with self.db.writer.begin() as conn:
                 if not self.db.is_sqlite:
                     await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK_KEY})
-                head = await read_head(conn)
-                recorded = await read_entries_by_id(conn, list({t.id for t in transfers}))
-                balances = await self._balances_at(conn, head, keys)
+                driver = (await conn.get_raw_connection()).driver_connection
+                head = await self.sql.head(driver)
+                recorded = await self.sql.entries_by_id(driver, list({t.id for t in transfers}))
+                balances = await self._balances_at(driver, head, keys)
                 result = plan(
                     [p.transfers for p in batch], head, recorded, balances, timestamp(now), [p.batched for p in batch]
                 )
                 if result.new_entries:
-                    await conn.execute(insert(ledger_entries), [entry_row(entry, now) for entry in result.new_entries])
-                    await self._store_balances(conn, result.balances)
+                    await self.sql.insert_entries(driver, result.new_entries, now)
+                    await self.sql.store_balances(driver, result.balances.items())
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
@@ -139,7 +140,7 @@ class Writer:
         self._cached_head = result.head
         return result.outcomes, result.new_entries
 
-    async def _balances_at(self, conn: AsyncConnection, head: Head, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
+    async def _balances_at(self, driver: Any, head: Head, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
         """Balances as of `head`: from memory while this writer wrote the head, else from the database.
 
         The cache is only trusted when the stored head is the one this writer committed last,
@@ -149,53 +150,6 @@ class Writer:
             self._cached.clear()
         missing = keys - self._cached.keys()
         if missing:
-            stored = await read_balances(conn, missing)
+            stored = await self.sql.balances(driver, missing)
             self._cached.update({key: stored.get(key, 0) for key in missing})
         return {key: self._cached[key] for key in keys}
-
-    async def _store_balances(self, conn: AsyncConnection, balances: dict[BalanceKey, int]) -> None:
-        insert_ = sqlite_insert if self.db.is_sqlite else postgres_insert
-        statement = insert_(ledger_balances)
-        statement = statement.on_conflict_do_update(
-            index_elements=[ledger_balances.c.account, ledger_balances.c.currency],
-            set_={"balance": statement.excluded.balance},
-        )
-        rows = [
-            {"account": account, "currency": currency, "balance": value}
-            for (account, currency), value in balances.items()
-        ]
-        await conn.execute(statement, rows)
-
-
-def entry_row(entry: Entry, recorded_at: datetime) -> dict[str, object]:
-    assert timestamp(recorded_at) == entry.recorded_at
-    return {
-        "seq": entry.seq,
-        "id": entry.id,
-        "from_account": entry.from_,
-        "to_account": entry.to,
-        "amount": entry.amount,
-        "currency": entry.currency,
-        "memo": entry.memo,
-        "recorded_at": recorded_at,
-        "prev_hash": entry.prev_hash,
-        "hash": entry.hash,
-    }
-
-
-async def read_head(conn: AsyncConnection) -> Head:
-    query = select(ledger_entries.c.seq, ledger_entries.c.hash).order_by(ledger_entries.c.seq.desc()).limit(1)
-    row = (await conn.execute(query)).one_or_none()
-    return Head(row.seq, row.hash) if row else Head()
-
-
-async def read_entries_by_id(conn: AsyncConnection, ids: list[str]) -> dict[str, Entry]:
-    rows = (await conn.execute(select(ledger_entries).where(ledger_entries.c.id.in_(ids)))).all()
-    return {row.id: entry_from(row) for row in rows}
-
-
-async def read_balances(conn: AsyncConnection, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
-    accounts = list({account for account, _ in keys})
-    query = select(ledger_balances).where(ledger_balances.c.account.in_(accounts))
-    rows = (await conn.execute(query)).all()
-    return {(row.account, row.currency): row.balance for row in rows if (row.account, row.currency) in keys}

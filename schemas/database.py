@@ -41,6 +41,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def sqlite_timestamp(stored: str) -> str:
+    """The contract's timestamp from SQLAlchemy's SQLite storage of a UTC `UtcDateTime`
+    (`2026-01-01 12:00:00.000000`, always six digits): for reads that bypass SQLAlchemy."""
+    assert len(stored) == 26 and stored[10] == " ", stored
+    return f"{stored[:10]}T{stored[11:]}Z"
+
+
 def default_url() -> str:
     data_dir = Path(os.environ.get("BITNEXUS_DATA_DIR", ".bitnexus")).resolve()
     return f"sqlite+aiosqlite:///{data_dir / 'mesh.db'}"
