@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+import nats.js.errors
 
 import migrations
 from bench.echo import BODY, start_responder
@@ -59,6 +60,15 @@ async def fund(url: str) -> None:
     await nc.close()
 
 
+async def purge_events(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().purge_stream("EVENTS")
+    except nats.js.errors.NotFoundError:
+        pass  # the first run creates it
+    await nc.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=4.0)
@@ -71,6 +81,7 @@ def main() -> None:
         raw = start_responder("raw", url)
         try:
             for store in options.stores:
+                asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
                 database_url = (
                     f"sqlite+aiosqlite:///{data_dir}/mesh.db" if store == "sqlite" else asyncio.run(fresh_postgres())
                 )

@@ -89,7 +89,14 @@ def open_database(url: URL) -> Database:
         pool_size=postgres_pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout_s,
-        connect_args={"command_timeout": postgres_command_timeout_s},
+        connect_args={
+            "command_timeout": postgres_command_timeout_s,
+            # Grouped reads pass a whole list as one array (`= ANY($1)`); after five runs of a
+            # prepared statement Postgres may switch to a generic plan that cannot see the array's
+            # size and scans the table. Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s
+            # once the chain had ~20k entries. Planning each execution keeps index lookups.
+            "server_settings": {"plan_cache_mode": "force_custom_plan"},
+        },
     )
     # a read is one statement: no BEGIN/COMMIT round trips around it
     return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
