@@ -23,7 +23,7 @@ key_bytes = 32
 hash_threads_max = 2
 """hashlib.scrypt releases the GIL; more threads than cores would only queue in the kernel."""
 
-hash_thread_nice = 10
+hash_thread_nice = 19
 """Hashing threads run at a lower priority than the event loop thread: on a busy machine the
 kernel gives the loop the CPU first, so reads keep their latency while hashes queue."""
 
