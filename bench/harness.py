@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -137,7 +136,3 @@ def table(rows: list[tuple[Result, Result]]) -> str:
             f"{raw.rate:,.0f} | {measured.rate / raw.rate:.2f} |"
         )
     return "\n".join(lines)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 
@@ -52,7 +52,3 @@ def timestamp(moment: datetime | None = None) -> str:
     """RFC 3339 UTC with microseconds and `Z`, always six digits (msgspec drops `.000000`)."""
     moment = (moment or datetime.now(UTC)).astimezone(UTC)
     return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)
