@@ -22,7 +22,7 @@ from typing import Annotated
 import msgspec
 import nats
 
-from bench.harness import closed_loop, median_result, run_requester, table, warmup_s
+from bench.harness import closed_loop, median_result, raw_echo, run_requester, table, warmup_s
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.service import Service
@@ -106,14 +106,11 @@ def main() -> None:
             for concurrency in options.concurrency:
                 raws, frameworks = [], []
                 for _ in range(options.rounds):
-                    args = [url, str(options.duration)]
-                    raws.append(
-                        run_requester("bench.echo", [*args, "bench.raw"], "raw nats-py", concurrency, [raw.pid])
-                    )
+                    raws.append(raw_echo(url, options.duration, concurrency, raw.pid))
                     frameworks.append(
                         run_requester(
                             "bench.echo",
-                            [*args, "bench.framework"],
+                            [url, str(options.duration), "bench.framework"],
                             "bus framework",
                             concurrency,
                             [framework.pid],

@@ -118,6 +118,11 @@ def run_requester(module: str, args: list[str], label: str, concurrency: int, re
     return dataclasses.replace(result, responder_cpu_us=1e6 * cpu_used / max(total_requests, 1))
 
 
+def raw_echo(url: str, duration_s: float, concurrency: int, responder_pid: int) -> Result:
+    """The baseline every benchmark reports beside its own figures: bench.echo's raw nats-py responder."""
+    return run_requester("bench.echo", [url, str(duration_s), "bench.raw"], "raw nats-py", concurrency, [responder_pid])
+
+
 def median_result(results: list[Result]) -> Result:
     ordered = sorted(results, key=lambda result: result.rate)
     return ordered[len(ordered) // 2]

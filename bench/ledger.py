@@ -24,8 +24,8 @@ import nats.js.errors
 
 import migrations
 from bench.echo import BODY, start_responder
-from bench.harness import Result, closed_loop, run_requester, table, warmup_s
-from bench.services import fresh_postgres, start_service
+from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
+from bench.services import database_for, services_running
 from bus.embedded import EmbeddedNats, free_port
 
 ACCOUNTS = 1_000
@@ -82,21 +82,12 @@ def main() -> None:
         try:
             for store in options.stores:
                 asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
-                database_url = (
-                    f"sqlite+aiosqlite:///{data_dir}/mesh.db" if store == "sqlite" else asyncio.run(fresh_postgres())
-                )
+                database_url = database_for(store, data_dir)
                 migrations.upgrade(database_url)
-                ledger = start_service("ledger", url, database_url)
-                try:
+                with services_running(["ledger"], url, database_url) as (ledger,):
                     asyncio.run(fund(url))
                     for concurrency in (1, 64, 512):
-                        echo = run_requester(
-                            "bench.echo",
-                            [url, str(options.duration), "bench.raw"],
-                            "raw nats-py",
-                            concurrency,
-                            [raw.pid],
-                        )
+                        echo = raw_echo(url, options.duration, concurrency, raw.pid)
                         record = run_requester(
                             "bench.ledger",
                             [url, str(options.duration), "record"],
@@ -113,9 +104,6 @@ def main() -> None:
                         [ledger.pid],
                     )
                     rows.append((rows[-2][0], batch))
-                finally:
-                    ledger.terminate()
-                    ledger.wait()
         finally:
             raw.terminate()
             raw.wait()

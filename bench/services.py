@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from sqlalchemy import insert
 
 import migrations
 from bench.echo import BODY, start_responder
-from bench.harness import Result, closed_loop, median_result, run_requester, table, warmup_s
+from bench.harness import Result, closed_loop, median_result, raw_echo, run_requester, table, warmup_s
 from bus.embedded import EmbeddedNats, free_port
 from schemas.accounts import users
 from schemas.database import open_database, service_url
@@ -70,6 +72,28 @@ async def fresh_postgres() -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
 
 
+def database_for(store: str, data_dir: str) -> str:
+    """A fresh database of the store: a SQLite file in the run's directory, or a new Postgres database."""
+    if store == "sqlite":
+        return f"sqlite+aiosqlite:///{data_dir}/{store}.db"
+    return asyncio.run(fresh_postgres())
+
+
+@contextlib.contextmanager
+def services_running(names: list[str], nats_url: str, database_url: str) -> Iterator[list[subprocess.Popen]]:
+    """One process per service, started in order and serving; terminated and reaped on leaving."""
+    processes: list[subprocess.Popen] = []
+    try:
+        for name in names:
+            processes.append(start_service(name, nats_url, database_url))
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+
+
 def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Popen:
     """`bitnexus serve <name>` in its own process; returns once it answers `$SRV.PING.<name>`."""
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "BITNEXUS_LOG_LEVEL": "WARNING"}
@@ -92,12 +116,7 @@ def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Pop
 def measure(store: str, url: str, duration: float, raw_pid: int, accounts_pid: int) -> list[tuple[Result, Result]]:
     rows = []
     for concurrency in (64, 512):
-        raw = median_result(
-            [
-                run_requester("bench.echo", [url, str(duration), "bench.raw"], "raw nats-py", concurrency, [raw_pid])
-                for _ in range(2)
-            ]
-        )
+        raw = median_result([raw_echo(url, duration, concurrency, raw_pid) for _ in range(2)])
         get = run_requester(
             "bench.services", [url, str(duration), "get"], f"users.get {store}", concurrency, [accounts_pid]
         )
@@ -132,17 +151,11 @@ def main() -> None:
         rows = []
         try:
             for store in options.stores:
-                database_url = (
-                    f"sqlite+aiosqlite:///{data_dir}/mesh.db" if store == "sqlite" else asyncio.run(fresh_postgres())
-                )
+                database_url = database_for(store, data_dir)
                 migrations.upgrade(database_url)
                 asyncio.run(seed(database_url))
-                accounts = start_service("accounts", url, database_url)
-                try:
+                with services_running(["accounts"], url, database_url) as (accounts,):
                     rows += measure(store, url, options.duration, raw.pid, accounts.pid)
-                finally:
-                    accounts.terminate()
-                    accounts.wait()
         finally:
             raw.terminate()
             raw.wait()

@@ -24,8 +24,8 @@ import nats
 
 import migrations
 from bench.echo import start_responder
-from bench.harness import Result, closed_loop, run_requester, table, warmup_s
-from bench.services import fresh_postgres, start_service
+from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
+from bench.services import database_for, services_running
 from bench.services import seed as seed_users
 from bus.embedded import EmbeddedNats, free_port
 
@@ -100,22 +100,14 @@ def main() -> None:
         raw = start_responder("raw", url)
         try:
             for store in options.stores:
-                database_url = (
-                    f"sqlite+aiosqlite:///{data_dir}/{store}.db" if store == "sqlite" else asyncio.run(fresh_postgres())
-                )
+                database_url = database_for(store, data_dir)
                 migrations.upgrade(database_url)
-                services = [start_service(name, url, database_url) for name in ("ledger", "accounts", "transactions")]
-                pids = [process.pid for process in services]
-                try:
+                names = ["ledger", "accounts", "transactions"]
+                with services_running(names, url, database_url) as services:
+                    pids = [process.pid for process in services]
                     asyncio.run(seed(database_url, url))
                     for concurrency in (64, 512):
-                        echo = run_requester(
-                            "bench.echo",
-                            [url, str(options.duration), "bench.raw"],
-                            "raw nats-py",
-                            concurrency,
-                            [raw.pid],
-                        )
+                        echo = raw_echo(url, options.duration, concurrency, raw.pid)
                         create = run_requester(
                             "bench.transactions",
                             [url, str(options.duration)],
@@ -126,11 +118,6 @@ def main() -> None:
                         rows.append((echo, create))
                     result = asyncio.run(ingest(url, options.ingest))
                     rows.append((rows[-1][0], Result(f"ingest {store}", 0, result.requests, result.seconds, 0, 0, 0)))
-                finally:
-                    for process in services:
-                        process.terminate()
-                    for process in services:
-                        process.wait()
         finally:
             raw.terminate()
             raw.wait()
