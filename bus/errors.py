@@ -48,13 +48,19 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     """409; `type` names what collided: `email_taken`, `sku_taken`, `idempotency_conflict`."""
 
-    code, type = 409, "conflict"
+    code = 409
+
+    def __init__(self, message: str, *, type: str, details: list[str] | None = None) -> None:
+        super().__init__(message, type=type, details=details)
 
 
 class Unprocessable(ServiceError):
     """422; `type` names the business rule: `insufficient_funds`, `out_of_stock`, ..."""
 
-    code, type = 422, "unprocessable"
+    code = 422
+
+    def __init__(self, message: str, *, type: str, details: list[str] | None = None) -> None:
+        super().__init__(message, type=type, details=details)
 
 
 class Unavailable(ServiceError):
