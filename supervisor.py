@@ -14,6 +14,7 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
@@ -129,6 +130,7 @@ class Supervisor:
             await self._supervise(stop)
         finally:
             await self._stop_all(self.children)
+            await asyncio.to_thread(stop_forkserver)
 
     async def _supervise(self, stop: asyncio.Event) -> None:
         stopping = asyncio.ensure_future(stop.wait())
@@ -288,6 +290,20 @@ FORKSERVER_PRELOAD = [
     "handlers.transactions",
     "ledger.service",
 ]
+
+
+def stop_forkserver() -> None:
+    """Stop and reap the forkserver once every replica is stopped, so nothing outlives the supervisor.
+
+    multiprocessing has no public way: `_stop()` (kept for its own tests) closes the alive pipe
+    and waits; the SIGTERM first makes sure that wait ends.
+    """
+    server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    if server._forkserver_pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server._forkserver_pid, signal.SIGTERM)
+    server._stop()
 
 
 def _launch_forked(child: Child) -> tuple[ForkedProcess, int]:
