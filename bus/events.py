@@ -69,12 +69,16 @@ async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) ->
             raise
 
 
+def new_envelope(source: str, type: str, data: Any, moment: datetime) -> Envelope:
+    return Envelope(id=str(uuid.uuid4()), type=type, source=source, occurred_at=timestamp(moment), data=data)
+
+
 async def write_event(
     conn: AsyncConnection, outbox: Table, source: str, type: str, data: Any, moment: datetime | None = None
 ) -> Envelope:
     """Add the event to the outbox inside the caller's transaction; published after commit."""
     moment = moment or datetime.now(UTC)
-    envelope = Envelope(id=str(uuid.uuid4()), type=type, source=source, occurred_at=timestamp(moment), data=data)
+    envelope = new_envelope(source, type, data, moment)
     await conn.execute(
         insert(outbox).values(
             event_id=envelope.id, subject=f"events.{type}", payload=encode(envelope), created_at=moment

@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bus.codec import decode
 from bus.errors import BadRequest, ServiceError, Unavailable
 from bus.events import ensure_stream, write_event
-from handlers import transactions as saga
-from handlers.runtime import Repo
+from handlers import transactions
+from handlers.transaction_store import SOURCE
+from handlers.transactions import Saga
 from schemas.transactions import (
     CreateDeposit,
     CreatePurchase,
@@ -44,16 +45,16 @@ ack_wait_s = 30.0
 deliveries_max = 50
 redelivery_delay_s_max = 30.0
 
-Create = Callable[[msgspec.Struct, Repo], Awaitable[object]]
+Create = Callable[[msgspec.Struct, Saga], Awaitable[object]]
 ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
-    "deposits": (CreateDeposit, saga.create_deposit),
-    "withdrawals": (CreateWithdrawal, saga.create_withdrawal),
-    "transfers": (CreateTransfer, saga.create_transfer),
-    "purchases": (CreatePurchase, saga.create_purchase),
+    "deposits": (CreateDeposit, transactions.create_deposit),
+    "withdrawals": (CreateWithdrawal, transactions.create_withdrawal),
+    "transfers": (CreateTransfer, transactions.create_transfer),
+    "purchases": (CreatePurchase, transactions.create_purchase),
 }
 
 
-async def consume_forever(js: JetStreamContext, repo: Repo) -> None:
+async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
     """`workers_max` workers, each fetching at most `fetch_messages_max`: never more in flight than that."""
     await ensure_stream(js, INGEST_STREAM, ["ingest.>"])
     config = ConsumerConfig(
@@ -70,23 +71,23 @@ async def consume_forever(js: JetStreamContext, repo: Repo) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(workers_max):
-                group.create_task(_work(subscription, repo))
+                group.create_task(_work(subscription, saga))
     finally:
         # unacknowledged messages go back to the consumer; a drained connection must not wait for them
         await subscription.unsubscribe()
 
 
-async def _work(subscription: JetStreamContext.PullSubscription, repo: Repo) -> None:
+async def _work(subscription: JetStreamContext.PullSubscription, saga: Saga) -> None:
     while True:
         try:
             messages = await subscription.fetch(fetch_messages_max, timeout=fetch_wait_s)
         except TimeoutError:  # nothing to fetch within fetch_wait_s (nats-py raises both kinds)
             continue
         for msg in messages:
-            await handle(msg, repo)
+            await handle(msg, saga)
 
 
-async def handle(msg: Msg, repo: Repo) -> None:
+async def handle(msg: Msg, saga: Saga) -> None:
     kind = msg.subject.rsplit(".", 1)[-1]
     route = ROUTES.get(kind)
     try:
@@ -95,18 +96,18 @@ async def handle(msg: Msg, repo: Repo) -> None:
         request_type, create = route
         request = decode(request_type, msg.data)
     except BadRequest as error:
-        await reject(repo, key_of(msg.data), error)
+        await reject(saga, key_of(msg.data), error)
         await msg.term()
         return
     try:
-        await create(request, repo)
+        await create(request, saga)
     except Unavailable:
         delay_s = min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
         await msg.nak(delay=delay_s)
         return
     except ServiceError as error:
         if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not
-            await reject(repo, request.idempotency_key, error)  # type: ignore[attr-defined]
+            await reject(saga, request.idempotency_key, error)  # type: ignore[attr-defined]
         await msg.term()
         return
     await msg.ack_sync()
@@ -122,14 +123,14 @@ def key_of(data: bytes) -> str | None:
     return key if isinstance(key, str) and len(key) <= 128 else None
 
 
-async def reject(repo: Repo, key: str | None, error: ServiceError) -> None:
+async def reject(saga: Saga, key: str | None, error: ServiceError) -> None:
     """A `rejected` event for a message that recorded nothing, committed before the message is acked."""
 
     async def write_rejection(conn: AsyncConnection) -> None:
         rejection = Rejection(idempotency_key=key, error=error.body())
         await write_event(
-            conn, transactions_outbox, saga.SOURCE, "transactions.transaction.rejected", rejection, datetime.now(UTC)
+            conn, transactions_outbox, SOURCE, "transactions.transaction.rejected", rejection, datetime.now(UTC)
         )
 
-    await repo.commits.run(write_rejection)
-    repo.relay.wake()
+    await saga.repo.commits.run(write_rejection)
+    saga.repo.relay.wake()

@@ -22,17 +22,22 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 from nats.aio.client import Client
 from sqlalchemy import delete, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as postgres_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.client import call
-from bus.codec import encode, timestamp
+from bus.codec import encode
 from bus.errors import Conflict, ErrorBody, NotFound, RemoteError, Unavailable, Unprocessable
-from bus.events import write_event
 from bus.service import Service
+from handlers.batching import BatchLoader
 from handlers.runtime import Repo, serving_with_outbox
+from handlers.transaction_store import (
+    Close,
+    NewTransaction,
+    Stored,
+    TransactionSql,
+    stored_from,
+    transaction_from,
+)
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX
 from schemas.ledger import Entry
@@ -53,7 +58,6 @@ from schemas.transactions import (
 
 log = logging.getLogger("bitnexus.transactions")
 
-SOURCE = "transactions"
 dependency_timeout_s = 2.0
 ledger_timeout_s = 5.0
 recovery_interval_s = 1.0
@@ -69,141 +73,130 @@ def crash_point(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class Intent:
-    """What a create request asks for, as stored in its pending row."""
+class Saga:
+    """What the endpoints share: the service's store, its statements, and reads by key grouped."""
 
-    kind: str
-    from_account: str
-    to_account: str | None
-    amount: int | None
-    currency: str | None
-    product_id: int | None = None
-    quantity: int | None = None
-    memo: str = ""
+    repo: Repo
+    sql: TransactionSql
+    by_key: BatchLoader[str, Stored]
 
 
 def wallet(user_id: int) -> str:
     return f"user:{user_id}"
 
 
-async def create_deposit(request: CreateDeposit, repo: Repo) -> Transaction:
-    intent = Intent("deposit", "world", wallet(request.user_id), request.amount, request.currency)
-    return await create(repo, request, intent, [request.user_id])
-
-
-async def create_withdrawal(request: CreateWithdrawal, repo: Repo) -> Transaction:
-    intent = Intent("withdrawal", wallet(request.user_id), "world", request.amount, request.currency)
-    return await create(repo, request, intent, [request.user_id])
-
-
-async def create_transfer(request: CreateTransfer, repo: Repo) -> Transaction:
-    intent = Intent(
-        "transfer",
-        wallet(request.from_user_id),
-        wallet(request.to_user_id),
-        request.amount,
+async def create_deposit(request: CreateDeposit, saga: Saga) -> Transaction:
+    new = NewTransaction(
+        request.idempotency_key, fingerprint(request), "deposit", "world", wallet(request.user_id), request.amount,
         request.currency,
-        memo=request.memo,
-    )
-    return await create(repo, request, intent, [request.from_user_id, request.to_user_id])
+    )  # fmt: skip
+    return await create(saga, new, [request.user_id])
 
 
-async def create_purchase(request: CreatePurchase, repo: Repo) -> Transaction:
-    intent = Intent("purchase", wallet(request.buyer_id), None, None, None, request.product_id, request.quantity)
-    return await create(repo, request, intent, [request.buyer_id])
+async def create_withdrawal(request: CreateWithdrawal, saga: Saga) -> Transaction:
+    new = NewTransaction(
+        request.idempotency_key, fingerprint(request), "withdrawal", wallet(request.user_id), "world", request.amount,
+        request.currency,
+    )  # fmt: skip
+    return await create(saga, new, [request.user_id])
+
+
+async def create_transfer(request: CreateTransfer, saga: Saga) -> Transaction:
+    new = NewTransaction(
+        request.idempotency_key, fingerprint(request), "transfer", wallet(request.from_user_id),
+        wallet(request.to_user_id), request.amount, request.currency, memo=request.memo,
+    )  # fmt: skip
+    return await create(saga, new, [request.from_user_id, request.to_user_id])
+
+
+async def create_purchase(request: CreatePurchase, saga: Saga) -> Transaction:
+    new = NewTransaction(
+        request.idempotency_key, fingerprint(request), "purchase", wallet(request.buyer_id), None, None, None,
+        request.product_id, request.quantity,
+    )  # fmt: skip
+    return await create(saga, new, [request.buyer_id])
 
 
 def fingerprint(request: msgspec.Struct) -> str:
     return hashlib.sha256(type(request).__name__.encode() + encode(request)).hexdigest()
 
 
-async def create(repo: Repo, request: msgspec.Struct, intent: Intent, user_ids: list[int]) -> Transaction:
-    key, print_ = request.idempotency_key, fingerprint(request)  # type: ignore[attr-defined]
-    existing = await insert_pending(repo, key, print_, intent, user_ids)
-    if existing.fingerprint != print_:
-        raise Conflict(f"idempotency key {key} was used with another request", type="idempotency_conflict")
-    return await drive(repo, existing)
+async def create(saga: Saga, new: NewTransaction, user_ids: list[int]) -> Transaction:
+    row = await insert_pending(saga, new, user_ids)
+    if row.fingerprint != new.fingerprint:
+        raise Conflict(
+            f"idempotency key {new.idempotency_key} was used with another request", type="idempotency_conflict"
+        )
+    return await drive(saga, row)
 
 
-async def check_user(repo: Repo, user_id: int) -> None:
-    try:
-        await call(repo.nc, "accounts.users.get", UserId(user_id), User, timeout_s=dependency_timeout_s)
-    except RemoteError as error:
-        if error.code == 404:
-            raise NotFound(f"user {user_id} not found") from None
-        raise
+async def check_users(repo: Repo, user_ids: list[int]) -> None:
+    async def check(user_id: int) -> None:
+        try:
+            await call(repo.nc, "accounts.users.get", UserId(user_id), User, timeout_s=dependency_timeout_s)
+        except RemoteError as error:
+            if error.code == 404:
+                raise NotFound(f"user {user_id} not found") from None
+            raise
+
+    await asyncio.gather(*(check(user_id) for user_id in dict.fromkeys(user_ids)))
 
 
-async def find_by_key(repo: Repo, key: str) -> Row | None:
-    async with repo.db.reader.connect() as conn:
-        return (await conn.execute(select(transactions).where(transactions.c.idempotency_key == key))).one_or_none()
-
-
-async def insert_pending(repo: Repo, key: str, print_: str, intent: Intent, user_ids: list[int]) -> Row:
-    """The pending row, or the row this key already has; users are checked before a new one."""
-    existing = await find_by_key(repo, key)
+async def insert_pending(saga: Saga, new: NewTransaction, user_ids: list[int]) -> Stored:
+    """The pending row, or the row this key already has (then the users' check does not count:
+    a retry returns its transaction even if a user is gone since). Both are asked at once."""
+    existing, checked = await asyncio.gather(
+        saga.by_key.load(new.idempotency_key), check_users(saga.repo, user_ids), return_exceptions=True
+    )
+    if isinstance(existing, BaseException):
+        raise existing
     if existing is not None:
         return existing
-    await asyncio.gather(*(check_user(repo, user_id) for user_id in dict.fromkeys(user_ids)))
-    now = datetime.now(UTC)
-    values = {
-        **intent.__dict__,
-        "idempotency_key": key,
-        "fingerprint": print_,
-        "status": "pending",
-        "inserted_at": now,
-        "updated_at": now,
-    }
-    insert_ = sqlite_insert if repo.db.is_sqlite else postgres_insert
-    statement = insert_(transactions).values(**values).on_conflict_do_nothing(index_elements=["idempotency_key"])
-
-    async def insert_row(conn: AsyncConnection) -> Row | None:
-        return (await conn.execute(statement.returning(transactions))).one_or_none()
-
-    row = await repo.commits.run(insert_row)
+    if isinstance(checked, BaseException):
+        raise checked
+    row = await saga.repo.commits.apply(saga.sql.insert_pending, new)
     crash_point("after_pending")
-    if row is None:  # a concurrent request with this key inserted first: theirs
-        row = await find_by_key(repo, key)
-        assert row is not None
     return row
 
 
-async def drive(repo: Repo, row: Row) -> Transaction:
+async def drive(saga: Saga, row: Stored) -> Transaction:
     """Take a transaction from wherever it stands to its end; raises its refusal if it was refused."""
     if row.status == "pending" and row.refusal is not None:
-        await release_stock(repo, row)
-        row = await finish(repo, row, "rejected")
+        await release_stock(saga, row)
+        row = await finish(saga, Close(row.id, "rejected"))
     if row.status == "pending" and row.kind == "purchase" and row.amount is None:
-        row = await reserve_stock(repo, row)
+        row = await reserve_stock(saga, row)
     if row.status == "pending":
-        row = await record_in_ledger(repo, row)
+        row = await record_in_ledger(saga, row)
     if row.status == "rejected":
+        assert row.refusal is not None
         raise RemoteError(msgspec.json.decode(row.refusal, type=ErrorBody))
     return transaction_from(row)
 
 
-async def reserve_stock(repo: Repo, row: Row) -> Row:
+async def reserve_stock(saga: Saga, row: Stored) -> Stored:
     """Purchases: take the stock, and learn the price, currency and seller as of the reservation."""
     change = StockChange(reservation_id=f"tx:{row.idempotency_key}", product_id=row.product_id, quantity=row.quantity)
     try:
         reservation = await call(
-            repo.nc, "products.internal.stock.reserve", change, Reservation, timeout_s=dependency_timeout_s
+            saga.repo.nc, "products.internal.stock.reserve", change, Reservation, timeout_s=dependency_timeout_s
         )
     except RemoteError as error:
         if error.code == 404:
-            await forget(repo, row)  # nothing was reserved: the key stays free, like a 400
+            await forget(saga, row)  # nothing was reserved: the key stays free, like a 400
             raise NotFound(f"product {row.product_id} not found") from None
         if error.code == 422:
-            return await refuse(repo, row, error.body())
+            return await refuse(saga, row, error.body())
         raise
     crash_point("after_reserve")
     assert reservation.status in ("reserved", "released")
     if reservation.status == "released":  # released before: only ever after a stored refusal
-        return await refuse(repo, row, Unprocessable("the reservation was released", type="out_of_stock").body())
+        return await refuse(saga, row, Unprocessable("the reservation was released", type="out_of_stock").body())
     product = reservation.product
+    assert row.quantity is not None
     if product.price * row.quantity > INT64_MAX:
         return await refuse(
-            repo, row, Unprocessable("price x quantity leaves the signed 64-bit range", type="amount_overflow").body()
+            saga, row, Unprocessable("price x quantity leaves the signed 64-bit range", type="amount_overflow").body()
         )
     values = {
         "to_account": wallet(product.seller_id),
@@ -213,17 +206,18 @@ async def reserve_stock(repo: Repo, row: Row) -> Row:
     if values["amount"] == 0:
         values["amount"] = None  # a free product: there is no money to move
 
-    async def price_row(conn: AsyncConnection) -> Row:
+    async def price_row(conn: AsyncConnection) -> Stored:
         await conn.execute(update(transactions).where(transactions.c.id == row.id).values(**values))
-        return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+        return stored_from((await conn.execute(select(transactions).where(transactions.c.id == row.id))).one())
 
-    row = await repo.commits.run(price_row)
+    row = await saga.repo.commits.run(price_row)
     if row.amount is None:
-        return await finish(repo, row, "committed")
+        return await finish(saga, Close(row.id, "committed"))
     return row
 
 
-async def record_in_ledger(repo: Repo, row: Row) -> Row:
+async def record_in_ledger(saga: Saga, row: Stored) -> Stored:
+    assert row.to_account is not None and row.amount is not None and row.currency is not None
     transfer = LedgerTransfer(
         id=f"tx:{row.idempotency_key}",
         from_=row.from_account,
@@ -233,149 +227,125 @@ async def record_in_ledger(repo: Repo, row: Row) -> Row:
         memo=row.memo,
     )
     try:
-        entry = await call(repo.nc, "ledger.record", transfer, Entry, timeout_s=ledger_timeout_s)
+        entry = await call(saga.repo.nc, "ledger.record", transfer, Entry, timeout_s=ledger_timeout_s)
     except RemoteError as error:
         if error.code != 422:
             raise
-        return await refuse(repo, row, error.body())
+        return await refuse(saga, row, error.body())
     crash_point("after_ledger")
-    return await finish(repo, row, "committed", entry)
+    return await finish(saga, Close(row.id, "committed", entry.seq, entry.hash))
 
 
-async def refuse(repo: Repo, row: Row, error: ErrorBody) -> Row:
+async def refuse(saga: Saga, row: Stored, error: ErrorBody) -> Stored:
     """Store the refusal first, then give back any stock, then close the transaction."""
 
-    async def store_refusal(conn: AsyncConnection) -> Row:
+    async def store_refusal(conn: AsyncConnection) -> Stored:
         await conn.execute(
             update(transactions)
             .where(transactions.c.id == row.id, transactions.c.status == "pending")
             .values(refusal=encode(error).decode(), updated_at=datetime.now(UTC))
         )
-        return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
+        return stored_from((await conn.execute(select(transactions).where(transactions.c.id == row.id))).one())
 
-    row = await repo.commits.run(store_refusal)
+    row = await saga.repo.commits.run(store_refusal)
     crash_point("after_refusal")
     if row.status != "pending":
         return row
-    await release_stock(repo, row)
-    return await finish(repo, row, "rejected")
+    await release_stock(saga, row)
+    return await finish(saga, Close(row.id, "rejected"))
 
 
-async def release_stock(repo: Repo, row: Row) -> None:
+async def release_stock(saga: Saga, row: Stored) -> None:
     if row.kind != "purchase":
         return
     change = StockChange(reservation_id=f"tx:{row.idempotency_key}", product_id=row.product_id, quantity=row.quantity)
     try:
-        await call(repo.nc, "products.internal.stock.release", change, Reservation, timeout_s=dependency_timeout_s)
+        await call(saga.repo.nc, "products.internal.stock.release", change, Reservation, timeout_s=dependency_timeout_s)
     except RemoteError as error:
         if error.code != 404:  # the product is gone: there is no stock to give back
             raise
     crash_point("after_release")
 
 
-async def finish(repo: Repo, row: Row, status: str, entry: Entry | None = None) -> Row:
+async def finish(saga: Saga, close: Close) -> Stored:
     """Close a pending transaction and write its event, once, whoever gets here first."""
-    values: dict[str, object] = {"status": status, "updated_at": datetime.now(UTC)}
-    if entry is not None:
-        values |= {"ledger_seq": entry.seq, "ledger_hash": entry.hash}
-
-    async def close(conn: AsyncConnection) -> Row:
-        statement = update(transactions).where(transactions.c.id == row.id, transactions.c.status == "pending")
-        closed = (await conn.execute(statement.values(**values).returning(transactions))).one_or_none()
-        if closed is None:  # someone else closed it first (a retry, the recovery loop): theirs stands
-            return (await conn.execute(select(transactions).where(transactions.c.id == row.id))).one()
-        await write_event(
-            conn, transactions_outbox, SOURCE, f"transactions.transaction.{status}", transaction_from(closed)
-        )
-        return closed
-
-    closed = await repo.commits.run(close)
-    repo.relay.wake()
+    closed = await saga.repo.commits.apply(saga.sql.close, close)
+    saga.repo.relay.wake()
     return closed
 
 
-async def forget(repo: Repo, row: Row) -> None:
+async def forget(saga: Saga, row: Stored) -> None:
     async def delete_row(conn: AsyncConnection) -> None:
         await conn.execute(delete(transactions).where(transactions.c.id == row.id, transactions.c.status == "pending"))
 
-    await repo.commits.run(delete_row)
+    await saga.repo.commits.run(delete_row)
 
 
-def transaction_from(row: Row) -> Transaction:
-    committed = row.status == "committed"
-    return Transaction(
-        id=row.id,
-        idempotency_key=row.idempotency_key,
-        kind=row.kind,
-        from_account=row.from_account,
-        to_account=row.to_account,
-        amount=row.amount if row.amount is not None else (0 if committed else None),
-        currency=row.currency,
-        product_id=row.product_id,
-        quantity=row.quantity,
-        memo=row.memo,
-        status=row.status,
-        ledger_seq=row.ledger_seq if committed else None,
-        ledger_hash=row.ledger_hash if committed else None,
-        inserted_at=timestamp(row.inserted_at),
-    )
-
-
-async def get_transaction(request: TransactionId, repo: Repo) -> Transaction:
-    async with repo.db.reader.connect() as conn:
+async def get_transaction(request: TransactionId, saga: Saga) -> Transaction:
+    async with saga.repo.db.reader.connect() as conn:
         row = (await conn.execute(select(transactions).where(transactions.c.id == request.id))).one_or_none()
     if row is None or row.status == "pending":
         raise NotFound(f"transaction {request.id} not found")
-    return transaction_from(row)
+    return transaction_from(stored_from(row))
 
 
-async def list_transactions(request: ListTransactions, repo: Repo) -> TransactionPage:
+async def list_transactions(request: ListTransactions, saga: Saga) -> TransactionPage:
     query = select(transactions).where(transactions.c.id > request.after_id, transactions.c.status != "pending")
     if request.user_id is not None:
         account = wallet(request.user_id)
         query = query.where(or_(transactions.c.from_account == account, transactions.c.to_account == account))
-    async with repo.db.reader.connect() as conn:
+    async with saga.repo.db.reader.connect() as conn:
         rows = (await conn.execute(query.order_by(transactions.c.id).limit(request.limit + 1))).all()
-    items = [transaction_from(row) for row in rows[: request.limit]]
+    items = [transaction_from(stored_from(row)) for row in rows[: request.limit]]
     return TransactionPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
 
 
-async def recover_forever(repo: Repo) -> None:
+async def recover_forever(saga: Saga) -> None:
     """Drive pending transactions left by a crash (or a timed-out dependency) to their end."""
     while True:
-        await recover_once(repo)
+        await recover_once(saga)
         await asyncio.sleep(recovery_interval_s)
 
 
-async def recover_once(repo: Repo) -> int:
+async def recover_once(saga: Saga) -> int:
     stale = datetime.now(UTC) - timedelta(seconds=recovery_age_s)
     query = select(transactions).where(transactions.c.status == "pending", transactions.c.updated_at < stale)
-    async with repo.db.reader.connect() as conn:
+    async with saga.repo.db.reader.connect() as conn:
         rows = (await conn.execute(query.order_by(transactions.c.id).limit(recovery_batch_max))).all()
     for row in rows:
         try:
-            await drive(repo, row)
+            await drive(saga, stored_from(row))
         except (Unavailable, RemoteError, NotFound) as outcome:
             log.info("recovered transaction %s: %s", row.idempotency_key, outcome.message)
     return len(rows)
 
 
+def keys_loader(repo: Repo, sql: TransactionSql) -> BatchLoader[str, Stored]:
+    async def fetch(keys: list[str]) -> dict[str, Stored]:
+        async with repo.db.reader.connect() as conn:
+            return await sql.by_keys((await conn.get_raw_connection()).driver_connection, keys)
+
+    return BatchLoader(fetch, fetchers=2)
+
+
 def add_endpoints(service: Service, repo: Repo) -> None:
-    service.add_endpoint("transactions.deposits.create", create_deposit, repo)
-    service.add_endpoint("transactions.withdrawals.create", create_withdrawal, repo)
-    service.add_endpoint("transactions.transfers.create", create_transfer, repo)
-    service.add_endpoint("transactions.purchases.create", create_purchase, repo)
-    service.add_endpoint("transactions.transactions.get", get_transaction, repo)
-    service.add_endpoint("transactions.transactions.list", list_transactions, repo)
+    sql = TransactionSql(repo.db.is_sqlite)
+    saga = Saga(repo, sql, keys_loader(repo, sql))
+    service.add_endpoint("transactions.deposits.create", create_deposit, saga)
+    service.add_endpoint("transactions.withdrawals.create", create_withdrawal, saga)
+    service.add_endpoint("transactions.transfers.create", create_transfer, saga)
+    service.add_endpoint("transactions.purchases.create", create_purchase, saga)
+    service.add_endpoint("transactions.transactions.get", get_transaction, saga)
+    service.add_endpoint("transactions.transactions.list", list_transactions, saga)
     from handlers import ingest  # ingest routes messages to the create functions of this module
 
     async def recovery() -> None:
-        await recover_forever(repo)
+        await recover_forever(saga)
 
     async def ingest_consumer() -> None:
-        await ingest.consume_forever(repo.nc.jetstream(), repo)
+        await ingest.consume_forever(repo.nc.jetstream(), saga)
 
-    repo.background.extend([recovery, ingest_consumer])
+    repo.background.extend([saga.by_key.run, recovery, ingest_consumer])
 
 
 def serving(nc: Client) -> AbstractAsyncContextManager[Service]:
