@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -18,6 +19,11 @@ log = logging.getLogger("bitnexus.runner")
 
 Serving = Callable[[Client], AbstractAsyncContextManager[object]]
 READY_FD_ENV = "BITNEXUS_READY_FD"
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Python's default (700, 10, 10) runs a collection every 700 allocations, and a full one
+scanning every cached balance and recent entry every 70 of those: at c512 the ledger's p99
+was 90 ms with the defaults and 67 ms with these (13.4k transfers/s instead of 12.2k).
+Nothing here relies on cycles being freed quickly."""
 
 
 def notify_ready(fd: int | None) -> None:
@@ -35,6 +41,7 @@ def ready_fd_from_env() -> int | None:
 
 async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None = None) -> None:
     """Serve until SIGTERM or SIGINT; leaving `serving` drains the work in flight."""
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

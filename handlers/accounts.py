@@ -91,9 +91,7 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
         async with repo.db.reader.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             if repo.db.is_sqlite:
-                cursor = await driver.execute(USERS_BY_IDS_SQLITE, (json.dumps(ids),))
-                rows = await cursor.fetchall()
-                await cursor.close()
+                rows = await driver.execute_fetchall(USERS_BY_IDS_SQLITE, (json.dumps(ids),))
                 stamp = sqlite_timestamp
             else:
                 rows = await driver.fetch(USERS_BY_IDS_POSTGRES, ids)

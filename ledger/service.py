@@ -45,6 +45,7 @@ log = logging.getLogger("bitnexus.ledger")
 
 verify_page_entries = 2_000
 recent_entries_max = 65_536
+cursor_store_interval_s = 0.5
 EVENTS_CURSOR = "events"
 
 
@@ -107,6 +108,11 @@ class ChainRelay:
     else past the cursor (a crash, another replica's entries) is read from the database.
     The event id is derived from the entry's hash, so a republish carries the same
     `Nats-Msg-Id` and JetStream drops the copy.
+
+    The stored cursor advances at most every `cursor_store_interval_s` (and when the service
+    stops): its transaction takes SQLite's one writer, and once per batch it cost the ledger's
+    writer a commit of its own. After a crash, at most that much is published again, with
+    the same ids, inside JetStream's duplicate window.
     """
 
     def __init__(self, publisher: BatchPublisher, db: Database) -> None:
@@ -114,6 +120,9 @@ class ChainRelay:
         self.db = db
         self.recent: dict[int, Entry] = {}
         self._wake = asyncio.Event()
+        self._published = 0
+        self._stored = 0
+        self._stored_at = 0.0
 
     def committed(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -132,20 +141,30 @@ class ChainRelay:
             if not entries:
                 return total
             await self.publisher.publish([event_message(entry) for entry in entries])
-            async with self.db.writer.begin() as conn:
-                await conn.execute(
-                    update(ledger_cursors)
-                    .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < entries[-1].seq)
-                    .values(seq=entries[-1].seq)
-                )
+            self._published = entries[-1].seq
             for seq in range(cursor + 1, entries[-1].seq + 1):
                 self.recent.pop(seq, None)
             total += len(entries)
+            if asyncio.get_running_loop().time() - self._stored_at >= cursor_store_interval_s:
+                await self.store_cursor()
+
+    async def store_cursor(self) -> None:
+        """Write down how far events are published (never backwards: another replica may be ahead)."""
+        if self._published <= self._stored:
+            return
+        async with self.db.writer.begin() as conn:
+            await conn.execute(
+                update(ledger_cursors)
+                .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < self._published)
+                .values(seq=self._published)
+            )
+        self._stored = self._published
+        self._stored_at = asyncio.get_running_loop().time()
 
     async def _next_entries(self) -> tuple[int, list[Entry]]:
         async with self.db.reader.connect() as conn:
             query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
-            cursor = (await conn.execute(query)).scalar_one()
+            cursor = max((await conn.execute(query)).scalar_one(), self._published)
             following = (self.recent.get(cursor + n) for n in range(1, relay_batch_max + 1))
             in_memory = list(itertools.takewhile(lambda entry: entry is not None, following))
             if in_memory:
@@ -189,7 +208,9 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
             async with service.serving():
                 yield service
             await relay.publish_pending()
+            await relay.store_cursor()
             for task in tasks:
                 task.cancel()
     finally:
+        await writer.close()
         await db.dispose()

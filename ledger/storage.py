@@ -1,16 +1,18 @@
-"""The writer's statements on the database driver itself (aiosqlite or asyncpg).
+"""The writer's statements on the database driver itself: sqlite3 in the writer's thread, or asyncpg.
 
-Each runs inside the transaction the writer opened through SQLAlchemy (which took the lock),
-on the same connection. Going around SQLAlchemy here matters: per-row parameter processing
-and result rows were a fifth of the ledger's CPU, and aiosqlite pays a thread round trip per
-call, so a batch is one `executemany` per table. Reads take a whole list as one parameter
-(`json_each` / `= ANY`), so no statement is recompiled per batch size.
+Going around SQLAlchemy here matters: per-row parameter processing and result rows were a
+fifth of the ledger's CPU. On SQLite the whole batch runs in the writer's own thread as plain
+calls (`SqliteLedgerSql`, see `SqliteThread`); on Postgres each statement is one round trip on
+the connection SQLAlchemy opened the transaction on (`PostgresLedgerSql`). A batch is one
+`executemany` per table; reads take a whole list as one parameter (`json_each` / `= ANY`), so
+no statement is recompiled per batch size.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,73 +22,102 @@ from schemas.database import sqlite_timestamp
 from schemas.ledger import Entry
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
+HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
 
 
-class LedgerSql:
-    def __init__(self, sqlite: bool) -> None:
-        self.sqlite = sqlite
-        self.stamp = sqlite_timestamp if sqlite else timestamp
-        if sqlite:
-            self._head = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
-            self._by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id IN (SELECT value FROM json_each(?))"
-            self._balances = (
-                "SELECT account, currency, balance FROM ledger_balances "
-                "WHERE account IN (SELECT value FROM json_each(?))"
-            )
-            self._insert = f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            self._upsert = (
-                "INSERT INTO ledger_balances (account, currency, balance) VALUES (?, ?, ?) "
-                "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
-            )
-        else:
-            self._head = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
-            self._by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id = ANY($1::text[])"
-            self._balances = "SELECT account, currency, balance FROM ledger_balances WHERE account = ANY($1::text[])"
-            self._insert = (
-                f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-            )
-            self._upsert = (
-                "INSERT INTO ledger_balances (account, currency, balance) VALUES ($1, $2, $3) "
-                "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
-            )
+def _head(rows: Sequence[Sequence[Any]]) -> Head:
+    return Head(rows[0][0], rows[0][1]) if rows else Head()
 
-    async def _fetch(self, driver: Any, sql: str, *args: Any) -> list[Any]:
-        if not self.sqlite:
-            return await driver.fetch(sql, *args)
-        cursor = await driver.execute(sql, args)
-        try:
-            return list(await cursor.fetchall())
-        finally:
-            await cursor.close()
 
-    def _list(self, values: list[str]) -> Any:
-        return json.dumps(values) if self.sqlite else values
+def _entries(rows: Iterable[Sequence[Any]], stamp: Any) -> dict[str, Entry]:
+    return {
+        row[1]: Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], stamp(row[7]), row[8], row[9])
+        for row in rows
+    }
 
-    async def head(self, driver: Any) -> Head:
-        rows = await self._fetch(driver, self._head)
-        return Head(rows[0][0], rows[0][1]) if rows else Head()
 
-    async def entries_by_id(self, driver: Any, ids: list[str]) -> dict[str, Entry]:
-        rows = await self._fetch(driver, self._by_ids, self._list(ids))
-        return {
-            row[1]: Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], self.stamp(row[7]), row[8], row[9])
-            for row in rows
-        }
+def _balances(rows: Iterable[Sequence[Any]], keys: set[BalanceKey]) -> dict[BalanceKey, int]:
+    return {(row[0], row[1]): row[2] for row in rows if (row[0], row[1]) in keys}
+
+
+def _accounts(keys: set[BalanceKey]) -> list[str]:
+    return sorted({account for account, _ in keys})
+
+
+def _entry_rows(entries: list[Entry], stored_at: Any) -> list[tuple[Any, ...]]:
+    return [(e.seq, e.id, e.from_, e.to, e.amount, e.currency, e.memo, stored_at, e.prev_hash, e.hash) for e in entries]
+
+
+def _balance_rows(balances: Iterable[tuple[BalanceKey, int]]) -> list[tuple[str, str, int]]:
+    return [(account, currency, value) for (account, currency), value in balances]
+
+
+class SqliteLedgerSql:
+    by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id IN (SELECT value FROM json_each(?))"
+    balances_of = (
+        "SELECT account, currency, balance FROM ledger_balances WHERE account IN (SELECT value FROM json_each(?))"
+    )
+    insert = f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    upsert = (
+        "INSERT INTO ledger_balances (account, currency, balance) VALUES (?, ?, ?) "
+        "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
+    )
+
+    def head(self, conn: sqlite3.Connection) -> Head:
+        return _head(conn.execute(HEAD).fetchall())
+
+    def entries_by_id(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, Entry]:
+        return _entries(conn.execute(self.by_ids, (json.dumps(ids),)), sqlite_timestamp)
+
+    def balances(self, conn: sqlite3.Connection, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
+        return _balances(conn.execute(self.balances_of, (json.dumps(_accounts(keys)),)), keys)
+
+    def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
+        stored_at = recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f")  # as SQLAlchemy stores a UtcDateTime
+        assert sqlite_timestamp(stored_at) == entries[0].recorded_at
+        conn.executemany(self.insert, _entry_rows(entries, stored_at))
+
+    def store_balances(self, conn: sqlite3.Connection, balances: Iterable[tuple[BalanceKey, int]]) -> None:
+        conn.executemany(self.upsert, _balance_rows(balances))
+
+
+class PostgresLedgerSql:
+    """Each statement is a network round trip, and under load each round trip also waits a turn
+    of the event loop, so a batch is four: BEGIN with the lock, the head with the batch's ids,
+    the entries with the balances, COMMIT (the balances' read is a fifth when not cached)."""
+
+    begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
+    head_and_ids = (
+        f"(SELECT true, {ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
+        f"UNION ALL SELECT false, {ENTRY_COLUMNS} FROM ledger_entries WHERE id = ANY($1::text[])"
+    )
+    balances_of = "SELECT account, currency, balance FROM ledger_balances WHERE account = ANY($1::text[])"
+    write = (
+        f"WITH entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
+        "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], "
+        "$7::text[], $8::timestamptz[], $9::text[], $10::text[])) "
+        "INSERT INTO ledger_balances (account, currency, balance) "
+        "SELECT * FROM unnest($11::text[], $12::text[], $13::bigint[]) "
+        "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
+    )
+
+    async def begin_locked(self, driver: Any, key: int) -> None:
+        """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
+        await driver.execute(self.begin_and_lock.format(key=int(key)))
+
+    async def head_and_entries(self, driver: Any, ids: list[str]) -> tuple[Head, dict[str, Entry]]:
+        rows = await driver.fetch(self.head_and_ids, ids)
+        heads = [Head(row[1], row[10]) for row in rows if row[0]]  # seq and hash of ENTRY_COLUMNS
+        return (heads[0] if heads else Head()), _entries((row[1:] for row in rows if not row[0]), timestamp)
 
     async def balances(self, driver: Any, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
-        rows = await self._fetch(driver, self._balances, self._list(sorted({account for account, _ in keys})))
-        return {(row[0], row[1]): row[2] for row in rows if (row[0], row[1]) in keys}
+        return _balances(await driver.fetch(self.balances_of, _accounts(keys)), keys)
 
-    async def insert_entries(self, driver: Any, entries: list[Entry], recorded_at: datetime) -> None:
-        stored_at: Any = recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else recorded_at
-        assert self.stamp(stored_at) == entries[0].recorded_at
-        await driver.executemany(
-            self._insert,
-            [
-                (e.seq, e.id, e.from_, e.to, e.amount, e.currency, e.memo, stored_at, e.prev_hash, e.hash)
-                for e in entries
-            ],
-        )
-
-    async def store_balances(self, driver: Any, balances: Iterable[tuple[BalanceKey, int]]) -> None:
-        await driver.executemany(self._upsert, [(account, currency, value) for (account, currency), value in balances])
+    async def write_entries(
+        self, driver: Any, entries: list[Entry], recorded_at: datetime, balances: Iterable[tuple[BalanceKey, int]]
+    ) -> None:
+        assert timestamp(recorded_at) == entries[0].recorded_at
+        entry_columns = list(zip(*_entry_rows(entries, recorded_at), strict=True))
+        balance_columns = list(zip(*_balance_rows(balances), strict=True))
+        assert len(entry_columns) == 10 and len(balance_columns) == 3
+        await driver.execute(self.write, *entry_columns, *balance_columns)

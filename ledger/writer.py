@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import Row
 
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
-from ledger.plan import BalanceKey, Head, plan
-from ledger.storage import LedgerSql
-from schemas.database import Database
+from ledger.plan import BalanceKey, Head, Plan, plan
+from ledger.storage import PostgresLedgerSql, SqliteLedgerSql
+from schemas.database import Database, SqliteThread
 from schemas.ledger import Entry, Transfer, record_batch_transfers_max
 
 log = logging.getLogger("bitnexus.ledger")
@@ -32,6 +31,10 @@ batch_transfers_max = 4_096
 cached_balances_max = 1_000_000
 LEDGER_LOCK_KEY = 0x4C454447  # "LEDG": the advisory lock every ledger writer takes per batch
 assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch always fits in one batch"
+
+
+Decide = Callable[[Head, dict[str, Entry], dict[BalanceKey, int]], Plan]
+"""Plans a batch from the head, the entries already recorded for its ids and the stored balances read."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,13 @@ class Writer:
         self.db = db
         self.on_commit = on_commit
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
-        self.sql = LedgerSql(db.is_sqlite)
+        self.thread = SqliteThread(db.writer.url.database or "") if db.is_sqlite else None
         self._cached: dict[BalanceKey, int] = {}
         self._cached_head: Head | None = None
+
+    async def close(self) -> None:
+        if self.thread is not None:
+            await self.thread.close()
 
     async def submit(self, transfers: list[Transfer], batched: bool) -> list[Entry]:
         """Queue a request and wait until it is committed (its entries) or refused (raises)."""
@@ -118,21 +125,19 @@ class Writer:
     async def _write(self, batch: list[Pending]) -> tuple[list[list[Entry] | ServiceError], list[Entry]]:
         transfers = [transfer for pending in batch for transfer in pending.transfers]
         keys = {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
+        ids = list({t.id for t in transfers})
         now = datetime.now(UTC)
+
+        def decide(head: Head, recorded: dict[str, Entry], stored: dict[BalanceKey, int]) -> Plan:
+            balances = self._balances_at(head, keys, stored)
+            requests = [p.transfers for p in batch]
+            return plan(requests, head, recorded, balances, timestamp(now), [p.batched for p in batch])
+
         try:
-            async with self.db.writer.begin() as conn:
-                if not self.db.is_sqlite:
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEDGER_LOCK_KEY})
-                driver = (await conn.get_raw_connection()).driver_connection
-                head = await self.sql.head(driver)
-                recorded = await self.sql.entries_by_id(driver, list({t.id for t in transfers}))
-                balances = await self._balances_at(driver, head, keys)
-                result = plan(
-                    [p.transfers for p in batch], head, recorded, balances, timestamp(now), [p.batched for p in batch]
-                )
-                if result.new_entries:
-                    await self.sql.insert_entries(driver, result.new_entries, now)
-                    await self.sql.store_balances(driver, result.balances.items())
+            if self.thread is not None:
+                result = await self.thread.run(lambda conn: self._write_sqlite(conn, ids, keys, now, decide))
+            else:
+                result = await self._write_postgres(ids, keys, now, decide)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
@@ -140,16 +145,61 @@ class Writer:
         self._cached_head = result.head
         return result.outcomes, result.new_entries
 
-    async def _balances_at(self, driver: Any, head: Head, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
-        """Balances as of `head`: from memory while this writer wrote the head, else from the database.
+    def _write_sqlite(
+        self, conn: sqlite3.Connection, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
+    ) -> Plan:
+        """The whole batch in the writer's thread: `BEGIN IMMEDIATE` holds the file's write lock."""
+        sql = SqliteLedgerSql()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            head = sql.head(conn)
+            result = decide(head, sql.entries_by_id(conn, ids), self._stored_balances(head, keys, sql.balances, conn))
+            if result.new_entries:
+                sql.insert_entries(conn, result.new_entries, now)
+                sql.store_balances(conn, result.balances.items())
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _write_postgres(self, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide) -> Plan:
+        """On the driver: the advisory lock serializes every ledger writer on this database."""
+        sql = PostgresLedgerSql()
+        async with self.db.writer.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            await sql.begin_locked(driver, LEDGER_LOCK_KEY)
+            try:
+                head, recorded = await sql.head_and_entries(driver, ids)
+                missing = self._missing_balances(head, keys)
+                result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
+                if result.new_entries:
+                    await sql.write_entries(driver, result.new_entries, now, result.balances.items())
+                await driver.execute("COMMIT")
+            except BaseException:
+                if driver.is_in_transaction():
+                    await driver.execute("ROLLBACK")
+                raise
+        return result
+
+    def _stored_balances(
+        self, head: Head, keys: set[BalanceKey], read: Callable[..., dict[BalanceKey, int]], conn: sqlite3.Connection
+    ) -> dict[BalanceKey, int]:
+        missing = self._missing_balances(head, keys)
+        return read(conn, missing) if missing else {}
+
+    def _missing_balances(self, head: Head, keys: set[BalanceKey]) -> set[BalanceKey]:
+        """The keys to read from the database: all of them unless this writer wrote the stored head.
 
         The cache is only trusted when the stored head is the one this writer committed last,
         so another replica's writes (or an unknown outcome) always send us back to the database.
         """
         if head != self._cached_head or len(self._cached) > cached_balances_max:
             self._cached.clear()
-        missing = keys - self._cached.keys()
-        if missing:
-            stored = await self.sql.balances(driver, missing)
-            self._cached.update({key: stored.get(key, 0) for key in missing})
+        return keys - self._cached.keys()
+
+    def _balances_at(self, head: Head, keys: set[BalanceKey], stored: dict[BalanceKey, int]) -> dict[BalanceKey, int]:
+        """Balances as of `head`: the cached ones, and the stored ones read for the missing keys."""
+        self._cached.update({key: stored.get(key, 0) for key in keys - self._cached.keys()})
         return {key: self._cached[key] for key in keys}

@@ -8,15 +8,22 @@ instead of failing with SQLITE_BUSY; reads use a separate pool and never wait fo
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
+
+T = TypeVar("T")
 
 sqlite_busy_timeout_ms = 10_000
 sqlite_readers_max = 8
@@ -114,12 +121,7 @@ def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms}")
-        cursor.close()
+        configure_sqlite(dbapi_connection)
 
     if writer:
 
@@ -128,3 +130,46 @@ def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def configure_sqlite(connection: sqlite3.Connection) -> None:
+    """Every connection to a service's file: WAL, durable commits, foreign keys, wait for the lock."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms}")
+    cursor.close()
+
+
+class SqliteThread:
+    """A sqlite3 connection owned by one thread: `await run(fn)` calls `fn(connection)` there.
+
+    A whole batch of statements (and the Python between them) then costs one thread round trip.
+    aiosqlite pays one per call, and under load each round trip waits a turn of the event
+    loop: ≈ 1.5 ms measured in the ledger at c512, so BEGIN, five statements and COMMIT took
+    18 ms per batch. The connection is in autocommit mode: `fn` issues BEGIN and COMMIT itself.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._connection: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._connection is None:
+            self._connection = sqlite3.connect(self.path, isolation_level=None)
+            configure_sqlite(self._connection)
+        return fn(self._connection)
+
+    async def close(self) -> None:
+        def close(connection: sqlite3.Connection) -> None:
+            connection.close()
+            self._connection = None
+
+        if self._connection is not None:
+            await self.run(close)
+        self._executor.shutdown(wait=True)
