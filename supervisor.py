@@ -40,6 +40,7 @@ Restart = Literal["permanent", "transient", "temporary"]
 State = Literal["starting", "running", "stopping", "stopped", "exited"]
 
 SERVICES: dict[str, str] = {
+    "ledger_events": "ledger.events:serving",
     "ledger": "ledger.service:serving",
     "accounts": "handlers.accounts:serving",
     "products": "handlers.products:serving",

@@ -84,7 +84,8 @@ def main() -> None:
                 asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
                 database_url = database_for(store, data_dir)
                 migrations.upgrade(database_url)
-                with services_running(["ledger"], url, database_url) as (ledger,):
+                with services_running(["ledger_events", "ledger"], url, database_url) as services:
+                    pids = [process.pid for process in services]
                     asyncio.run(fund(url))
                     for concurrency in (1, 64, 512):
                         echo = raw_echo(url, options.duration, concurrency, raw.pid)
@@ -93,7 +94,7 @@ def main() -> None:
                             [url, str(options.duration), "record"],
                             f"ledger.record {store}",
                             concurrency,
-                            [ledger.pid],
+                            pids,
                         )
                         rows.append((echo, record))
                     batch = run_requester(
@@ -101,7 +102,7 @@ def main() -> None:
                         [url, str(options.duration), "record_batch"],
                         f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
                         8,
-                        [ledger.pid],
+                        pids,
                     )
                     rows.append((rows[-2][0], batch))
         finally:

@@ -52,6 +52,18 @@ def _balance_rows(balances: Iterable[tuple[BalanceKey, int]]) -> list[tuple[str,
     return [(account, currency, value) for (account, currency), value in balances]
 
 
+async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list[Entry]:
+    """Up to `limit` entries after `seq`, in order (aiosqlite or asyncpg: the readers' drivers)."""
+    if sqlite:
+        sql = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = await driver.execute_fetchall(sql, (seq, limit))
+    else:
+        rows = await driver.fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+        )
+    return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
+
+
 class SqliteLedgerSql:
     by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id IN (SELECT value FROM json_each(?))"
     balances_of = (

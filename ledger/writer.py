@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -60,7 +60,7 @@ def entry_from(row: Row) -> Entry:
 
 
 class Writer:
-    def __init__(self, db: Database, on_commit: Callable[[list[Entry]], None]) -> None:
+    def __init__(self, db: Database, on_commit: Callable[[list[Entry]], Awaitable[None]]) -> None:
         self.db = db
         self.on_commit = on_commit
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
@@ -113,7 +113,6 @@ class Writer:
                 if not pending.answer.done():
                     pending.answer.set_exception(exc)
             return
-        self.on_commit(new_entries)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.answer.done():
                 continue  # its requester went away; the outcome stands
@@ -121,6 +120,8 @@ class Writer:
                 pending.answer.set_exception(outcome)
             else:
                 pending.answer.set_result(outcome)
+        if new_entries:
+            await self.on_commit(new_entries)
 
     async def _write(self, batch: list[Pending]) -> tuple[list[list[Entry] | ServiceError], list[Entry]]:
         transfers = [transfer for pending in batch for transfer in pending.transfers]

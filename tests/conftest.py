@@ -167,12 +167,13 @@ async def fresh_streams(mesh: Mesh) -> None:
 @pytest.fixture
 async def core_mesh(nc: Client, database: str) -> AsyncIterator[Mesh]:
     """Ledger, accounts and products serving in this test's loop, on an empty database and streams."""
+    import ledger.events as ledger_events
     import ledger.service as ledger
     from handlers import accounts, products
 
     mesh = Mesh(nc)
     await fresh_streams(mesh)
-    async with ledger.serving(nc), accounts.serving(nc), products.serving(nc):
+    async with ledger_events.serving(nc), ledger.serving(nc), accounts.serving(nc), products.serving(nc):
         yield mesh
 
 

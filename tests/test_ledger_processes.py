@@ -65,6 +65,7 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
     mesh = Mesh(nc)
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     await mesh.js.purge_stream(EVENTS_STREAM)
+    relay = start_service("ledger_events", nats_url, database)
     ledger = start_service("ledger", nats_url, database)
     try:
         await wait_until_serving(nc, "ledger")
@@ -75,9 +76,11 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
         await mesh.js.delete_stream(EVENTS_STREAM)  # from here JetStream refuses: entries stay unpublished
         second = await mesh.ok("ledger.record", {"id": "b", "from": "u:1", "to": "u:2", "amount": 2, "currency": "EUR"})
         await asyncio.sleep(0.3)
-        ledger.send_signal(signal.SIGKILL)
-        ledger.wait(10)
+        for process in (relay, ledger):
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
         await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+        relay = start_service("ledger_events", nats_url, database)
         ledger = start_service("ledger", nats_url, database)
         await wait_until_serving(nc, "ledger")
         third = await mesh.ok("ledger.record", {"id": "c", "from": "u:2", "to": "u:1", "amount": 1, "currency": "EUR"})
@@ -89,5 +92,37 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
         assert await mesh.event_count() == 2
         await assert_ledger_invariants(mesh)
     finally:
-        ledger.send_signal(signal.SIGTERM)
-        ledger.wait(10)
+        for process in (ledger, relay):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
+
+
+async def test_entries_committed_while_the_event_relay_is_down_are_published_once_when_it_is_back(
+    nc: Client, database: str, nats_url: str
+) -> None:
+    mesh = Mesh(nc)
+    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await mesh.js.purge_stream(EVENTS_STREAM)
+    relay = start_service("ledger_events", nats_url, database)
+    ledger = start_service("ledger", nats_url, database)
+    try:
+        await wait_until_serving(nc, "ledger")
+        deposits = [
+            {"id": f"d{n}", "from": "world", "to": f"u:{n % 3}", "amount": 1, "currency": "EUR"} for n in range(50)
+        ]
+        await asyncio.gather(*(mesh.ok("ledger.record", body) for body in deposits[:20]))
+        await mesh.events(20)
+        relay.send_signal(signal.SIGKILL)
+        relay.wait(10)
+        await asyncio.gather(*(mesh.ok("ledger.record", body) for body in deposits[20:]))
+        await asyncio.sleep(0.5)
+        assert await mesh.event_count() == 20  # nobody publishes while the relay is down
+        relay = start_service("ledger_events", nats_url, database)
+        events = await mesh.events(50)
+        assert sorted(envelope["data"]["seq"] for _, _, envelope in events) == list(range(1, 51))
+        await asyncio.sleep(0.5)
+        assert await mesh.event_count() == 50
+    finally:
+        for process in (ledger, relay):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
