@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -30,6 +32,11 @@ sqlite_readers_max = 8
 postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
+POSTGRES_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+"""Grouped reads pass a whole list as one array (`= ANY($1)`); after five runs of a prepared
+statement Postgres may switch to a generic plan that cannot see the array's size and scans the
+table. Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s once the chain had ~20k
+entries. Planning each execution keeps index lookups."""
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -96,14 +103,7 @@ def open_database(url: URL) -> Database:
         pool_size=postgres_pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout_s,
-        connect_args={
-            "command_timeout": postgres_command_timeout_s,
-            # Grouped reads pass a whole list as one array (`= ANY($1)`); after five runs of a
-            # prepared statement Postgres may switch to a generic plan that cannot see the array's
-            # size and scans the table. Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s
-            # once the chain had ~20k entries. Planning each execution keeps index lookups.
-            "server_settings": {"plan_cache_mode": "force_custom_plan"},
-        },
+        connect_args={"command_timeout": postgres_command_timeout_s, "server_settings": POSTGRES_SETTINGS},
     )
     # a read is one statement: no BEGIN/COMMIT round trips around it
     return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
@@ -140,6 +140,46 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms}")
     cursor.close()
+
+
+class PostgresThread:
+    """An asyncpg connection owned by a thread running its own event loop: `await run(fn)` awaits
+    `fn(connection)` there, one call at a time.
+
+    The service's event loop is busy under load, and every round trip awaited on it waits for
+    its next turn (≈ 5 ms at c512); on this thread's quiet loop a round trip costs what the
+    network and Postgres cost. A lost connection is opened again by the next call.
+    """
+
+    def __init__(self, url: URL) -> None:
+        self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="postgres-writer", daemon=True)
+        self._thread.start()
+        self._connection: Any = None
+        self._turn: asyncio.Lock | None = None
+
+    async def run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._call(fn), self.loop))
+
+    async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        self._turn = self._turn or asyncio.Lock()
+        async with self._turn:
+            if self._connection is None or self._connection.is_closed():
+                self._connection = await asyncpg.connect(
+                    self.dsn, command_timeout=postgres_command_timeout_s, server_settings=POSTGRES_SETTINGS
+                )
+            return await fn(self._connection)
+
+    async def close(self) -> None:
+        async def close() -> None:
+            if self._connection is not None:
+                await self._connection.close()
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self.loop))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self._thread.join)
+        self.loop.close()
 
 
 class SqliteThread:
