@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 log = logging.getLogger("bitnexus.group_commit")
 
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741 - an operation's item, beside T its result
-BatchOperation = Callable[[AsyncConnection, list[I]], Awaitable[list[T]]]
+Item = TypeVar("Item")
+BatchOperation = Callable[[AsyncConnection, list[Item]], Awaitable[list[T]]]
 """Writes all items in the caller's transaction; returns one result per item, in order."""
 
 queue_operations_max = 16_384
@@ -37,9 +37,9 @@ batch_operations_max = 512
 
 
 @dataclass(frozen=True)
-class _Pending(Generic[I, T]):
-    operation: BatchOperation[I, T]
-    item: I
+class _Pending(Generic[Item, T]):
+    operation: BatchOperation[Item, T]
+    item: Item
     answer: asyncio.Future[T]
 
 
@@ -57,7 +57,7 @@ class GroupCommit:
         For rare writes: each runs its own statements."""
         return await self.apply(_each, operation)
 
-    async def apply(self, operation: BatchOperation[I, T], item: I) -> T:
+    async def apply(self, operation: BatchOperation[Item, T], item: Item) -> T:
         """Add `item` to the next shared transaction's call of `operation`; its result once committed."""
         pending = _Pending(operation, item, asyncio.get_running_loop().create_future())
         await self.queue.put(pending)

@@ -11,13 +11,15 @@ from importlib.metadata import version
 
 from nats.aio.client import Client
 from sqlalchemy import or_, select
+from sqlalchemy.engine import Row
 
+from bus.codec import timestamp
 from bus.service import Service
 from bus.tasks import supervised
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT
-from ledger.writer import Writer, entry_from
+from ledger.writer import Writer
 from schemas.database import Database, open_database, service_url
 from schemas.ledger import (
     GENESIS_HASH,
@@ -39,6 +41,21 @@ from schemas.ledger import (
 log = logging.getLogger("bitnexus.ledger")
 
 verify_page_entries = 2_000
+
+
+def entry_from(row: Row) -> Entry:
+    return Entry(
+        row.seq,
+        row.id,
+        row.from_account,
+        row.to_account,
+        row.amount,
+        row.currency,
+        row.memo,
+        timestamp(row.recorded_at),
+        row.prev_hash,
+        row.hash,
+    )
 
 
 async def record(request: Transfer, writer: Writer) -> Entry:

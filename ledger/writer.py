@@ -4,6 +4,10 @@ batches, written in one transaction, and answered only after it committed.
 Two ledger processes on one database never fork the chain: each batch transaction first takes
 the ledger's lock (a Postgres advisory transaction lock; on SQLite `BEGIN IMMEDIATE` holds the
 file's write lock), then reads the head, balances and ids from the database under that lock.
+
+A batch runs on the writer's own thread and connection (`SqliteThread`, `PostgresThread`):
+planned and written there in one go, it never waits for the service's busy event loop
+between statements. Only that thread touches the balance cache.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-from sqlalchemy.engine import Row
 
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
@@ -52,34 +54,19 @@ class Pending:
     answer: asyncio.Future[list[Entry]]
 
 
-def entry_from(row: Row) -> Entry:
-    return Entry(
-        row.seq,
-        row.id,
-        row.from_account,
-        row.to_account,
-        row.amount,
-        row.currency,
-        row.memo,
-        timestamp(row.recorded_at),
-        row.prev_hash,
-        row.hash,
-    )
-
-
 class Writer:
     def __init__(self, db: Database, on_commit: Callable[[list[Entry]], Awaitable[None]]) -> None:
         self.db = db
         self.on_commit = on_commit
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_requests_max)
-        self.thread = SqliteThread(db.writer.url.database or "") if db.is_sqlite else None
+        self.sqlite = SqliteThread(db.writer.url.database or "") if db.is_sqlite else None
         self.postgres = None if db.is_sqlite else PostgresThread(db.writer.url)
         self._cached: dict[BalanceKey, int] = {}
         self._cached_head: Head | None = None
 
     async def close(self) -> None:
-        if self.thread is not None:
-            await self.thread.close()
+        if self.sqlite is not None:
+            await self.sqlite.close()
         if self.postgres is not None:
             await self.postgres.close()
 
@@ -158,8 +145,8 @@ class Writer:
             requests = [p.transfers for p in batch]
             return plan(requests, head, recorded, balances, timestamp(now), [p.batched for p in batch])
 
-        if self.thread is not None:
-            result = await self.thread.run(lambda conn: self._write_sqlite(conn, ids, keys, now, decide))
+        if self.sqlite is not None:
+            result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, keys, now, decide))
         else:
             assert self.postgres is not None
             result = await self.postgres.run(lambda driver: self._write_postgres(driver, ids, keys, now, decide))
