@@ -72,6 +72,17 @@ async def test_call_that_times_out_is_unavailable(nc: Client) -> None:
             await call(nc, "sloth.slow", Delay(0.5), Delay, timeout_s=0.2)
 
 
+async def test_concurrent_calls_answered_out_of_order_each_get_their_own_reply(nc: Client) -> None:
+    service = Service(nc, "sloth", "0.1.0")
+    service.add_endpoint("sloth.slow", slow)
+    delays = [0.01 * (n % 7) for n in range(200)]  # replies arrive in another order than asked
+    async with service.serving():
+        with pytest.raises(Unavailable):
+            await call(nc, "sloth.slow", Delay(0.3), Delay, timeout_s=0.05)  # its reply comes late
+        replies = await asyncio.gather(*(call(nc, "sloth.slow", Delay(d), Delay, timeout_s=5) for d in delays))
+    assert [reply.seconds for reply in replies] == delays
+
+
 async def test_slow_consumer_drops_are_counted_in_endpoint_stats(nc: Client) -> None:
     service = Service(nc, "tiny", "0.1.0")
     service.add_endpoint("tiny.slow", slow, concurrency_max=1, pending_msgs_max=2)

@@ -1,0 +1,70 @@
+"""Group commit with batch operations, on SQLite and on Postgres: the saga's pending rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from handlers.group_commit import GroupCommit
+from handlers.transaction_store import NewTransaction, TransactionSql
+from schemas.database import open_database, service_url
+
+
+def new(key: str, fingerprint: str = "f") -> NewTransaction:
+    return NewTransaction(key, fingerprint, "deposit", "world", "user:1", 5, "EUR")
+
+
+@pytest.fixture
+async def commits(database: str) -> AsyncIterator[tuple[GroupCommit, TransactionSql]]:
+    db = open_database(service_url("transactions", database))
+    yield GroupCommit(db.writer), TransactionSql(db.is_sqlite)
+    await db.dispose()
+
+
+async def in_one_batch(commits: GroupCommit, calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Queue every call before the committer starts, so they share one batch; their outcomes."""
+    outcomes = asyncio.gather(*(call() for call in calls), return_exceptions=True)  # awaited below
+    await asyncio.sleep(0)  # each call is queued now
+    assert commits.queue.qsize() == len(calls)
+    async with asyncio.TaskGroup() as group:
+        committer = group.create_task(commits.commit_forever())
+        results = await outcomes
+        committer.cancel()
+    return results
+
+
+async def test_a_batch_inserts_each_key_once_and_answers_every_caller_with_its_row(
+    commits: tuple[GroupCommit, TransactionSql],
+) -> None:
+    group_commit, sql = commits
+    calls = [lambda n=n: group_commit.apply(sql.insert_pending, new(f"k{n % 50}", f"f{n}")) for n in range(100)]
+    rows = await in_one_batch(group_commit, calls)
+    assert len({row.id for row in rows}) == 50
+    for n, row in enumerate(rows):
+        assert row.idempotency_key == f"k{n % 50}" and row.status == "pending"
+        assert row.fingerprint == f"f{n % 50}"  # the first caller with a key inserted it
+    assert len({row.inserted_at for row in rows}) == 1  # one statement for the whole batch
+
+    again = await in_one_batch(group_commit, [lambda: group_commit.apply(sql.insert_pending, new("k7", "other"))])
+    assert again[0] == rows[7]  # a key already stored: its row, untouched
+
+
+async def test_a_failing_operation_fails_only_its_caller(commits: tuple[GroupCommit, TransactionSql]) -> None:
+    group_commit, sql = commits
+
+    async def boom(_conn: AsyncConnection) -> None:
+        raise RuntimeError("boom")
+
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda n=n: group_commit.apply(sql.insert_pending, new(f"ok{n}")) for n in range(10)
+    ]
+    outcomes = await in_one_batch(group_commit, [*calls[:5], lambda: group_commit.run(boom), *calls[5:]])
+    assert isinstance(outcomes[5], RuntimeError)
+    inserted = [outcome for n, outcome in enumerate(outcomes) if n != 5]
+    assert sorted(row.idempotency_key for row in inserted) == sorted(f"ok{n}" for n in range(10))
+    stored = await in_one_batch(group_commit, [lambda: group_commit.apply(sql.insert_pending, new("ok3"))])
+    assert stored[0].id == inserted[3].id
