@@ -1,6 +1,6 @@
 """ledger.record at c1/c64/c512 and ledger.record_batch of 100 on SQLite and Postgres, beside the raw echo.
 
-    python -m bench.ledger [--duration 4] [--stores sqlite postgres]
+    python -m bench.ledger [--duration 4] [--stores sqlite postgres] [--concurrency 1 64 512] [--no-batch]
 
 Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
 synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
@@ -73,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 512])
+    parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
     with tempfile.TemporaryDirectory() as data_dir:
@@ -87,7 +89,7 @@ def main() -> None:
                 with services_running(["ledger_events", "ledger"], url, database_url) as services:
                     pids = [process.pid for process in services]
                     asyncio.run(fund(url))
-                    for concurrency in (1, 64, 512):
+                    for concurrency in options.concurrency:
                         echo = raw_echo(url, options.duration, concurrency, raw.pid)
                         record = run_requester(
                             "bench.ledger",
@@ -97,14 +99,15 @@ def main() -> None:
                             pids,
                         )
                         rows.append((echo, record))
-                    batch = run_requester(
-                        "bench.ledger",
-                        [url, str(options.duration), "record_batch"],
-                        f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
-                        8,
-                        pids,
-                    )
-                    rows.append((rows[-2][0], batch))
+                    if not options.no_batch:
+                        batch = run_requester(
+                            "bench.ledger",
+                            [url, str(options.duration), "record_batch"],
+                            f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
+                            8,
+                            pids,
+                        )
+                        rows.append((rows[-1][0], batch))
         finally:
             raw.terminate()
             raw.wait()
