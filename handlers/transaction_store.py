@@ -177,7 +177,7 @@ class TransactionSql:
                     now,
                     now,
                 )
-                for n in new
+                for n in sorted(new, key=lambda n: n.idempotency_key)  # replicas lock keys in one order
             ],
         )
         stored = await self.by_keys(driver, list({n.idempotency_key for n in new}))

@@ -189,8 +189,6 @@ class Writer:
             await driver.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
-            if not driver.is_closed() and driver.is_in_transaction():
-                await driver.execute("ROLLBACK")
             raise
         self._remember(result)
         return result

@@ -148,7 +148,9 @@ class PostgresThread:
 
     The service's event loop is busy under load, and every round trip awaited on it waits for
     its next turn (≈ 5 ms at c512); on this thread's quiet loop a round trip costs what the
-    network and Postgres cost. A lost connection is opened again by the next call.
+    network and Postgres cost. `fn` begins and commits its own transaction; one it leaves open
+    (it raised, or was cancelled) is ended by dropping the connection, and the next call opens
+    another.
     """
 
     def __init__(self, url: URL) -> None:
@@ -169,7 +171,13 @@ class PostgresThread:
                 self._connection = await asyncpg.connect(
                     self.dsn, command_timeout=postgres_command_timeout_s, server_settings=POSTGRES_SETTINGS
                 )
-            return await fn(self._connection)
+            connection = self._connection
+            try:
+                return await fn(connection)
+            except BaseException:
+                if not connection.is_closed() and connection.is_in_transaction():
+                    connection.terminate()  # Postgres rolls back; an interrupted query leaves nothing behind
+                raise
 
     async def close(self) -> None:
         async def close() -> None:
