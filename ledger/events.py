@@ -8,7 +8,7 @@ copy. The ledger nudges it after each commit (`ledger.internal.committed`, core 
 message per batch); a missed nudge costs at most `relay_poll_interval_s`.
 
 Why a process: publishing an event and reading its ack cost the ledger's single event loop
-≈ 30 % of its CPU. Measured with /tmp/ledger_prof.py at c512 on SQLite: 13.6k transfers/s
+≈ 30 % of its CPU. Measured at c512 on SQLite (bench/RESULTS.md): 13.6k transfers/s
 with the relay in the ledger process, 17.3k without it.
 
 The stored cursor advances at most every `cursor_store_interval_s` (and when the relay stops):

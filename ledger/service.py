@@ -44,7 +44,7 @@ verify_page_entries = 2_000
 record_concurrency_max = 1_024
 """Workers taking `ledger.record` requests: enough for big batches, and not more. With 4,096
 idle workers waiting on the subscription's queue, c512 ran at 15.8k/s (p99 50-57 ms); with
-1,024, 16.9-17.1k/s (p99 48-49 ms), /tmp/ledger_prof.py on SQLite."""
+1,024, 16.9-17.1k/s (p99 48-49 ms), on SQLite with bench.ledger's requester (bench/RESULTS.md)."""
 
 
 def entry_from(row: Row) -> Entry:
