@@ -67,6 +67,7 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
         max_ack_pending=in_flight_max,
         filter_subject="ingest.transactions.*",
     )
+    await js.add_consumer(INGEST_STREAM, config)  # creates it, or brings an older one to this config
     subscription = await js.pull_subscribe(
         "ingest.transactions.*", durable=CONSUMER, stream=INGEST_STREAM, config=config
     )

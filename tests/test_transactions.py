@@ -223,3 +223,21 @@ async def wait_until(read, expected, timeout_s: float = 15.0) -> None:  # type: 
     while (value := await read()) != expected:
         assert asyncio.get_running_loop().time() < deadline, f"{value} != {expected}"
         await asyncio.sleep(0.05)
+
+
+async def test_an_ingest_consumer_left_by_an_older_version_takes_this_versions_limits(core_mesh: Mesh) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from handlers import ingest, transactions
+
+    older = ConsumerConfig(
+        durable_name=ingest.CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        max_ack_pending=128,
+        filter_subject="ingest.transactions.*",
+    )
+    await core_mesh.js.add_consumer(ingest.INGEST_STREAM, older)
+    async with transactions.serving(core_mesh.nc):
+        await asyncio.sleep(0.3)  # the consumer task has started
+        info = await core_mesh.js.consumer_info(ingest.INGEST_STREAM, ingest.CONSUMER)
+    assert info.config.max_ack_pending == ingest.in_flight_max
