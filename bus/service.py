@@ -32,6 +32,8 @@ from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
 log = logging.getLogger("bitnexus.bus")
 
 Handler = Callable[..., Awaitable[Any]]
+BatchHandler = Callable[..., Awaitable[list[Any]]]
+"""`handler(requests, *deps)`: one reply (or the ServiceError to answer) per request, in order."""
 
 QUEUE_GROUP = "q"
 concurrency_max_default = 256
@@ -61,6 +63,8 @@ class Endpoint:
     concurrency_max: int
     pending_msgs_max: int
     metadata: dict[str, str]
+    batch_max: int = 0
+    """0: `handler` takes one request. Else it takes every request queued, up to this many."""
     counters: EndpointCounters = field(default_factory=EndpointCounters)
     subscription: Subscription | None = None
 
@@ -147,6 +151,31 @@ class Service:
             )
         )
 
+    def add_batch_endpoint(
+        self,
+        subject: str,
+        handler: BatchHandler,
+        *deps: Any,
+        request_type: type,
+        batch_max: int,
+        batches_in_flight: int = 2,
+        pending_msgs_max: int = pending_msgs_max_default,
+    ) -> None:
+        """Serve `handler(requests, *deps)` on `subject` with whatever requests are queued, up to
+        `batch_max` at a time and `batches_in_flight` batches at once: for handlers that batch
+        anyway (the ledger's group commit), a task, a future and two event-loop turns per
+        request saved."""
+        assert batch_max >= 1
+        self.add_endpoint(
+            subject,
+            handler,
+            *deps,
+            request_type=request_type,
+            concurrency_max=batches_in_flight,
+            pending_msgs_max=pending_msgs_max,
+        )
+        self.endpoints[-1].batch_max = batch_max
+
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[Service]:
         """Serve inside the block; on leaving it, drain: take no new requests, finish those in flight."""
@@ -163,9 +192,9 @@ class Service:
                     pending_msgs_limit=endpoint.pending_msgs_max,
                     pending_bytes_limit=pending_bytes_max_default,
                 )
+                work = self._work_batches if endpoint.batch_max else self._work
                 workers += [
-                    group.create_task(self._work(endpoint, endpoint.subscription))
-                    for _ in range(endpoint.concurrency_max)
+                    group.create_task(work(endpoint, endpoint.subscription)) for _ in range(endpoint.concurrency_max)
                 ]
             await self.nc.flush()
             self.started = timestamp()
@@ -203,6 +232,49 @@ class Service:
                 await self._handle(endpoint, msg)
             finally:
                 queue.task_done()
+
+    async def _work_batches(self, endpoint: Endpoint, subscription: Subscription) -> None:
+        """Like `_work`, taking every message queued (up to `batch_max`) as one batch."""
+        queue = subscription._pending_queue
+        while True:
+            msgs = [await queue.get()]
+            while len(msgs) < endpoint.batch_max and not queue.empty():
+                msgs.append(queue.get_nowait())
+            subscription._pending_size -= sum(len(msg.data) for msg in msgs)
+            try:
+                await self._handle_batch(endpoint, msgs)
+            finally:
+                for _ in msgs:
+                    queue.task_done()
+
+    async def _handle_batch(self, endpoint: Endpoint, msgs: list[Msg]) -> None:
+        started = perf_counter_ns()
+        requests: list[Any] = []
+        decoded: list[Msg] = []
+        for msg in msgs:
+            try:
+                requests.append(endpoint.decode(msg.data))
+                decoded.append(msg)
+            except msgspec.DecodeError as exc:
+                await self._reply_error(endpoint, msg, bad_request_from(exc))
+        replies: list[Any] = []
+        try:
+            if requests:
+                replies = await endpoint.handler(requests, *endpoint.deps)
+                assert len(replies) == len(requests), f"{endpoint.subject}: {len(replies)} replies"
+        except ServiceError as exc:
+            replies = [exc] * len(requests)
+        except Exception:
+            log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
+            replies = [Internal(INTERNAL_MESSAGE)] * len(requests)
+        for msg, reply in zip(decoded, replies, strict=True):
+            if isinstance(reply, ServiceError):
+                await self._reply_error(endpoint, msg, reply)
+            elif msg.reply:
+                await self.nc.publish(msg.reply, encode(reply))
+        counters = endpoint.counters
+        counters.num_requests += len(msgs)
+        counters.processing_time_ns += (perf_counter_ns() - started) * len(msgs)  # each waited the whole batch
 
     async def _handle(self, endpoint: Endpoint, msg: Msg) -> None:
         started = perf_counter_ns()

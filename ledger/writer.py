@@ -47,11 +47,22 @@ def _stopped(batch: list[Pending]) -> None:
             pending.answer.set_exception(Unavailable("the ledger writer stopped"))
 
 
+Outcome = list[Entry] | ServiceError
+"""Of one request: its entries (new or recorded before), or why it was refused."""
+
+
 @dataclass(frozen=True)
 class Pending:
-    transfers: list[Transfer]
+    """Requests queued together, each all or nothing on its own; answered with one outcome each."""
+
+    requests: list[list[Transfer]]
     batched: bool
-    answer: asyncio.Future[list[Entry]]
+    """True for `ledger.record_batch` bodies, whose refusals name the transfer's index."""
+    answer: asyncio.Future[list[Outcome]]
+
+    @property
+    def size(self) -> int:
+        return sum(len(transfers) for transfers in self.requests)
 
 
 class Writer:
@@ -72,7 +83,15 @@ class Writer:
 
     async def submit(self, transfers: list[Transfer], batched: bool) -> list[Entry]:
         """Queue a request and wait until it is committed (its entries) or refused (raises)."""
-        pending = Pending(transfers, batched, asyncio.get_running_loop().create_future())
+        (outcome,) = await self.submit_each([transfers], batched)
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    async def submit_each(self, requests: list[list[Transfer]], batched: bool) -> list[Outcome]:
+        """Queue independent requests at once and wait until each is committed or refused."""
+        pending = Pending(requests, batched, asyncio.get_running_loop().create_future())
+        assert pending.size <= batch_transfers_max
         await self.queue.put(pending)
         return await pending.answer
 
@@ -93,14 +112,14 @@ class Writer:
                     await slots.acquire()
                     batch = [carried or await self.queue.get()]
                     carried = None
-                    size = len(batch[0].transfers)
+                    size = batch[0].size
                     while not self.queue.empty():
                         pending = self.queue.get_nowait()
-                        if size + len(pending.transfers) > batch_transfers_max:
+                        if size + pending.size > batch_transfers_max:
                             carried = pending
                             break
                         batch.append(pending)
-                        size += len(pending.transfers)
+                        size += pending.size
                     group.create_task(self._commit(batch, slots))
                     batch = []
         finally:
@@ -124,26 +143,26 @@ class Writer:
             raise
         finally:
             slots.release()
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.answer.done():
-                continue  # its requester went away; the outcome stands
-            if isinstance(outcome, ServiceError):
-                pending.answer.set_exception(outcome)
-            else:
-                pending.answer.set_result(outcome)
+        start = 0
+        for pending in batch:
+            if not pending.answer.done():  # else its requester went away; the outcomes stand
+                pending.answer.set_result(outcomes[start : start + len(pending.requests)])
+            start += len(pending.requests)
+        assert start == len(outcomes)
         if new_entries:
             await self.on_commit(new_entries)
 
-    async def _write(self, batch: list[Pending]) -> tuple[list[list[Entry] | ServiceError], list[Entry]]:
-        transfers = [transfer for pending in batch for transfer in pending.transfers]
+    async def _write(self, batch: list[Pending]) -> tuple[list[Outcome], list[Entry]]:
+        requests = [transfers for pending in batch for transfers in pending.requests]
+        batched = [pending.batched for pending in batch for _ in pending.requests]
+        transfers = [transfer for request in requests for transfer in request]
         keys = {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
         ids = list({t.id for t in transfers})
         now = datetime.now(UTC)
 
         def decide(head: Head, recorded: dict[str, Entry], stored: dict[BalanceKey, int]) -> Plan:
             balances = self._balances_at(head, keys, stored)
-            requests = [p.transfers for p in batch]
-            return plan(requests, head, recorded, balances, timestamp(now), [p.batched for p in batch])
+            return plan(requests, head, recorded, balances, timestamp(now), batched)
 
         if self.sqlite is not None:
             result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, keys, now, decide))

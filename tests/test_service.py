@@ -268,3 +268,32 @@ async def test_drain_finishes_every_request_in_flight_and_takes_no_new_ones(nc: 
     assert all(reply.headers is None for reply in replies)
     with pytest.raises(NoRespondersError):
         await nc.request("drainy.sleep", b'{"seconds": 0}', timeout=1)
+
+
+async def test_a_batch_endpoint_answers_each_request_of_a_batch_on_its_own(nc: Client) -> None:
+    batches: list[int] = []
+
+    async def lookup_each(requests: list[Key], known: set[int]) -> list[Key | NotFound]:
+        batches.append(len(requests))
+        if any(r.id == 666 for r in requests):
+            raise RuntimeError("secret")
+        return [r if r.id in known else NotFound(f"thing {r.id} not found") for r in requests]
+
+    service = Service(nc, name="bulk", version="1.0.0")
+    service.add_batch_endpoint("bulk.lookup", lookup_each, {1, 2}, request_type=Key, batch_max=64)
+    async with service.serving():
+        bodies = [json.dumps({"id": n % 4}).encode() for n in range(200)] + [b'{"id": "x"}']
+        replies = await asyncio.gather(*(request(nc, "bulk.lookup", body) for body in bodies))
+        assert max(batches) > 1 and all(size <= 64 for size in batches)  # batched, and bounded
+        for n, (headers, body) in enumerate(replies[:200]):
+            if n % 4 in (1, 2):
+                assert headers is None and body == {"id": n % 4}
+            else:
+                assert headers["Nats-Service-Error-Code"] == "404" and body["error"]["type"] == "not_found"
+        headers, body = replies[200]
+        assert headers["Nats-Service-Error-Code"] == "400" and body["error"]["details"] == ["$.id"]
+        headers, body = await request(nc, "bulk.lookup", b'{"id": 666}')
+        assert headers["Nats-Service-Error-Code"] == "500" and "secret" not in json.dumps(body)
+        stats = json.loads((await nc.request("$SRV.STATS.bulk", b"", timeout=2)).data)
+    (endpoint,) = stats["endpoints"]
+    assert endpoint["num_requests"] == 202 and endpoint["num_errors"] == 2 + 100
