@@ -2,8 +2,9 @@
 a durable pull consumer shared by all transactions replicas applies each message once.
 
 A message is acknowledged only after its outcome is committed (or refused, for good). A
-dependency that did not answer is a transient failure: nak with a growing delay. A malformed
-or refused message gets a `rejected` event and a terminal ack, never an endless redelivery.
+dependency that did not answer, or answered 5xx, is a transient failure: nak with a growing
+delay (at most `deliveries_max` deliveries). A malformed or refused message gets a `rejected`
+event and a terminal ack, never an endless redelivery.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
-from bus.errors import BadRequest, ServiceError, Unavailable
+from bus.errors import BadRequest, ServiceError
 from bus.events import ensure_stream, write_event
 from handlers import transactions
 from handlers.transaction_store import SOURCE
@@ -118,11 +119,11 @@ async def handle(msg: Msg, saga: Saga) -> None:
         return
     try:
         await create(request, saga)
-    except Unavailable:
-        delay_s = min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
-        await msg.nak(delay=delay_s)
-        return
     except ServiceError as error:
+        if error.code >= 500:  # a dependency timed out or failed: the same message may succeed later
+            delay_s = min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
+            await msg.nak(delay=delay_s)
+            return
         if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not
             await reject(saga, request.idempotency_key, error)  # type: ignore[attr-defined]
         await msg.term()

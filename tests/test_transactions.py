@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.conftest import Mesh
+from nats.aio.client import Client
+
+from bus.service import Service
+from schemas.accounts import User, UserId
+from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
 
 TRANSACTION_FIELDS = [
@@ -241,3 +245,35 @@ async def test_an_ingest_consumer_left_by_an_older_version_takes_this_versions_l
         await asyncio.sleep(0.3)  # the consumer task has started
         info = await core_mesh.js.consumer_info(ingest.INGEST_STREAM, ingest.CONSUMER)
     assert info.config.max_ack_pending == ingest.in_flight_max
+
+
+async def test_an_ingest_message_whose_dependency_answers_500_is_retried_not_rejected(
+    nc: Client, database: str
+) -> None:
+    import ledger.events as ledger_events
+    import ledger.service as ledger
+    from handlers import transactions
+
+    failures = 2
+
+    async def flaky_get(request: UserId) -> User:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("accounts is having a bad moment")  # answered 500
+        return User(request.id, "a@x.io", "a", "2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:00.000000Z")
+
+    accounts = Service(nc, "accounts", "0.0.1")
+    accounts.add_endpoint("accounts.users.get", flaky_get)
+    mesh = Mesh(nc)
+    await fresh_streams(mesh)
+    async with ledger_events.serving(nc), ledger.serving(nc), accounts.serving(), transactions.serving(nc):
+        body = {"idempotency_key": "in-500", "user_id": 7, "amount": 70, "currency": "EUR"}
+        await mesh.js.publish("ingest.transactions.deposits", json.dumps(body).encode())
+        await wait_until(lambda: committed_keys(mesh, 7), ["in-500"])
+        assert failures == 0 and await balance(mesh, 7) == 70
+        events = await mesh.events(2)  # the ledger entry and the committed transaction: no rejection
+    assert sorted(subject for subject, _, _ in events) == [
+        "events.ledger.transfer.recorded",
+        "events.transactions.transaction.committed",
+    ]
