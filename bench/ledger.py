@@ -14,19 +14,16 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import msgspec
 import nats
 import nats.js.errors
 
 import migrations
-from bench.echo import BODY, start_responder
+from bench.echo import BODY
 from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
-from bench.services import database_for, services_running
-from bus.embedded import EmbeddedNats, free_port
+from bench.services import database_for, nats_and_raw_echo, services_running
 
 ACCOUNTS = 1_000
 BATCH_TRANSFERS = 100
@@ -77,41 +74,33 @@ def main() -> None:
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
-        url = server.start()
-        raw = start_responder("raw", url)
-        try:
-            for store in options.stores:
-                asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
-                database_url = database_for(store, data_dir)
-                migrations.upgrade(database_url)
-                with services_running(["ledger_events", "ledger"], url, database_url) as services:
-                    pids = [process.pid for process in services]
-                    asyncio.run(fund(url))
-                    for concurrency in options.concurrency:
-                        echo = raw_echo(url, options.duration, concurrency, raw.pid)
-                        record = run_requester(
-                            "bench.ledger",
-                            [url, str(options.duration), "record"],
-                            f"ledger.record {store}",
-                            concurrency,
-                            pids,
-                        )
-                        rows.append((echo, record))
-                    if not options.no_batch:
-                        batch = run_requester(
-                            "bench.ledger",
-                            [url, str(options.duration), "record_batch"],
-                            f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
-                            8,
-                            pids,
-                        )
-                        rows.append((rows[-1][0], batch))
-        finally:
-            raw.terminate()
-            raw.wait()
-            server.stop()
+    with nats_and_raw_echo() as (data_dir, url, raw):
+        for store in options.stores:
+            asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
+            database_url = database_for(store, data_dir)
+            migrations.upgrade(database_url)
+            with services_running(["ledger_events", "ledger"], url, database_url) as services:
+                pids = [process.pid for process in services]
+                asyncio.run(fund(url))
+                for concurrency in options.concurrency:
+                    echo = raw_echo(url, options.duration, concurrency, raw.pid)
+                    record = run_requester(
+                        "bench.ledger",
+                        [url, str(options.duration), "record"],
+                        f"ledger.record {store}",
+                        concurrency,
+                        pids,
+                    )
+                    rows.append((echo, record))
+                if not options.no_batch:
+                    batch = run_requester(
+                        "bench.ledger",
+                        [url, str(options.duration), "record_batch"],
+                        f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
+                        8,
+                        pids,
+                    )
+                    rows.append((rows[-1][0], batch))
     print(
         f"{options.duration:g} s per measurement, cpus {os.cpu_count()}, echo body {len(BODY)} bytes; "
         f"record_batch rows count requests (x{BATCH_TRANSFERS} transfers each)"

@@ -80,6 +80,22 @@ def database_for(store: str, data_dir: str) -> str:
 
 
 @contextlib.contextmanager
+def nats_and_raw_echo() -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """What every bench runs in: a data directory, a nats-server on a free port, the raw nats-py
+    echo as the baseline. Yields (data_dir, nats_url, raw echo process); all gone on leaving."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
+        url = server.start()
+        raw = start_responder("raw", url)
+        try:
+            yield data_dir, url, raw
+        finally:
+            raw.terminate()
+            raw.wait()
+            server.stop()
+
+
+@contextlib.contextmanager
 def services_running(names: list[str], nats_url: str, database_url: str) -> Iterator[list[subprocess.Popen]]:
     """One process per service, started in order and serving; terminated and reaped on leaving."""
     processes: list[subprocess.Popen] = []
@@ -144,22 +160,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
     options = parser.parse_args()
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
-        url = server.start()
-        raw = start_responder("raw", url)
+    with nats_and_raw_echo() as (data_dir, url, raw):
         rows = []
-        try:
-            for store in options.stores:
-                database_url = database_for(store, data_dir)
-                migrations.upgrade(database_url)
-                asyncio.run(seed(database_url))
-                with services_running(["accounts"], url, database_url) as (accounts,):
-                    rows += measure(store, url, options.duration, raw.pid, accounts.pid)
-        finally:
-            raw.terminate()
-            raw.wait()
-            server.stop()
+        for store in options.stores:
+            database_url = database_for(store, data_dir)
+            migrations.upgrade(database_url)
+            asyncio.run(seed(database_url))
+            with services_running(["accounts"], url, database_url) as (accounts,):
+                rows += measure(store, url, options.duration, raw.pid, accounts.pid)
     print(
         f"{SEEDED_USERS} users seeded, {options.duration:g} s per measurement, cpus {os.cpu_count()}, "
         f"echo body {len(BODY)} bytes"

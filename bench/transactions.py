@@ -15,19 +15,15 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import msgspec
 import nats
 
 import migrations
-from bench.echo import start_responder
 from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
-from bench.services import database_for, services_running
+from bench.services import database_for, nats_and_raw_echo, services_running
 from bench.services import seed as seed_users
-from bus.embedded import EmbeddedNats, free_port
 
 USERS = 1_000
 SINK = USERS  # user ids are 1..USERS; ingest sends everything to the last one
@@ -58,7 +54,7 @@ async def seed(database_url: str, url: str) -> None:
     await nc.close()
 
 
-async def ingest(url: str, count: int) -> Result:
+async def ingest(url: str, count: int, label: str) -> Result:
     nc = await nats.connect(url)
     js = nc.jetstream()
     start_balance = await sink_balance(nc)
@@ -79,7 +75,7 @@ async def ingest(url: str, count: int) -> Result:
     seconds = time.perf_counter() - started
     await nc.close()
     print(f"ingest: {count} published in {published - started:.2f} s, all committed after {seconds:.2f} s")
-    return Result("ingest transfers", 0, count, seconds, 0.0, 0.0, 0)
+    return Result(label, 0, count, seconds, 0.0, 0.0, 0)
 
 
 async def sink_balance(nc) -> int:
@@ -94,34 +90,25 @@ def main() -> None:
     parser.add_argument("--ingest", type=int, default=5_000)
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
-        url = server.start()
-        raw = start_responder("raw", url)
-        try:
-            for store in options.stores:
-                database_url = database_for(store, data_dir)
-                migrations.upgrade(database_url)
-                names = ["ledger_events", "ledger", "accounts", "transactions"]
-                with services_running(names, url, database_url) as services:
-                    pids = [process.pid for process in services]
-                    asyncio.run(seed(database_url, url))
-                    for concurrency in (64, 512):
-                        echo = raw_echo(url, options.duration, concurrency, raw.pid)
-                        create = run_requester(
-                            "bench.transactions",
-                            [url, str(options.duration)],
-                            f"transfers.create {store}",
-                            concurrency,
-                            pids,
-                        )
-                        rows.append((echo, create))
-                    result = asyncio.run(ingest(url, options.ingest))
-                    rows.append((rows[-1][0], Result(f"ingest {store}", 0, result.requests, result.seconds, 0, 0, 0)))
-        finally:
-            raw.terminate()
-            raw.wait()
-            server.stop()
+    with nats_and_raw_echo() as (data_dir, url, raw):
+        for store in options.stores:
+            database_url = database_for(store, data_dir)
+            migrations.upgrade(database_url)
+            names = ["ledger_events", "ledger", "accounts", "transactions"]
+            with services_running(names, url, database_url) as services:
+                pids = [process.pid for process in services]
+                asyncio.run(seed(database_url, url))
+                for concurrency in (64, 512):
+                    echo = raw_echo(url, options.duration, concurrency, raw.pid)
+                    create = run_requester(
+                        "bench.transactions",
+                        [url, str(options.duration)],
+                        f"transfers.create {store}",
+                        concurrency,
+                        pids,
+                    )
+                    rows.append((echo, create))
+                rows.append((rows[-1][0], asyncio.run(ingest(url, options.ingest, f"ingest {store}"))))
     print(f"{options.duration:g} s per measurement, cpus {os.cpu_count()}; responder CPU: all four service processes")
     print(table(rows))
 

@@ -25,6 +25,11 @@ class _NoResponders(Exception):
     pass
 
 
+def no_responders(msg: Msg) -> bool:
+    """The server's own answer when nobody is subscribed to the subject (a status, no payload)."""
+    return bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
+
+
 class Requests:
     """Request-reply on one wildcard inbox per connection, like nats-py's `request`, without its
     per-request costs: it draws the token from the OS (`secrets.token_hex`) and waits through
@@ -50,7 +55,7 @@ class Requests:
         future = self._waiting.get(msg.subject[len(self.prefix) :])
         if future is None or future.done():
             return  # answered after its timeout
-        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+        if no_responders(msg):
             future.set_exception(_NoResponders())
         else:
             future.set_result(msg)

@@ -38,7 +38,7 @@ relay_poll_interval_s = 0.5
 relay_retry_wait_s_max = 5.0
 
 
-async def relay_forever(publish_pending: Callable[[], Awaitable[int]], wake: asyncio.Event) -> None:
+async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: asyncio.Event) -> None:
     """Publish what is pending, then sleep until woken or the poll interval passes; forever.
 
     JetStream not acknowledging (no stream, a timeout, a reconnect) is expected now and then:
@@ -102,14 +102,10 @@ class OutboxRelay:
     async def run(self) -> None:
         await relay_forever(self.publish_pending, self._wake)
 
-    async def publish_pending(self) -> int:
-        """Publish pending rows until none is left; returns how many were published by this call."""
-        total = 0
-        while True:
-            published = await self._publish_batch()
-            total += published
-            if published < relay_batch_max:
-                return total
+    async def publish_pending(self) -> None:
+        """Publish pending rows until none is left."""
+        while await self._publish_batch() == relay_batch_max:
+            pass
 
     async def _publish_batch(self) -> int:
         query = select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject, self.outbox.c.payload)

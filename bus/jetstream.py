@@ -19,6 +19,8 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from bus.client import no_responders
+
 ack_timeout_s = 5.0
 batch_messages_max = 4096
 
@@ -89,7 +91,7 @@ class BatchPublisher:
         batch = self._batches.get(int(batch_token))
         if batch is None:
             return  # a late ack of a batch that timed out
-        if msg.headers and msg.headers.get("Status") == "503":
+        if no_responders(msg):
             batch.failure = NoRespondersError()
         else:
             ack = _decode_ack(msg.data)

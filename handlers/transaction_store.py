@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.events import new_envelope
-from schemas.database import sqlite_timestamp
+from schemas.database import sqlite_stored, sqlite_timestamp
 from schemas.transactions import Transaction
 
 SOURCE = "transactions"
@@ -140,7 +140,7 @@ class TransactionSql:
 
     def _moment(self, moment: datetime) -> Any:
         """A `UtcDateTime` as SQLAlchemy stores it: text on SQLite, a timestamptz on Postgres."""
-        return moment.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else moment
+        return sqlite_stored(moment) if self.sqlite else moment
 
     def _stored(self, row: Any) -> Stored:
         inserted_at = sqlite_timestamp(row[15]) if self.sqlite else timestamp(row[15])

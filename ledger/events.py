@@ -67,15 +67,13 @@ class ChainRelay:
     async def run(self) -> None:
         await relay_forever(self.publish_pending, self.wake)
 
-    async def publish_pending(self) -> int:
-        total = 0
+    async def publish_pending(self) -> None:
         while True:
             entries = await self._next_entries()
             if not entries:
-                return total
+                return
             await self.publisher.publish([event_message(entry) for entry in entries])
             self._published = entries[-1].seq
-            total += len(entries)
             if asyncio.get_running_loop().time() - self._stored_at >= cursor_store_interval_s:
                 await self.store_cursor()
 

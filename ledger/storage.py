@@ -18,7 +18,7 @@ from typing import Any
 
 from bus.codec import timestamp
 from ledger.plan import BalanceKey, Head
-from schemas.database import sqlite_timestamp
+from schemas.database import sqlite_stored, sqlite_timestamp
 from schemas.ledger import Entry
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
@@ -85,7 +85,7 @@ class SqliteLedgerSql:
         return _balances(conn.execute(self.balances_of, (json.dumps(_accounts(keys)),)), keys)
 
     def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
-        stored_at = recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f")  # as SQLAlchemy stores a UtcDateTime
+        stored_at = sqlite_stored(recorded_at)
         assert sqlite_timestamp(stored_at) == entries[0].recorded_at
         conn.executemany(self.insert, _entry_rows(entries, stored_at))
 

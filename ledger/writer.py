@@ -179,7 +179,8 @@ class Writer:
         conn.execute("BEGIN IMMEDIATE")
         try:
             head = sql.head(conn)
-            result = decide(head, sql.entries_by_id(conn, ids), self._stored_balances(head, keys, sql.balances, conn))
+            missing = self._missing_balances(head, keys)
+            result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
             if result.new_entries:
                 sql.insert_entries(conn, result.new_entries, now)
                 sql.store_balances(conn, result.balances.items())
@@ -216,12 +217,6 @@ class Writer:
         """After COMMIT: the balances this batch stored, valid while the stored head is its head."""
         self._cached.update(result.balances)
         self._cached_head = result.head
-
-    def _stored_balances(
-        self, head: Head, keys: set[BalanceKey], read: Callable[..., dict[BalanceKey, int]], conn: sqlite3.Connection
-    ) -> dict[BalanceKey, int]:
-        missing = self._missing_balances(head, keys)
-        return read(conn, missing) if missing else {}
 
     def _missing_balances(self, head: Head, keys: set[BalanceKey]) -> set[BalanceKey]:
         """The keys to read from the database: all of them unless this writer wrote the stored head.

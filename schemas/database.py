@@ -15,7 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +60,12 @@ def sqlite_timestamp(stored: str) -> str:
     (`2026-01-01 12:00:00.000000`, always six digits): for reads that bypass SQLAlchemy."""
     assert len(stored) == 26 and stored[10] == " ", stored
     return f"{stored[:10]}T{stored[11:]}Z"
+
+
+def sqlite_stored(moment: datetime) -> str:
+    """A UTC moment as SQLAlchemy stores a `UtcDateTime` on SQLite: for writes that bypass it."""
+    assert moment.utcoffset() == timedelta(0), moment
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def default_url() -> str:
