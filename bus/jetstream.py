@@ -20,8 +20,10 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.client import no_responders
+from bus.wire import Frame, header_block, publish_all
 
 ack_timeout_s = 5.0
+MSG_ID = "Nats-Msg-Id"
 batch_messages_max = 4096
 
 
@@ -69,13 +71,14 @@ class BatchPublisher:
         batch_id = next(self._ids)
         batch = self._batches[batch_id] = _Batch(expected=len(messages))
         try:
-            for index, message in enumerate(messages):
-                await self.nc.publish(
-                    message.subject,
-                    message.payload,
-                    reply=f"{self._prefix}.{batch_id}.{index}",
-                    headers={"Nats-Msg-Id": message.msg_id},
-                )
+            reply = f"{self._prefix}.{batch_id}."
+            await publish_all(
+                self.nc,
+                (
+                    Frame(message.subject, f"{reply}{index}", message.payload, header_block({MSG_ID: message.msg_id}))
+                    for index, message in enumerate(messages)
+                ),
+            )
             try:
                 async with asyncio.timeout(ack_timeout_s):
                     await batch.done.wait()

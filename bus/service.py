@@ -28,6 +28,7 @@ from bus import discovery
 from bus.codec import bad_request_from, decoder, encode, timestamp
 from bus.connection import slow_consumer_drops
 from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
+from bus.wire import Frame, header_block, publish_all
 
 log = logging.getLogger("bitnexus.bus")
 
@@ -267,11 +268,13 @@ class Service:
         except Exception:
             log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
             replies = [Internal(INTERNAL_MESSAGE)] * len(requests)
-        for msg, reply in zip(decoded, replies, strict=True):
-            if isinstance(reply, ServiceError):
-                await self._reply_error(endpoint, msg, reply)
-            elif msg.reply:
-                await self.nc.publish(msg.reply, encode(reply))
+        frames = [
+            self._error_frame(endpoint, msg, reply)
+            if isinstance(reply, ServiceError)
+            else Frame(msg.reply, "", encode(reply))
+            for msg, reply in zip(decoded, replies, strict=True)
+        ]
+        await publish_all(self.nc, (frame for frame in frames if frame.subject))  # one write for the whole batch
         counters = endpoint.counters
         counters.num_requests += len(msgs)
         counters.processing_time_ns += (perf_counter_ns() - started) * len(msgs)  # each waited the whole batch
@@ -297,12 +300,17 @@ class Service:
             counters.processing_time_ns += perf_counter_ns() - started
 
     async def _reply_error(self, endpoint: Endpoint, msg: Msg, error: ServiceError) -> None:
+        frame = self._error_frame(endpoint, msg, error)
+        if frame.subject:
+            await publish_all(self.nc, [frame])
+
+    def _error_frame(self, endpoint: Endpoint, msg: Msg, error: ServiceError) -> Frame:
+        """Counts the error; the reply to send (no subject when the request asked for none)."""
         counters = endpoint.counters
         counters.num_errors += 1
         counters.last_error = f"{error.code}:{error.message}"
-        if msg.reply:
-            headers = {ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.code)}
-            await self.nc.publish(msg.reply, encode(ErrorReply(error.body())), headers=headers)
+        headers = header_block({ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.code)})
+        return Frame(msg.reply, "", encode(ErrorReply(error.body())), headers)
 
     async def _on_discovery(self, msg: Msg) -> None:
         verb = msg.subject.split(".")[1]

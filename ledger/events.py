@@ -4,8 +4,11 @@ by a process of its own (`bitnexus serve ledger_events`, a supervisor child).
 The chain is already an ordered, append-only log, so it is its own outbox: no second row per
 transfer. The relay publishes entries past a stored cursor, in order; the event id derives
 from the entry's hash, so a republish carries the same `Nats-Msg-Id` and JetStream drops the
-copy. The ledger nudges it after each commit (`ledger.internal.committed`, core NATS, one
-message per batch); a missed nudge costs at most `relay_poll_interval_s`.
+copy. After each commit the ledger hands the batch's entries over (`ledger.internal.committed`,
+core NATS, one message per batch): entries that continue exactly where the relay stands are
+published as they come, anything else (a lost or reordered message, another replica's batch,
+a start) sends the relay back to the database, which a missed message costs at most
+`relay_poll_interval_s` later. Reading every batch back cost the relay a third of its CPU.
 
 Why a process: publishing an event and reading its ack cost the ledger's single event loop
 ≈ 30 % of its CPU. Measured at c512 on SQLite (bench/RESULTS.md): 13.6k transfers/s
@@ -19,9 +22,11 @@ much is published again, with the same ids, inside JetStream's duplicate window.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy import select, update
@@ -30,6 +35,7 @@ from bus.codec import encode
 from bus.events import EVENTS_STREAM, ensure_stream, relay_forever
 from bus.jetstream import BatchPublisher, Message
 from bus.tasks import supervised
+from ledger.plan import Head
 from ledger.storage import entries_after
 from schemas.database import Database, open_database, service_url
 from schemas.events import Envelope
@@ -39,6 +45,16 @@ COMMITTED_SUBJECT = "ledger.internal.committed"
 EVENTS_CURSOR = "events"
 relay_batch_max = 1_024
 cursor_store_interval_s = 0.5
+handed_batches_max = 16
+"""Batches handed over and not yet published; older ones are dropped (and read back instead)."""
+
+_decode_entries = msgspec.json.Decoder(list[Entry]).decode
+
+
+def committed_message(entries: list[Entry], payload_max: int) -> bytes:
+    """The nudge: the batch's entries, or nothing when they would not fit in one message."""
+    body = encode(entries)
+    return body if len(body) <= payload_max else b""
 
 
 def event_message(entry: Entry) -> Message:
@@ -53,6 +69,16 @@ def event_message(entry: Entry) -> Message:
     return Message("events.ledger.transfer.recorded", encode(envelope), envelope.id)
 
 
+def chained(head: Head, entries: list[Entry]) -> bool:
+    """`entries` follow `head` and each other by seq and by hash (their hashes not recomputed)."""
+    previous = head
+    for entry in entries:
+        if (entry.seq, entry.prev_hash) != (previous.seq + 1, previous.hash):
+            return False
+        previous = Head(entry.seq, entry.hash)
+    return True
+
+
 class ChainRelay:
     """Publishes an event for every entry past the cursor; replicas may overlap, never go back."""
 
@@ -60,40 +86,58 @@ class ChainRelay:
         self.publisher = publisher
         self.db = db
         self.wake = asyncio.Event()
-        self._published = 0
+        self.handed: collections.deque[list[Entry]] = collections.deque(maxlen=handed_batches_max)
+        self._published = Head()
         self._stored = 0
         self._stored_at = 0.0
 
     async def run(self) -> None:
         await relay_forever(self.publish_pending, self.wake)
 
+    def hand_over(self, body: bytes) -> None:
+        """A committed batch from the ledger (`committed_message`); an empty one only wakes us."""
+        if body:
+            self.handed.append(_decode_entries(body))
+        self.wake.set()
+
     async def publish_pending(self) -> None:
         while True:
-            entries = await self._next_entries()
+            entries = self._next_handed() or await self._next_entries()
             if not entries:
                 return
             await self.publisher.publish([event_message(entry) for entry in entries])
-            self._published = entries[-1].seq
+            self._published = Head(entries[-1].seq, entries[-1].hash)
             if asyncio.get_running_loop().time() - self._stored_at >= cursor_store_interval_s:
                 await self.store_cursor()
 
     async def store_cursor(self) -> None:
         """Write down how far events are published (never backwards: another replica may be ahead)."""
-        if self._published <= self._stored:
+        if self._published.seq <= self._stored:
             return
         async with self.db.writer.begin() as conn:
             await conn.execute(
                 update(ledger_cursors)
-                .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < self._published)
-                .values(seq=self._published)
+                .where(ledger_cursors.c.name == EVENTS_CURSOR, ledger_cursors.c.seq < self._published.seq)
+                .values(seq=self._published.seq)
             )
-        self._stored = self._published
+        self._stored = self._published.seq
         self._stored_at = asyncio.get_running_loop().time()
+
+    def _next_handed(self) -> list[Entry]:
+        """The next handed-over entries if they continue the published ones, seq and hash; at a
+        gap, none, and the rest dropped: the database has them."""
+        while self.handed:
+            entries = [entry for entry in self.handed.popleft() if entry.seq > self._published.seq]
+            if entries and chained(self._published, entries):
+                return entries
+            if entries:
+                self.handed.clear()
+        return []
 
     async def _next_entries(self) -> list[Entry]:
         async with self.db.reader.connect() as conn:
             query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
-            cursor = max((await conn.execute(query)).scalar_one(), self._published)
+            cursor = max((await conn.execute(query)).scalar_one(), self._published.seq)
             driver = (await conn.get_raw_connection()).driver_connection
             return await entries_after(driver, self.db.is_sqlite, cursor, relay_batch_max)
 
@@ -105,8 +149,8 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
     await ensure_stream(nc.jetstream(), EVENTS_STREAM, ["events.>"])
     relay = ChainRelay(BatchPublisher(nc), db)
 
-    async def nudged(_msg: Msg) -> None:
-        relay.wake.set()
+    async def nudged(msg: Msg) -> None:
+        relay.hand_over(msg.data)
 
     nudges = await nc.subscribe(COMMITTED_SUBJECT, cb=nudged)
     try:

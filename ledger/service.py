@@ -19,7 +19,7 @@ from bus.service import Service
 from bus.tasks import supervised
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
-from ledger.events import COMMITTED_SUBJECT
+from ledger.events import COMMITTED_SUBJECT, committed_message
 from ledger.writer import Writer
 from schemas.database import Database, open_database, service_url
 from schemas.ledger import (
@@ -120,7 +120,7 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     db = open_database(service_url("ledger"))
 
     async def nudge_relay(entries: list[Entry]) -> None:
-        await nc.publish(COMMITTED_SUBJECT, str(entries[-1].seq).encode())
+        await nc.publish(COMMITTED_SUBJECT, committed_message(entries, nc.max_payload))
 
     writer = Writer(db, on_commit=nudge_relay)
     service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger", instance_metadata())

@@ -28,6 +28,9 @@ from sqlalchemy.types import TypeDecorator
 T = TypeVar("T")
 
 sqlite_busy_timeout_ms = 10_000
+wal_checkpoint_interval_s = 0.2
+wal_pages_max = 16_384
+"""A writer's own checkpoint, should the background one fall behind: 64 MiB of log at 4 KiB pages."""
 sqlite_readers_max = 8
 postgres_pool_size = 10
 pool_timeout_s = 10.0
@@ -209,6 +212,7 @@ class SqliteThread:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._connection: sqlite3.Connection | None = None
+        self._checkpointer = WalCheckpointer(path)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
@@ -217,6 +221,8 @@ class SqliteThread:
         if self._connection is None:
             self._connection = sqlite3.connect(self.path, isolation_level=None)
             configure_sqlite(self._connection)
+            self._connection.execute(f"PRAGMA wal_autocheckpoint={wal_pages_max}")
+            self._checkpointer.start()
         return fn(self._connection)
 
     async def close(self) -> None:
@@ -224,6 +230,48 @@ class SqliteThread:
             connection.close()
             self._connection = None
 
+        await asyncio.to_thread(self._checkpointer.stop)
         if self._connection is not None:
             await self.run(close)
         self._executor.shutdown(wait=True)
+
+
+class WalCheckpointer:
+    """Copies a SQLite file's write-ahead log into the database every `wal_checkpoint_interval_s`,
+    on a thread and connection of its own, so that a writer's commits only append to the log.
+
+    SQLite's own checkpoint runs inside the commit that takes the log past 1,000 pages: in the
+    ledger at c512, one commit in ten took 8-13 ms instead of 1-2 (copying pages, fsyncing the
+    database file) while every request of its batch waited. A PASSIVE checkpoint never blocks
+    the writer or readers. The writer keeps `wal_autocheckpoint` at `wal_pages_max`, a bound
+    for when this thread falls behind.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        assert self._thread is None
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            configure_sqlite(connection)
+            while not self._stopping.wait(wal_checkpoint_interval_s):
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise
+                    # another connection is checkpointing (the writer's backstop): next round
+        finally:
+            connection.close()

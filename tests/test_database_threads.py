@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from schemas.database import PostgresThread, SqliteThread
+from schemas.database import PostgresThread, SqliteThread, wal_checkpoint_interval_s, wal_pages_max
 
 
 async def test_sqlite_thread_runs_every_call_on_one_thread_and_connection(tmp_path: Path) -> None:
@@ -22,6 +23,28 @@ async def test_sqlite_thread_runs_every_call_on_one_thread_and_connection(tmp_pa
 
         first, second = await writer.run(where), await writer.run(where)
         assert first == second and first[0] != threading.get_ident() and first[2] == "wal"
+    finally:
+        await writer.close()
+
+
+async def test_sqlite_thread_moves_the_log_into_the_database_in_the_background(tmp_path: Path) -> None:
+    """Commits only append to the WAL (SQLite's own checkpoint waits for `wal_pages_max`);
+    the checkpointer thread copies them into the database file within its interval."""
+    path = tmp_path / "w.db"
+    writer = SqliteThread(str(path))
+    try:
+
+        def write(conn: sqlite3.Connection) -> int:
+            conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, pad TEXT)")
+            for batch in range(8):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO t VALUES (?, ?)", ((batch * 100 + n, "x" * 4000) for n in range(100)))
+                conn.execute("COMMIT")
+            return conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+
+        assert await writer.run(write) == wal_pages_max  # 800 pages written stay below it
+        await asyncio.sleep(3 * wal_checkpoint_interval_s)
+        assert path.stat().st_size > 800 * 4000  # copied into the database file by the checkpointer
     finally:
         await writer.close()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 from sqlalchemy import update
 
+from ledger.events import COMMITTED_SUBJECT
 from schemas.database import open_database, service_url
 from schemas.ledger import ledger_entries
 from tests.conftest import Mesh
@@ -194,5 +196,23 @@ async def test_every_entry_publishes_a_recorded_event(mesh: Mesh) -> None:
         assert msg_id == envelope["id"]
         assert envelope["type"] == "ledger.transfer.recorded" and envelope["source"] == "ledger"
         assert envelope["data"] == entry and envelope["occurred_at"] == entry["recorded_at"]
+    await asyncio.sleep(0.3)
+    assert await mesh.event_count() == 3
+
+
+async def test_handed_over_entries_are_published_only_where_they_continue_the_chain(mesh: Mesh) -> None:
+    """The ledger hands each committed batch to the relay; a message that does not continue what was
+    published (a gap, or a forged entry whose prev_hash does not link) sends the relay to the
+    database instead: every event is an entry of the chain, each once, in order."""
+    first = (await mesh.ok("ledger.record_batch", {"transfers": [transfer("h1", "world", "user:1", 1)]}))["items"]
+    await mesh.events(1)
+    forged = [{**first[0], "seq": 2, "id": "forged", "hash": "f" * 64}]  # links by seq, not by hash
+    ahead = [{**first[0], "seq": 7, "id": "ahead", "prev_hash": "a" * 64}]  # a gap
+    for entries in (forged, ahead, [{**forged[0], "prev_hash": first[0]["hash"], "seq": 9}]):
+        await mesh.nc.publish(COMMITTED_SUBJECT, json.dumps(entries).encode())
+    await mesh.ok("ledger.record_batch", {"transfers": [transfer(f"h{n}", "world", "user:1", 1) for n in (2, 3)]})
+    events = await mesh.events(3)
+    chain = await whole_chain(mesh)
+    assert [envelope["data"] for _, _, envelope in events] == chain
     await asyncio.sleep(0.3)
     assert await mesh.event_count() == 3

@@ -1,0 +1,76 @@
+"""Many messages published as one write: the NATS protocol frames built here, handed to nats-py once.
+
+nats-py's `publish` validates, formats and queues one message per call (and builds a header
+block from a dict each time): for the ledger's batches of a few hundred replies or events that
+was most of what publishing cost. `publish_all` keeps nats-py's rules (closed, draining,
+payload limit, buffering while reconnecting) and its stats, and uses two of its private
+methods, `_send_command` and `_flush_pending`, and its flush queue (nats-py is pinned below 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from nats import errors
+from nats.aio.client import Client
+
+
+class Frame(NamedTuple):
+    subject: str
+    reply: str
+    payload: bytes
+    headers: bytes = b""
+    """An encoded header block (`header_block`), or empty for a plain PUB."""
+
+
+_NEWLINES_TO_SPACES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """`NATS/1.0` and the headers as they go on the wire; values trimmed, CR and LF made spaces (as nats-py)."""
+    lines = "".join(f"{key}: {value.strip().translate(_NEWLINES_TO_SPACES)}\r\n" for key, value in headers.items())
+    return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    subject, reply, payload, headers = frame
+    assert subject and " " not in subject and " " not in reply, frame
+    if headers:
+        size = len(headers) + len(payload)
+        return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(),
+            reply.encode(),
+            len(headers),
+            size,
+            headers,
+            payload,
+        )
+    return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+
+
+async def publish_all(nc: Client, frames: Iterable[Frame]) -> None:
+    """Queue every frame in order as one command and flush, as `nc.publish` would one by one."""
+    if nc.is_closed:
+        raise errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise errors.ConnectionDrainingError
+    chunks = []
+    payload_bytes = 0
+    for frame in frames:
+        if len(frame.payload) > nc.max_payload:
+            raise errors.MaxPayloadError
+        payload_bytes += len(frame.payload)
+        chunks.append(frame_bytes(frame))
+    if not chunks:
+        return
+    command = b"".join(chunks)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or len(command) + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise errors.OutboundBufferLimitError  # as nats-py: no buffering while reconnecting, or buffer full
+    nc.stats["out_msgs"] += len(chunks)
+    nc.stats["out_bytes"] += payload_bytes
+    await nc._send_command(command)
+    if nc._flush_queue is not None and nc._flush_queue.empty():  # as nats-py: one flush request queued at most
+        await nc._flush_pending()
