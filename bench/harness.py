@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from array import array
 import dataclasses
 import gc
 import json
@@ -11,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
