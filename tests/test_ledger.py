@@ -101,6 +101,25 @@ async def test_concurrent_retries_of_one_id_record_it_once(mesh: Mesh) -> None:
     assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 5}
 
 
+async def test_retries_spread_over_batches_in_flight_return_the_original(mesh: Mesh) -> None:
+    """Copies of a request reach the writer in later batches, some while the first is still in
+    flight: each copy answers with the one entry, and the chain holds each transfer once."""
+    bodies = [transfer(f"r{n}", "world", f"user:{n % 7}", 1 + n % 3) for n in range(300)]
+
+    async def send_late(body: dict, delay_s: float) -> dict:
+        await asyncio.sleep(delay_s)
+        return await mesh.ok("ledger.record", body)
+
+    copies = [(body, round_ * 0.002) for round_ in range(4) for body in bodies]
+    replies = await asyncio.gather(*(send_late(body, delay_s) for body, delay_s in copies))
+    by_id: dict[str, list[dict]] = {}
+    for reply in replies:
+        by_id.setdefault(reply["id"], []).append(reply)
+    assert all(len(same) == 4 and all(copy == same[0] for copy in same) for same in by_id.values())
+    entries = await assert_ledger_invariants(mesh)
+    assert sorted(entry["id"] for entry in entries) == sorted(by_id)
+
+
 async def test_record_batch_is_all_or_nothing_and_names_the_refused_index(mesh: Mesh) -> None:
     batch = [
         transfer("b1", "world", "user:1", 100),
