@@ -57,8 +57,9 @@ async def publish_all(nc: Client, frames: Iterable[Frame]) -> None:
         raise errors.ConnectionDrainingError
     chunks = []
     payload_bytes = 0
+    payload_max = nc.max_payload
     for frame in frames:
-        if len(frame.payload) > nc.max_payload:
+        if len(frame.payload) > payload_max:
             raise errors.MaxPayloadError
         payload_bytes += len(frame.payload)
         chunks.append(frame_bytes(frame))

@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from sqlalchemy import select, update
 
 from bus.codec import encode
-from bus.events import EVENTS_STREAM, ensure_stream, relay_forever
+from bus.events import EVENTS_STREAM, ensure_stream, relay_forever, relay_poll_interval_s
 from bus.jetstream import BatchPublisher, Message
 from bus.tasks import supervised
 from ledger.plan import Head
@@ -90,6 +90,9 @@ class ChainRelay:
         self._published = Head()
         self._stored = 0
         self._stored_at = 0.0
+        self._behind = True
+        """The database may hold entries past `_published` that were not handed over."""
+        self._read_at = 0.0
 
     async def run(self) -> None:
         await relay_forever(self.publish_pending, self.wake)
@@ -98,11 +101,18 @@ class ChainRelay:
         """A committed batch from the ledger (`committed_message`); an empty one only wakes us."""
         if body:
             self.handed.append(_decode_entries(body))
+        else:
+            self._behind = True
         self.wake.set()
 
     async def publish_pending(self) -> None:
+        """Publish what was handed over; read the database only when behind, or once per poll
+        interval in case a handover was lost after the last one that arrived."""
         while True:
-            entries = self._next_handed() or await self._next_entries()
+            entries = self._next_handed()
+            loop_time = asyncio.get_running_loop().time()
+            if not entries and (self._behind or loop_time - self._read_at >= relay_poll_interval_s):
+                entries = await self._next_entries()
             if not entries:
                 return
             await self.publisher.publish([event_message(entry) for entry in entries])
@@ -132,6 +142,7 @@ class ChainRelay:
                 return entries
             if entries:
                 self.handed.clear()
+                self._behind = True
         return []
 
     async def _next_entries(self) -> list[Entry]:
@@ -139,7 +150,10 @@ class ChainRelay:
             query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
             cursor = max((await conn.execute(query)).scalar_one(), self._published.seq)
             driver = (await conn.get_raw_connection()).driver_connection
-            return await entries_after(driver, self.db.is_sqlite, cursor, relay_batch_max)
+            entries = await entries_after(driver, self.db.is_sqlite, cursor, relay_batch_max)
+        self._read_at = asyncio.get_running_loop().time()
+        self._behind = len(entries) == relay_batch_max
+        return entries
 
 
 @contextlib.asynccontextmanager
@@ -158,6 +172,7 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
             task = group.create_task(supervised("ledger_events.relay", relay.run))
             yield relay
             await nudges.unsubscribe()
+            relay._behind = True  # a last look at the database
             await relay.publish_pending()
             await relay.store_cursor()
             task.cancel()

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from datetime import UTC, datetime
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
+from bus.codec import timestamp
+from bus.events import relay_poll_interval_s
+from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT
 from schemas.database import open_database, service_url
 from schemas.ledger import ledger_entries
@@ -235,3 +239,22 @@ async def test_handed_over_entries_are_published_only_where_they_continue_the_ch
     assert [envelope["data"] for _, _, envelope in events] == chain
     await asyncio.sleep(0.3)
     assert await mesh.event_count() == 3
+
+
+async def test_an_entry_never_handed_over_is_published_from_the_database(mesh: Mesh, database: str) -> None:
+    """Committed with no `ledger.internal.committed` after it (here: written straight into the
+    table, as if that message were lost): the relay still finds it, within its poll interval."""
+    (first,) = (await mesh.ok("ledger.record_batch", {"transfers": [transfer("p1", "world", "user:1", 1)]}))["items"]
+    await mesh.events(1)
+    moment = datetime.now(UTC)
+    second = make_entry(2, "p2", "world", "user:1", 1, "EUR", "", timestamp(moment), first["hash"])
+    db = open_database(service_url("ledger", database))
+    async with db.writer.begin() as conn:
+        row = {name: getattr(second, name) for name in ("seq", "id", "amount", "currency", "memo", "prev_hash", "hash")}
+        await conn.execute(
+            insert(ledger_entries).values(**row, from_account="world", to_account="user:1", recorded_at=moment)
+        )
+    await db.dispose()
+    events = await mesh.events(2, timeout_s=3 * relay_poll_interval_s)
+    assert [envelope["data"]["seq"] for _, _, envelope in events] == [1, 2]
+    assert events[1][2]["data"]["hash"] == second.hash
