@@ -5,10 +5,11 @@ The chain is already an ordered, append-only log, so it is its own outbox: no se
 transfer. The relay publishes entries past a stored cursor, in order; the event id derives
 from the entry's hash, so a republish carries the same `Nats-Msg-Id` and JetStream drops the
 copy. After each commit the ledger hands the batch's entries over (`ledger.internal.committed`,
-core NATS, one message per batch): entries that continue exactly where the relay stands are
-published as they come, anything else (a lost or reordered message, another replica's batch,
-a start) sends the relay back to the database, which a missed message costs at most
-`relay_poll_interval_s` later. Reading every batch back cost the relay a third of its CPU.
+core NATS, one message per batch): entries that continue exactly where the relay stands, by
+seq and `prev_hash`, are published as they come. The relay reads the database itself only
+when it may be behind (at start, after a gap: a lost, reordered or forged message, another
+replica's batch; after an empty handover) and once per `relay_poll_interval_s` in case the
+last handover was lost. Reading every batch back cost the relay a third of its CPU.
 
 Why a process: publishing an event and reading its ack cost the ledger's single event loop
 ≈ 30 % of its CPU. Measured at c512 on SQLite (bench/RESULTS.md): 13.6k transfers/s
@@ -120,6 +121,12 @@ class ChainRelay:
             if asyncio.get_running_loop().time() - self._stored_at >= cursor_store_interval_s:
                 await self.store_cursor()
 
+    async def finish(self) -> None:
+        """On stopping: publish what is left, the database included, and store the cursor."""
+        self._behind = True
+        await self.publish_pending()
+        await self.store_cursor()
+
     async def store_cursor(self) -> None:
         """Write down how far events are published (never backwards: another replica may be ahead)."""
         if self._published.seq <= self._stored:
@@ -172,9 +179,7 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
             task = group.create_task(supervised("ledger_events.relay", relay.run))
             yield relay
             await nudges.unsubscribe()
-            relay._behind = True  # a last look at the database
-            await relay.publish_pending()
-            await relay.store_cursor()
+            await relay.finish()
             task.cancel()
     finally:
         await db.dispose()
