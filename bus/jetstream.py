@@ -23,15 +23,13 @@ from bus.client import no_responders
 from bus.wire import Frame, publish_all
 
 ack_timeout_s = 5.0
+batch_messages_max = 4096
 _MSG_ID_LINE = b"NATS/1.0\r\nNats-Msg-Id: "
 
 
 def _msg_id_header(msg_id: str) -> bytes:
     """`header_block({"Nats-Msg-Id": msg_id})` for an id of ours (no spaces, CR or LF), without its loop."""
     return b"%s%s\r\n\r\n" % (_MSG_ID_LINE, msg_id.encode())
-
-
-batch_messages_max = 4096
 
 
 class PubAck(msgspec.Struct):
