@@ -243,8 +243,10 @@ class WalCheckpointer:
     SQLite's own checkpoint runs inside the commit that takes the log past 1,000 pages: in the
     ledger at c512, one commit in ten took 8-13 ms instead of 1-2 (copying pages, fsyncing the
     database file) while every request of its batch waited. A PASSIVE checkpoint never blocks
-    the writer or readers. The writer keeps `wal_autocheckpoint` at `wal_pages_max`, a bound
-    for when this thread falls behind.
+    the writer or readers. Under constant writes it seldom catches the log's last frame, and
+    only then can the next transaction start the log over; the writer keeps
+    `wal_autocheckpoint` at `wal_pages_max` as the bound (at c512 the log peaked near 15,500
+    pages and started over several times in 6 s).
     """
 
     def __init__(self, path: str) -> None:
