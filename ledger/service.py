@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 
 from nats.aio.client import Client
+from nats.errors import ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
 from sqlalchemy import or_, select
 from sqlalchemy.engine import Row
 
@@ -119,10 +120,15 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     """Serve until the block ends; events are published by `ledger.events`, another process."""
     db = open_database(service_url("ledger"))
 
-    async def nudge_relay(entries: list[Entry]) -> None:
-        await nc.publish(COMMITTED_SUBJECT, committed_message(entries, nc.max_payload))
+    async def hand_over(entries: list[Entry]) -> None:
+        """Best effort, after the commit: a handover that cannot be sent (NATS reconnecting with a
+        full buffer, closing) only makes the relay read the database at its next poll."""
+        try:
+            await nc.publish(COMMITTED_SUBJECT, committed_message(entries, nc.max_payload))
+        except (OutboundBufferLimitError, ConnectionClosedError, ConnectionDrainingError) as exc:
+            log.warning("committed entries %d-%d not handed over: %r", entries[0].seq, entries[-1].seq, exc)
 
-    writer = Writer(db, on_commit=nudge_relay)
+    writer = Writer(db, on_commit=hand_over)
     service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger", instance_metadata())
     service.add_batch_endpoint(
         "ledger.record", record_each, writer, request_type=Transfer, batch_max=record_batch_requests_max
