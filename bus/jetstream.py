@@ -20,16 +20,10 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.client import no_responders
-from bus.wire import Frame, publish_all
+from bus.wire import Frame, header_block, publish_all
 
 ack_timeout_s = 5.0
 batch_messages_max = 4096
-_MSG_ID_LINE = b"NATS/1.0\r\nNats-Msg-Id: "
-
-
-def _msg_id_header(msg_id: str) -> bytes:
-    """`header_block({"Nats-Msg-Id": msg_id})` for an id of ours (no spaces, CR or LF), without its loop."""
-    return b"%s%s\r\n\r\n" % (_MSG_ID_LINE, msg_id.encode())
 
 
 class PubAck(msgspec.Struct):
@@ -80,7 +74,12 @@ class BatchPublisher:
             await publish_all(
                 self.nc,
                 (
-                    Frame(message.subject, f"{reply}{index}", message.payload, _msg_id_header(message.msg_id))
+                    Frame(
+                        message.subject,
+                        f"{reply}{index}",
+                        message.payload,
+                        header_block({"Nats-Msg-Id": message.msg_id}),
+                    )
                     for index, message in enumerate(messages)
                 ),
             )

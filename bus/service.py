@@ -252,12 +252,13 @@ class Service:
         started = perf_counter_ns()
         requests: list[Any] = []
         decoded: list[Msg] = []
+        frames: list[Frame] = []
         for msg in msgs:
             try:
                 requests.append(endpoint.decode(msg.data))
                 decoded.append(msg)
             except msgspec.DecodeError as exc:
-                await self._reply_error(endpoint, msg, bad_request_from(exc))
+                frames.append(self._error_frame(endpoint, msg, bad_request_from(exc)))
         replies: list[Any] = []
         try:
             if requests:
@@ -268,7 +269,7 @@ class Service:
         except Exception:
             log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
             replies = [Internal(INTERNAL_MESSAGE)] * len(requests)
-        frames = [
+        frames += [
             self._error_frame(endpoint, msg, reply)
             if isinstance(reply, ServiceError)
             else Frame(msg.reply, "", encode(reply))

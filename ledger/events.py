@@ -111,14 +111,14 @@ class ChainRelay:
         interval in case a handover was lost after the last one that arrived."""
         while True:
             entries = self._next_handed()
-            loop_time = asyncio.get_running_loop().time()
-            if not entries and (self._behind or loop_time - self._read_at >= relay_poll_interval_s):
+            loop = asyncio.get_running_loop()
+            if not entries and (self._behind or loop.time() - self._read_at >= relay_poll_interval_s):
                 entries = await self._next_entries()
             if not entries:
                 return
             await self.publisher.publish([event_message(entry) for entry in entries])
             self._published = Head(entries[-1].seq, entries[-1].hash)
-            if asyncio.get_running_loop().time() - self._stored_at >= cursor_store_interval_s:
+            if loop.time() - self._stored_at >= cursor_store_interval_s:
                 await self.store_cursor()
 
     async def finish(self) -> None:
@@ -179,7 +179,8 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
             task = group.create_task(supervised("ledger_events.relay", relay.run))
             yield relay
             await nudges.unsubscribe()
-            await relay.finish()
             task.cancel()
+            await asyncio.wait([task])  # one publisher at a time: finish after the loop stopped
+            await relay.finish()
     finally:
         await db.dispose()

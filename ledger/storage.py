@@ -2,10 +2,10 @@
 
 Going around SQLAlchemy here matters: per-row parameter processing and result rows were a
 fifth of the ledger's CPU. On SQLite the whole batch runs in the writer's own thread as plain
-calls (`SqliteLedgerSql`, see `SqliteThread`); on Postgres each statement is one round trip on
-the connection SQLAlchemy opened the transaction on (`PostgresLedgerSql`). A batch is one
-`executemany` per table; reads take a whole list as one parameter (`json_each` / `= ANY`), so
-no statement is recompiled per batch size.
+calls (`SqliteLedgerSql`, see `SqliteThread`), one `executemany` per table; on Postgres on the
+writer's own connection (`PostgresLedgerSql`, see `PostgresThread`), the entries and balances
+in one `unnest` statement. Reads take a whole list as one parameter (`json_each` / `= ANY`),
+so no statement is recompiled per batch size.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ class SqliteLedgerSql:
 
 
 class PostgresLedgerSql:
-    """Each statement is a network round trip, and under load each round trip also waits a turn
-    of the event loop, so a batch is four: BEGIN with the lock, the head with the batch's ids,
-    the entries with the balances, COMMIT (the balances' read is a fifth when not cached)."""
+    """Each statement is a network round trip, so a batch is four: BEGIN with the lock, the head
+    with the batch's ids, the entries with the balances, COMMIT (the balances' read is a fifth
+    when not cached)."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
     head_and_ids = (

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from subprocess import Popen
 
 from nats.aio.client import Client
 
 from bus.events import EVENTS_STREAM, ensure_stream
-from tests.conftest import Mesh
+from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
 from tests.test_faults import start_service, wait_until_serving
 
@@ -47,6 +48,14 @@ async def test_two_ledger_processes_on_one_database_never_fork_reuse_a_seq_or_ov
             assert ledger.wait(15) == 0
 
 
+async def start_relay_and_ledger(nc: Client, nats_url: str, database: str) -> tuple[Popen, Popen]:
+    """The event relay, then the ledger (the supervisor's order); returns once the ledger serves."""
+    relay = start_service("ledger_events", nats_url, database)
+    ledger = start_service("ledger", nats_url, database)
+    await wait_until_serving(nc, "ledger")
+    return relay, ledger
+
+
 async def served_requests_by_instance(nc: Client) -> dict[str, int]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -63,12 +72,9 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
     nc: Client, database: str, nats_url: str
 ) -> None:
     mesh = Mesh(nc)
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
-    await mesh.js.purge_stream(EVENTS_STREAM)
-    relay = start_service("ledger_events", nats_url, database)
-    ledger = start_service("ledger", nats_url, database)
+    await fresh_streams(mesh)
+    relay, ledger = await start_relay_and_ledger(nc, nats_url, database)
     try:
-        await wait_until_serving(nc, "ledger")
         first = await mesh.ok(
             "ledger.record", {"id": "a", "from": "world", "to": "u:1", "amount": 5, "currency": "EUR"}
         )
@@ -80,9 +86,7 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
             process.send_signal(signal.SIGKILL)
             process.wait(10)
         await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
-        relay = start_service("ledger_events", nats_url, database)
-        ledger = start_service("ledger", nats_url, database)
-        await wait_until_serving(nc, "ledger")
+        relay, ledger = await start_relay_and_ledger(nc, nats_url, database)
         third = await mesh.ok("ledger.record", {"id": "c", "from": "u:2", "to": "u:1", "amount": 1, "currency": "EUR"})
         assert (first["seq"], second["seq"], third["seq"]) == (1, 2, 3)
         assert third["prev_hash"] == second["hash"]
@@ -101,12 +105,9 @@ async def test_entries_committed_while_the_event_relay_is_down_are_published_onc
     nc: Client, database: str, nats_url: str
 ) -> None:
     mesh = Mesh(nc)
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
-    await mesh.js.purge_stream(EVENTS_STREAM)
-    relay = start_service("ledger_events", nats_url, database)
-    ledger = start_service("ledger", nats_url, database)
+    await fresh_streams(mesh)
+    relay, ledger = await start_relay_and_ledger(nc, nats_url, database)
     try:
-        await wait_until_serving(nc, "ledger")
         deposits = [
             {"id": f"d{n}", "from": "world", "to": f"u:{n % 3}", "amount": 1, "currency": "EUR"} for n in range(50)
         ]
