@@ -25,7 +25,7 @@ from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
-from bus.jetstream import BatchPublisher, Message
+from bus.jetstream import BatchPublisher, Message, fast_ingest_supported
 from schemas.database import Database
 from schemas.events import Envelope
 
@@ -61,9 +61,13 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
 
 
 async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
-    """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is."""
+    """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is.
+
+    A new stream allows fast-ingest batches (`bus.jetstream`) where the server has them."""
+    batched = True if fast_ingest_supported(js._nc) else None  # older servers: the field left out
+    config = StreamConfig(name=name, subjects=subjects, duplicate_window=duplicate_window_s, allow_batched=batched)
     try:
-        await js.add_stream(StreamConfig(name=name, subjects=subjects, duplicate_window=duplicate_window_s))
+        await js.add_stream(config)
     except BadRequestError as exc:
         if exc.err_code != 10058:  # stream name already in use with a different configuration
             raise

@@ -1,16 +1,29 @@
-"""Publishing a batch to JetStream with every message in flight at once, acks on one inbox.
+"""Publishing a batch to JetStream with every message in flight at once, replies on one inbox.
 
 nats-py's `js.publish` is a request per message (a future, a random token, a round trip
 awaited one by one): about half of the ledger's CPU went there. Here a batch is written to
-the socket back to back, each with reply subject `<inbox>.<batch>.<index>`, and one
-subscription counts the acks. A batch succeeds only when every message is acknowledged.
+the socket back to back (`bus.wire.publish_all`) and one subscription reads the replies,
+in one of two ways:
+
+- Fast ingest (ADR-50, nats-server 2.14+, a stream with `allow_batched`): the server stores
+  each message as it arrives and answers the whole batch with one pub ack, on an end-of-batch
+  message it does not store. Gap mode `fail`: a message lost on the way fails the batch.
+  Publisher CPU per 560-byte message: ≈ 4 µs, against ≈ 9 with an ack per message
+  (`python -m bench.publisher`; the server's ≈ 8-9 µs either way).
+- One ack per message otherwise. A stream without `allow_batched` refuses a whole fast batch
+  (error 10205, nothing stored) and the publisher stays on this way from then on; a server
+  older than 2.14 would store the end-of-batch message, so it never gets a fast batch.
+
+A batch succeeds only when all of it is acknowledged. `Nats-Msg-Id` makes a retry harmless:
+JetStream drops the copies of what a failed batch did store, in either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,26 +35,42 @@ from nats.errors import TimeoutError as NatsTimeout
 from bus.client import no_responders
 from bus.wire import Frame, header_block, publish_all
 
+log = logging.getLogger("bitnexus.jetstream")
+
 ack_timeout_s = 5.0
 batch_messages_max = 4096
+FAST_INGEST_SINCE = (2, 14)
+BATCH_PUBLISH_DISABLED = 10205
+"""The stream's answer to a fast batch when it was not created with `allow_batched`."""
 
 
 class PubAck(msgspec.Struct):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
+    count: int = 0
+    """Fast ingest: the messages the batch's one ack answers for (duplicates included)."""
     error: dict | None = None
 
 
 _decode_ack = msgspec.json.Decoder(PubAck).decode
 
 
+class _FastIngestRefused(Exception):
+    pass
+
+
 @dataclass
 class _Batch:
-    expected: int
-    acked: set[int] = field(default_factory=set)
+    messages: int
+    replies_expected: int
+    replied: set[int] = field(default_factory=set)
     failure: Exception | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fail(self, failure: Exception) -> None:
+        self.failure = self.failure or failure
+        self.done.set()
 
 
 @dataclass(frozen=True)
@@ -52,13 +81,21 @@ class Message:
     """`Nats-Msg-Id`: JetStream drops a second copy within its duplicate window."""
 
 
+def fast_ingest_supported(nc: Client) -> bool:
+    version = nc.connected_server_version
+    return (version.major, version.minor) >= FAST_INGEST_SINCE
+
+
 class BatchPublisher:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
-        self._prefix = f"{nc._inbox_prefix.decode()}.{nc._nuid.next().decode()}"
+        self._token = nc._nuid.next().decode()
+        self._prefix = f"{nc._inbox_prefix.decode()}.{self._token}"
         self._batches: dict[int, _Batch] = {}
         self._ids = itertools.count(1)
         self._subscription = None
+        self.fast_ingest = True
+        """False once the stream refused a fast batch: not tried again by this publisher."""
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish all and return once JetStream acknowledged each; raises on any failure or timeout."""
@@ -66,23 +103,22 @@ class BatchPublisher:
         if not messages:
             return
         if self._subscription is None:
-            self._subscription = await self.nc.subscribe(f"{self._prefix}.*.*", cb=self._on_ack)
+            self._subscription = await self.nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
+        if self.fast_ingest and fast_ingest_supported(self.nc):
+            try:
+                await self._publish(messages, fast=True)
+                return
+            except _FastIngestRefused:
+                log.info("the stream does not allow batched publishes: one ack per message from now on")
+                self.fast_ingest = False
+        await self._publish(messages, fast=False)
+
+    async def _publish(self, messages: Sequence[Message], fast: bool) -> None:
         batch_id = next(self._ids)
-        batch = self._batches[batch_id] = _Batch(expected=len(messages))
+        batch = self._batches[batch_id] = _Batch(len(messages), 1 if fast else len(messages))
         try:
-            reply = f"{self._prefix}.{batch_id}."
-            await publish_all(
-                self.nc,
-                (
-                    Frame(
-                        message.subject,
-                        f"{reply}{index}",
-                        message.payload,
-                        header_block({"Nats-Msg-Id": message.msg_id}),
-                    )
-                    for index, message in enumerate(messages)
-                ),
-            )
+            frames = self._fast_frames(batch_id, messages) if fast else self._frames(batch_id, messages)
+            await publish_all(self.nc, frames)
             try:
                 async with asyncio.timeout(ack_timeout_s):
                     await batch.done.wait()
@@ -93,17 +129,44 @@ class BatchPublisher:
         finally:
             del self._batches[batch_id]
 
-    async def _on_ack(self, msg: Msg) -> None:
-        _, batch_token, index_token = msg.subject.rsplit(".", 2)
-        batch = self._batches.get(int(batch_token))
-        if batch is None:
-            return  # a late ack of a batch that timed out
+    def _frames(self, batch_id: int, messages: Sequence[Message]) -> Iterator[Frame]:
+        """One reply subject per message, `<prefix>.<batch>.<index>`."""
+        for index, message in enumerate(messages):
+            yield Frame(message.subject, f"{self._prefix}.{batch_id}.{index}", message.payload, _msg_id_header(message))
+
+    def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> Iterator[Frame]:
+        """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`
+        (operations: 0 start, 1 append, 3 end of batch); the batch id is unique on the server."""
+        reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
+        for seq, message in enumerate(messages, 1):
+            yield Frame(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message.payload, _msg_id_header(message))
+        yield Frame(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b"")
+
+    async def _on_reply(self, msg: Msg) -> None:
+        tokens = msg.subject[len(self._prefix) + 1 :].split(".")
+        fast = tokens[-1] == "$FI"
+        batch = self._batches.get(int(tokens[0][len(self._token) :] if fast else tokens[0]))
+        if batch is None or batch.done.is_set():
+            return  # a late reply of a batch that timed out or already failed
         if no_responders(msg):
-            batch.failure = NoRespondersError()
-        else:
-            ack = _decode_ack(msg.data)
-            if ack.error is not None:
-                batch.failure = RuntimeError(f"JetStream refused a message: {ack.error}")
-        batch.acked.add(int(index_token))
-        if len(batch.acked) == batch.expected:
+            batch.fail(NoRespondersError())
+            return
+        if fast and msg.data.startswith(b'{"type":'):
+            if not msg.data.startswith(b'{"type":"ack"'):  # flow acks only pace publishers; we wait for the end
+                batch.fail(RuntimeError(f"JetStream stopped a batch: {msg.data!r}"))
+            return
+        ack = _decode_ack(msg.data)
+        if ack.error is not None:
+            refused = fast and ack.error.get("err_code") == BATCH_PUBLISH_DISABLED
+            batch.fail(_FastIngestRefused() if refused else RuntimeError(f"JetStream refused a message: {ack.error}"))
+            return
+        if fast and ack.count != batch.messages:
+            batch.fail(RuntimeError(f"JetStream acknowledged {ack.count} of a batch of {batch.messages}"))
+            return
+        batch.replied.add(int(tokens[1]) if not fast else 0)
+        if len(batch.replied) == batch.replies_expected:
             batch.done.set()
+
+
+def _msg_id_header(message: Message) -> bytes:
+    return header_block({"Nats-Msg-Id": message.msg_id})

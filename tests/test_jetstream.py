@@ -1,0 +1,73 @@
+"""Batches published to JetStream: fast ingest where the stream allows it, one ack per message where not."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.js.api import StreamConfig
+
+from bus.events import ensure_stream
+from bus.jetstream import BatchPublisher, Message, fast_ingest_supported
+
+
+@pytest.fixture
+async def stream_name(nc: Client) -> AsyncIterator[str]:
+    name = f"T{uuid.uuid4().hex[:8]}"
+    yield name
+    await nc.jetstream().delete_stream(name)
+
+
+def messages(name: str, ids: list[int]) -> list[Message]:
+    return [Message(f"{name}.x", b'{"n": %d}' % n, f"{name}-{n}") for n in ids]
+
+
+async def stored(nc: Client, name: str) -> int:
+    return (await nc.jetstream().stream_info(name)).state.messages
+
+
+async def replies_seen(nc: Client, publisher: BatchPublisher, batch: list[Message]) -> int:
+    """Publish `batch` and count the replies the server sent to the publisher's inbox."""
+    seen: list[Msg] = []
+
+    async def count(msg: Msg) -> None:
+        seen.append(msg)
+
+    spy = await nc.subscribe(f"{publisher._prefix}.>", cb=count)
+    await publisher.publish(batch)
+    await nc.flush()
+    await spy.unsubscribe()
+    return len(seen)
+
+
+async def test_a_batch_is_stored_once_with_one_ack_where_the_stream_allows_fast_ingest(
+    nc: Client, stream_name: str
+) -> None:
+    assert fast_ingest_supported(nc)  # the wheel's server
+    await ensure_stream(nc.jetstream(), stream_name, [f"{stream_name}.>"])
+    publisher = BatchPublisher(nc)
+    replies = await replies_seen(nc, publisher, messages(stream_name, list(range(200))))
+    assert replies <= 3, replies  # the start's flow ack, at most one more, the batch's pub ack
+    assert await stored(nc, stream_name) == 200  # the end-of-batch message is not stored
+    await publisher.publish(messages(stream_name, [*range(150, 200), *range(200, 210)]))
+    assert await stored(nc, stream_name) == 210  # the 50 copies dropped by their Nats-Msg-Id
+    assert publisher.fast_ingest
+
+
+async def test_a_stream_without_batched_publishes_gets_one_ack_per_message(nc: Client, stream_name: str) -> None:
+    await nc.jetstream().add_stream(StreamConfig(name=stream_name, subjects=[f"{stream_name}.>"]))
+    publisher = BatchPublisher(nc)
+    await publisher.publish(messages(stream_name, list(range(20))))
+    assert not publisher.fast_ingest
+    assert await stored(nc, stream_name) == 20  # the refused fast batch stored nothing
+    assert await replies_seen(nc, publisher, messages(stream_name, list(range(20, 50)))) == 30
+    assert await stored(nc, stream_name) == 50
+
+
+async def test_a_batch_no_stream_listens_to_fails(nc: Client) -> None:
+    with pytest.raises(NoRespondersError):
+        await BatchPublisher(nc).publish(messages("nostream", [1, 2, 3]))
