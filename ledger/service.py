@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.engine import Row
 
 from bus.codec import timestamp
@@ -21,6 +21,7 @@ from bus.tasks import supervised
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT, committed_message
+from ledger.storage import history_after
 from ledger.writer import Writer
 from schemas.database import Database, open_database, service_url
 from schemas.ledger import (
@@ -83,29 +84,34 @@ async def balance(request: BalanceRequest, db: Database) -> Balances:
 
 
 async def history(request: HistoryRequest, db: Database) -> EntryPage:
-    touches = or_(ledger_entries.c.from_account == request.account, ledger_entries.c.to_account == request.account)
-    return await _page(db, touches, request.after_seq, request.limit)
+    async with db.reader.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        entries = await history_after(driver, db.is_sqlite, request.account, request.after_seq, request.limit + 1)
+    return _paged(entries, request.limit)
 
 
 async def chain(request: ChainRequest, db: Database) -> EntryPage:
-    return await _page(db, None, request.after_seq, request.limit)
+    return await _chain_page(db, request.after_seq, request.limit)
 
 
-async def _page(db: Database, condition, after_seq: int, limit: int) -> EntryPage:  # type: ignore[no-untyped-def]
+async def _chain_page(db: Database, after_seq: int, limit: int) -> EntryPage:
     query = select(ledger_entries).where(ledger_entries.c.seq > after_seq)
-    if condition is not None:
-        query = query.where(condition)
     async with db.reader.connect() as conn:
         rows = (await conn.execute(query.order_by(ledger_entries.c.seq).limit(limit + 1))).all()
-    items = [entry_from(row) for row in rows[:limit]]
-    return EntryPage(items=items, next_after_seq=items[-1].seq if len(rows) > limit else None)
+    return _paged([entry_from(row) for row in rows], limit)
+
+
+def _paged(entries: list[Entry], limit: int) -> EntryPage:
+    """A page of `limit` from `limit + 1` entries read: the one more says whether there is a next page."""
+    items = entries[:limit]
+    return EntryPage(items=items, next_after_seq=items[-1].seq if len(entries) > limit else None)
 
 
 async def verify(request: VerifyRequest, db: Database) -> Verification:
     """Recompute every hash from the stored rows, page by page, yielding to other requests between pages."""
     seq, prev_hash = 0, GENESIS_HASH
     while True:
-        page = await _page(db, None, seq, verify_page_entries - 1)
+        page = await _chain_page(db, seq, verify_page_entries - 1)
         for entry in page.items:
             if not entry_is_valid(entry, prev_hash, seq + 1):
                 return Verification(ok=False, length=seq, head=prev_hash, first_bad_seq=seq + 1)

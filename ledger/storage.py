@@ -6,23 +6,56 @@ calls (`SqliteLedgerSql`, see `SqliteThread`), one `executemany` per table; on P
 writer's own connection (`PostgresLedgerSql`, see `PostgresThread`), the entries and balances
 in one `unnest` statement. Reads take a whole list as one parameter (`json_each` / `= ANY`),
 so no statement is recompiled per batch size.
+
+History's index differs by store. Postgres keeps two indexes on (account, seq): a row costs
+it a tuple in each. SQLite's log takes whole pages, and a batch rewrote a page of each index
+per account it touched, so there the index is written in runs (`ledger_postings`): once
+`postings_run_entries` entries are past the `postings` cursor, the batch that takes them there
+also writes, per account, the seqs of its entries since the cursor, and moves the cursor. A
+history read takes the account's runs and scans the chain past the cursor. On Postgres a run
+of 2,048 entries took 15-35 ms inside one batch (a latency spike) for no CPU saved.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bus.codec import timestamp
+from bus.codec import encode, timestamp
 from ledger.plan import BalanceKey, Head
 from schemas.database import sqlite_stored, sqlite_timestamp
 from schemas.ledger import Entry
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
 HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
+POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
+postings_run_entries = int(os.environ.get("BITNEXUS_LEDGER_POSTINGS_RUN", "2048"))
+"""Entries indexed together: a history read scans at most this many plus one writer batch past
+the cursor. Smaller runs cost the writer more (fewer seqs per row, more rows)."""
+
+SQLITE_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
+    SELECT seq FROM (
+        SELECT element.value AS seq
+        FROM (SELECT seqs FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
+              ORDER BY last_seq LIMIT ?3) AS runs, json_each(runs.seqs) AS element
+        WHERE element.value > ?2
+        UNION ALL
+        SELECT seq FROM ledger_entries
+        WHERE seq > max(?2, ({POSTINGS_CURSOR})) AND (from_account = ?1 OR to_account = ?1)
+    ) ORDER BY seq LIMIT ?3
+) ORDER BY seq"""
+"""The account's entries after `?2`, at most `?3`: from its runs (each run past `?2` holds at
+least one, so `?3` runs suffice) and from the chain past the cursor, in one snapshot."""
+POSTGRES_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
+    (SELECT seq FROM ledger_entries WHERE from_account = $1 AND seq > $2 ORDER BY seq LIMIT $3)
+    UNION ALL
+    (SELECT seq FROM ledger_entries WHERE to_account = $1 AND seq > $2 ORDER BY seq LIMIT $3)
+) ORDER BY seq LIMIT $3"""
+"""Two index range scans of at most `$3` each, however many entries the account has."""
 
 
 def _head(rows: Sequence[Sequence[Any]]) -> Head:
@@ -64,6 +97,28 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
     return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
 
 
+async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit: int) -> list[Entry]:
+    """Up to `limit` entries from or to `account` after `seq`, in order (the readers' drivers)."""
+    if sqlite:
+        rows = await driver.execute_fetchall(SQLITE_HISTORY, (account, seq, limit))
+    else:
+        rows = await driver.fetch(POSTGRES_HISTORY, account, seq, limit)
+    return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
+
+
+def _postings(rows: Iterable[Sequence[Any]], after: int, through: int) -> list[tuple[str, int, str]]:
+    """(account, last seq, seqs as JSON) of a run: the entries (from, to, seq) after `after`, in seq order."""
+    seqs_of: dict[str, list[int]] = {}
+    last = after
+    for from_account, to_account, seq in rows:
+        assert seq > last
+        seqs_of.setdefault(from_account, []).append(seq)
+        seqs_of.setdefault(to_account, []).append(seq)
+        last = seq
+    assert last == through, (last, through)
+    return [(account, seqs[-1], encode(seqs).decode()) for account, seqs in sorted(seqs_of.items())]
+
+
 class SqliteLedgerSql:
     by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id IN (SELECT value FROM json_each(?))"
     balances_of = (
@@ -77,6 +132,19 @@ class SqliteLedgerSql:
 
     def head(self, conn: sqlite3.Connection) -> Head:
         return _head(conn.execute(HEAD).fetchall())
+
+    def postings_cursor(self, conn: sqlite3.Connection) -> int:
+        return conn.execute(POSTINGS_CURSOR).fetchone()[0]
+
+    def index_postings(self, conn: sqlite3.Connection, after: int, through: int) -> None:
+        """The run of entries (after, through]: one postings row per account; the cursor moved."""
+        tail = conn.execute(
+            "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > ? ORDER BY seq", (after,)
+        )
+        conn.executemany(
+            "INSERT INTO ledger_postings (account, last_seq, seqs) VALUES (?, ?, ?)", _postings(tail, after, through)
+        )
+        conn.execute("UPDATE ledger_cursors SET seq = ? WHERE name = 'postings'", (through,))
 
     def entries_by_id(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, Entry]:
         return _entries(conn.execute(self.by_ids, (json.dumps(ids),)), sqlite_timestamp)

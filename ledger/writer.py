@@ -22,6 +22,7 @@ from typing import Any
 
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
+from ledger import storage
 from ledger.plan import BalanceKey, Head, Plan, plan
 from ledger.storage import PostgresLedgerSql, SqliteLedgerSql
 from schemas.database import Database, PostgresThread, SqliteThread
@@ -39,6 +40,11 @@ assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch 
 
 Decide = Callable[[Head, dict[str, Entry], dict[BalanceKey, int]], Plan]
 """Plans a batch from the head, the entries already recorded for its ids and the stored balances read."""
+
+
+def _run_due(postings: int, head: Head) -> bool:
+    assert 0 <= postings <= head.seq
+    return head.seq - postings >= storage.postings_run_entries
 
 
 def _stopped(batch: list[Pending]) -> None:
@@ -74,6 +80,8 @@ class Writer:
         self.postgres = None if db.is_sqlite else PostgresThread(db.writer.url)
         self._cached: dict[BalanceKey, int] = {}
         self._cached_head: Head | None = None
+        self._cached_postings = 0
+        """SQLite: the `postings` cursor as this writer left it; valid while the stored head is `_cached_head`."""
 
     async def close(self) -> None:
         if self.sqlite is not None:
@@ -181,9 +189,13 @@ class Writer:
             head = sql.head(conn)
             missing = self._missing_balances(head, keys)
             result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
+            postings = self._cached_postings if head == self._cached_head else sql.postings_cursor(conn)
             if result.new_entries:
                 sql.insert_entries(conn, result.new_entries, now)
                 sql.store_balances(conn, result.balances.items())
+                if _run_due(postings, result.head):
+                    sql.index_postings(conn, postings, result.head.seq)
+                    postings = result.head.seq
             conn.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the cache may hold this batch's balances: not stored
@@ -191,6 +203,7 @@ class Writer:
                 conn.execute("ROLLBACK")
             raise
         self._remember(result)
+        self._cached_postings = postings
         return result
 
     async def _write_postgres(

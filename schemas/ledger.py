@@ -34,9 +34,24 @@ ledger_entries = Table(
     Column("hash", String(64), nullable=False),
     CheckConstraint("amount > 0", name="ledger_entries_amount_positive"),
     CheckConstraint("from_account <> to_account", name="ledger_entries_two_accounts"),
-    Index("ledger_entries_from_seq", "from_account", "seq"),
-    Index("ledger_entries_to_seq", "to_account", "seq"),
+    Index("ledger_entries_from_seq", "from_account", "seq").ddl_if(dialect="postgresql"),
+    Index("ledger_entries_to_seq", "to_account", "seq").ddl_if(dialect="postgresql"),
 )
+ledger_postings = Table(
+    "ledger_postings",
+    metadata,
+    Column("account", String(128), primary_key=True),
+    Column("last_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("seqs", Text, nullable=False),
+    sqlite_with_rowid=False,
+)
+"""SQLite only (Postgres indexes (account, seq), above): `ledger.history`'s index, written in
+runs: per account, the seqs of its entries in one run (a JSON array, ascending; `last_seq` its
+last). Entries past the `postings` cursor are found by scanning the chain (`ledger.storage`).
+
+Why: with two indexes on (account, seq), every batch rewrote a page of each index per account
+it touched (≈ 1.5 pages of log per transfer); the writer's statements cost ≈ 22 µs per
+transfer, with runs ≈ 9."""
 ledger_balances = Table(
     "ledger_balances",
     metadata,
@@ -50,7 +65,8 @@ ledger_cursors = Table(
     Column("name", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
-"""How far the chain has been published as events: the chain is its own outbox."""
+"""How far the chain has been published as events (`events`: the chain is its own outbox) and
+indexed for history (`postings`)."""
 
 
 class Transfer(Request, rename={"from_": "from"}):

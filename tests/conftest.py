@@ -103,7 +103,9 @@ async def empty_tables(url: str) -> None:
                 if "sqlite_sequence" in existing:
                     await conn.exec_driver_sql("DELETE FROM sqlite_sequence")
             else:
-                await conn.exec_driver_sql(f"TRUNCATE {', '.join(all_tables)} RESTART IDENTITY")
+                existing = {row[0] for row in await conn.exec_driver_sql("SELECT tablename FROM pg_tables")}
+                tables = [name for name in all_tables if name in existing]
+                await conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
             if service == "ledger" or not db.is_sqlite:
                 await conn.exec_driver_sql("UPDATE ledger_cursors SET seq = 0")
         await db.dispose()

@@ -43,8 +43,19 @@ async def whole_chain(mesh: Mesh) -> list[dict]:
         after = page["next_after_seq"]
 
 
+async def whole_history(mesh: Mesh, account: str, limit: int = 10) -> list[dict]:
+    entries, after = [], 0
+    while True:
+        page = await mesh.ok("ledger.history", {"account": account, "after_seq": after, "limit": limit})
+        entries += page["items"]
+        if page["next_after_seq"] is None:
+            return entries
+        after = page["next_after_seq"]
+
+
 async def assert_ledger_invariants(mesh: Mesh) -> list[dict]:
-    """Seq dense from 1, hashes recomputable, sums zero, only world negative, stored = replayed."""
+    """Seq dense from 1, hashes recomputable, sums zero, only world negative, stored = replayed,
+    every account's history is the chain's entries from or to it."""
     entries = await whole_chain(mesh)
     replayed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     prev = GENESIS
@@ -63,6 +74,8 @@ async def assert_ledger_invariants(mesh: Mesh) -> list[dict]:
             totals[currency] += value
             assert value >= 0 or account == "world", (account, currency, value)
     assert all(total == 0 for total in totals.values()), totals
+    for account in replayed:
+        assert await whole_history(mesh, account) == [e for e in entries if account in (e["from"], e["to"])], account
     verification = await mesh.ok("ledger.verify", {})
     assert verification == {"ok": True, "length": len(entries), "head": prev, "first_bad_seq": None}
     return entries

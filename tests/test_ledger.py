@@ -7,16 +7,20 @@ import json
 import re
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, update
+import pytest
+from alembic import command
+from sqlalchemy import insert, select, update
 
+import migrations
 from bus.codec import timestamp
 from bus.events import relay_poll_interval_s
+from ledger import storage
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from schemas.database import open_database, service_url
-from schemas.ledger import ledger_entries
+from schemas.ledger import ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh
-from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain
+from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
 
 INT64_MAX = 2**63 - 1
 ENTRY_FIELDS = ["seq", "id", "from", "to", "amount", "currency", "memo", "recorded_at", "prev_hash", "hash"]
@@ -277,3 +281,48 @@ async def test_a_batch_too_large_to_hand_over_is_published_from_the_database(mes
     assert [envelope["data"]["seq"] for _, _, envelope in events] == list(range(1, 1001))
     await asyncio.sleep(0.3)
     assert await mesh.event_count() == 1000
+
+
+async def postings_of(database: str, account: str) -> tuple[int, list[tuple[int, list[int]]]]:
+    """The `postings` cursor and the account's runs (last seq, seqs), read from the database."""
+    db = open_database(service_url("ledger", database))
+    async with db.reader.connect() as conn:
+        cursor = await conn.scalar(select(ledger_cursors.c.seq).where(ledger_cursors.c.name == "postings"))
+        query = select(ledger_postings.c.last_seq, ledger_postings.c.seqs).where(ledger_postings.c.account == account)
+        runs = [(row.last_seq, json.loads(row.seqs)) for row in await conn.execute(query.order_by("last_seq"))]
+    await db.dispose()
+    return cursor, runs
+
+
+async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
+    mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reads history from runs and from the chain past them; Postgres from its indexes."""
+    monkeypatch.setattr(storage, "postings_run_entries", 4)
+    for n in range(7):  # a batch of 3 each: a run is written once 4 or more entries are past the cursor
+        await mesh.ok(
+            "ledger.record_batch", {"transfers": [transfer(f"h{n}-{k}", "world", f"user:{k}", 10) for k in range(3)]}
+        )
+    if database.startswith("sqlite"):
+        assert await postings_of(database, "user:0") == (18, [(4, [1, 4]), (10, [7, 10]), (16, [13, 16])])
+    chain = await whole_chain(mesh)
+    mine = [entry for entry in chain if entry["to"] == "user:0"]
+    assert [entry["seq"] for entry in mine] == [1, 4, 7, 10, 13, 16, 19]  # 19: past the cursor
+    for after in range(22):
+        page = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": after, "limit": 2})
+        assert page["items"] == [entry for entry in mine if entry["seq"] > after][:2], after
+    assert await whole_history(mesh, "world", limit=3) == chain
+
+
+async def test_the_migration_to_runs_indexes_the_chain_recorded_before_it(mesh: Mesh, database: str) -> None:
+    await mesh.ok(
+        "ledger.record_batch", {"transfers": [transfer(f"m{n}", "world", f"user:{n % 3}", 5) for n in range(12)]}
+    )
+    chain = await whole_chain(mesh)
+    config = migrations._config(service_url("ledger", database))
+    await asyncio.to_thread(command.downgrade, config, "ledger_0001")  # two indexes on (account, seq), no runs
+    await migrations.upgrade_async(database)  # SQLite: runs; Postgres: its indexes, unchanged
+    if database.startswith("sqlite"):
+        assert await postings_of(database, "user:1") == (12, [(11, [2, 5, 8, 11])])
+    for account in ("world", "user:0", "user:1", "user:2"):
+        assert await whole_history(mesh, account, limit=5) == [e for e in chain if account in (e["from"], e["to"])]

@@ -7,6 +7,7 @@ import json
 import signal
 from subprocess import Popen
 
+import pytest
 from nats.aio.client import Client
 
 from bus.events import EVENTS_STREAM, ensure_stream
@@ -16,8 +17,9 @@ from tests.test_faults import start_service, wait_until_serving
 
 
 async def test_two_ledger_processes_on_one_database_never_fork_reuse_a_seq_or_overspend(
-    nc: Client, database: str, nats_url: str
+    nc: Client, database: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("BITNEXUS_LEDGER_POSTINGS_RUN", "16")  # both writers index history in runs
     mesh = Mesh(nc)
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     ledgers = [start_service("ledger", nats_url, database) for _ in range(2)]
