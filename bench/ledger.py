@@ -29,21 +29,26 @@ ACCOUNTS = 1_000
 BATCH_TRANSFERS = 100
 
 
-def transfer(counter: int) -> dict:
+RUN = f"b{os.getpid()}-{time.monotonic_ns()}".encode()
+"""Transfer ids are unique across requester processes and runs: this prefix and a counter."""
+
+
+def transfer(counter: int) -> bytes:
+    """Formatted, not encoded from a dict: the requester shares two cores with what it measures
+    (a dict and `msgspec` cost it ≈ 2 µs per request, 6 % of its CPU)."""
     source = counter % ACCOUNTS
-    return {
-        "id": f"b{os.getpid()}-{time.monotonic_ns()}-{counter}",
-        "from": f"user:{source}",
-        "to": f"user:{(source + 1) % ACCOUNTS}",
-        "amount": 1,
-        "currency": "EUR",
-    }
+    return b'{"id":"%s-%d","from":"user:%d","to":"user:%d","amount":1,"currency":"EUR"}' % (
+        RUN,
+        counter,
+        source,
+        (source + 1) % ACCOUNTS,
+    )
 
 
 def body_for(kind: str, counter: int) -> bytes:
     if kind == "record":
-        return msgspec.json.encode(transfer(counter))
-    return msgspec.json.encode({"transfers": [transfer(counter * BATCH_TRANSFERS + n) for n in range(BATCH_TRANSFERS)]})
+        return transfer(counter)
+    return b'{"transfers":[%s]}' % b",".join(transfer(counter * BATCH_TRANSFERS + n) for n in range(BATCH_TRANSFERS))
 
 
 async def fund(url: str) -> None:
