@@ -50,8 +50,10 @@ runs: per account, the seqs of its entries in one run (a JSON array, ascending; 
 last). Entries past the `postings` cursor are found by scanning the chain (`ledger.storage`).
 
 Why: with two indexes on (account, seq), every batch rewrote a page of each index per account
-it touched (≈ 1.5 pages of log per transfer); the writer's statements cost ≈ 22 µs per
-transfer, with runs ≈ 9."""
+it touched (≈ 1.5 pages of log per transfer); with runs, a page per account per run. At c512
+the ledger and relay's CPU per transfer fell from 45-48 to 38-41 µs (bench/RESULTS.md,
+session 4). Accounts that recur within a run (hot accounts) are what runs save on: with
+uniformly random accounts among millions each entry still dirties pages of its own."""
 ledger_balances = Table(
     "ledger_balances",
     metadata,
