@@ -8,6 +8,9 @@ file's write lock), then reads the head, balances and ids from the database unde
 A batch runs on the writer's own thread and connection (`SqliteThread`, `PostgresThread`):
 planned and written there in one go, it never waits for the service's busy event loop
 between statements. Only that thread touches the balance cache.
+
+On SQLite the batch that takes the chain `postings_run_entries` past the history index's
+cursor also writes that run of the index, in the same transaction (`ledger.storage`).
 """
 
 from __future__ import annotations
