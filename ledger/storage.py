@@ -95,7 +95,7 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
         rows = await driver.fetch(
             f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
         )
-    return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
+    return _in_order(rows, sqlite)
 
 
 async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit: int) -> list[Entry]:
@@ -104,6 +104,11 @@ async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit
         rows = await driver.execute_fetchall(SQLITE_HISTORY, (account, seq, limit))
     else:
         rows = await driver.fetch(POSTGRES_HISTORY, account, seq, limit)
+    return _in_order(rows, sqlite)
+
+
+def _in_order(rows: Iterable[Sequence[Any]], sqlite: bool) -> list[Entry]:
+    """Entries from the readers' rows of `ENTRY_COLUMNS`, in the rows' order."""
     return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
 
 

@@ -91,20 +91,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 async def empty_tables(url: str) -> None:
-    """Delete every row (SQLite: in each service's file) and rewind the ledger's event cursor."""
+    """Delete every row (SQLite: in each service's file) and rewind the ledger's cursors (events, postings)."""
     all_tables = [table.name for table in migrations.target_metadata().sorted_tables if table.name != "ledger_cursors"]
     for service in migrations.SERVICES_WITH_TABLES:
         db = open_database(service_url(service, url))
         async with db.writer.begin() as conn:
+            catalog = "SELECT name FROM sqlite_master" if db.is_sqlite else "SELECT tablename FROM pg_tables"
+            existing = {row[0] for row in await conn.exec_driver_sql(catalog)}
+            tables = [name for name in all_tables if name in existing]  # ledger_postings: SQLite only
             if db.is_sqlite:
-                existing = {row[0] for row in await conn.exec_driver_sql("SELECT name FROM sqlite_master")}
-                for table in [name for name in all_tables if name in existing]:
+                for table in tables:
                     await conn.exec_driver_sql(f"DELETE FROM {table}")
                 if "sqlite_sequence" in existing:
                     await conn.exec_driver_sql("DELETE FROM sqlite_sequence")
             else:
-                existing = {row[0] for row in await conn.exec_driver_sql("SELECT tablename FROM pg_tables")}
-                tables = [name for name in all_tables if name in existing]
                 await conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
             if service == "ledger" or not db.is_sqlite:
                 await conn.exec_driver_sql("UPDATE ledger_cursors SET seq = 0")
