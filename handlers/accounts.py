@@ -31,7 +31,7 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_timestamp
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -80,7 +80,7 @@ async def get_user(request: UserId, users_by_id: BatchLoader[int, User]) -> User
 USERS_BY_IDS_SQLITE = (
     "SELECT id, email, name, inserted_at, updated_at FROM users WHERE id IN (SELECT value FROM json_each(?))"
 )
-USERS_BY_IDS_POSTGRES = "SELECT id, email, name, inserted_at, updated_at FROM users WHERE id = ANY($1::bigint[])"
+USERS_BY_IDS_POSTGRES = postgres_lookup("id, email, name, inserted_at, updated_at", "users", {"id": "bigint"})
 
 
 def users_loader(repo: Repo) -> BatchLoader[int, User]:

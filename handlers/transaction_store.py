@@ -3,7 +3,7 @@
 Like the ledger's writer (ledger/storage.py): each group-commit batch inserts its pending rows,
 or closes its transactions, with one or two statements for the whole batch, run on the
 connection SQLAlchemy opened the transaction on; reads by key take the whole list as one
-parameter (`json_each` / `= ANY`). Rows come back as `Stored`, whoever read them.
+parameter (`json_each` / `postgres_lookup`). Rows come back as `Stored`, whoever read them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.events import new_envelope
-from schemas.database import sqlite_stored, sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_stored, sqlite_timestamp
 from schemas.transactions import Transaction
 
 SOURCE = "transactions"
@@ -120,11 +120,9 @@ class TransactionSql:
             )
             self._event = "INSERT INTO transactions_outbox (event_id, subject, payload, created_at) VALUES (?, ?, ?, ?)"
         else:
-            self._by_keys = f"SELECT {STORED_COLUMNS} FROM transactions WHERE idempotency_key = ANY($1::text[])"
+            self._by_keys = postgres_lookup(STORED_COLUMNS, "transactions", {"idempotency_key": "text"})
             # FOR UPDATE: a replica closing the same transaction waits, then sees it closed
-            self._by_ids = (
-                f"SELECT {STORED_COLUMNS} FROM transactions WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
-            )
+            self._by_ids = postgres_lookup(STORED_COLUMNS, "transactions", {"id": "bigint"}, "FOR UPDATE")
             self._insert = (
                 f"INSERT INTO transactions ({NEW_COLUMNS}) "
                 "VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12) "
@@ -187,7 +185,8 @@ class TransactionSql:
         """A batch operation: close each pending transaction and write its event, once; a transaction
         closed before (a retry, the recovery loop, another replica) stays as it was and is returned."""
         driver = (await conn.get_raw_connection()).driver_connection
-        current = {row.id: row for row in await self._fetch(driver, self._by_ids, [close.id for close in closes])}
+        ids = sorted({close.id for close in closes})  # locked in order: no deadlock between replicas
+        current = {row.id: row for row in await self._fetch(driver, self._by_ids, ids)}
         moment = datetime.now(UTC)
         closed: list[Stored] = []
         answers: list[Stored] = []

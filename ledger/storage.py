@@ -4,7 +4,7 @@ Going around SQLAlchemy here matters: per-row parameter processing and result ro
 fifth of the ledger's CPU. On SQLite the whole batch runs in the writer's own thread as plain
 calls (`SqliteLedgerSql`, see `SqliteThread`), one `executemany` per table; on Postgres on the
 writer's own connection (`PostgresLedgerSql`, see `PostgresThread`), the entries and balances
-in one `unnest` statement. Reads take a whole list as one parameter (`json_each` / `= ANY`),
+in one `unnest` statement. Reads take a whole list as one parameter (`json_each` / `postgres_lookup`),
 so no statement is recompiled per batch size.
 
 History's index differs by store. Postgres keeps two indexes on (account, seq): a row costs
@@ -28,7 +28,7 @@ from typing import Any
 
 from bus.codec import encode, timestamp
 from ledger.plan import BalanceKey, Head
-from schemas.database import sqlite_stored, sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_stored, sqlite_timestamp
 from schemas.ledger import Entry
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
@@ -38,6 +38,12 @@ postings_run_entries = int(os.environ.get("BITNEXUS_LEDGER_POSTINGS_RUN", "2048"
 """Entries indexed together: a history read scans at most this many plus one writer batch past
 the cursor. Smaller runs cost the writer more (fewer seqs per row, more rows)."""
 
+SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?1 + ?2 ORDER BY seq"
+POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $1 + $2 ORDER BY seq"
+"""Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit]. Asked as
+`seq > $1 ORDER BY seq LIMIT $2`, a Postgres table never analyzed yet was estimated to match a
+third of its rows and scanned whole and sorted (up to ~50k entries) at every relay poll; a range
+bounded on both sides is planned on the key."""
 SQLITE_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
     SELECT seq FROM (
         SELECT element.value AS seq
@@ -89,12 +95,9 @@ def _balance_rows(balances: Iterable[tuple[BalanceKey, int]]) -> list[tuple[str,
 async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list[Entry]:
     """Up to `limit` entries after `seq`, in order (aiosqlite or asyncpg: the readers' drivers)."""
     if sqlite:
-        sql = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ? ORDER BY seq LIMIT ?"
-        rows = await driver.execute_fetchall(sql, (seq, limit))
+        rows = await driver.execute_fetchall(SQLITE_ENTRIES_AFTER, (seq, limit))
     else:
-        rows = await driver.fetch(
-            f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
-        )
+        rows = await driver.fetch(POSTGRES_ENTRIES_AFTER, seq, limit)
     return _in_order(rows, sqlite)
 
 
@@ -173,11 +176,14 @@ class PostgresLedgerSql:
     when not cached)."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
+    by_ids = postgres_lookup(ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
     head_and_ids = (
         f"(SELECT true, {ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
-        f"UNION ALL SELECT false, {ENTRY_COLUMNS} FROM ledger_entries WHERE id = ANY($1::text[])"
+        f"UNION ALL SELECT false, * FROM ({by_ids}) AS recorded"
     )
-    balances_of = "SELECT account, currency, balance FROM ledger_balances WHERE account = ANY($1::text[])"
+    balances_of = postgres_lookup(
+        "account, currency, balance", "ledger_balances", {"account": "text", "currency": "text"}
+    )
     write = (
         f"WITH entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
         "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], "
@@ -197,7 +203,8 @@ class PostgresLedgerSql:
         return (heads[0] if heads else Head()), _entries((row[1:] for row in rows if not row[0]), timestamp)
 
     async def balances(self, driver: Any, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
-        return _balances(await driver.fetch(self.balances_of, _accounts(keys)), keys)
+        accounts, currencies = zip(*keys, strict=True)
+        return _balances(await driver.fetch(self.balances_of, accounts, currencies), keys)
 
     async def write_entries(
         self, driver: Any, entries: list[Entry], recorded_at: datetime, balances: Iterable[tuple[BalanceKey, int]]

@@ -36,10 +36,28 @@ postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
 POSTGRES_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
-"""Grouped reads pass a whole list as one array (`= ANY($1)`); after five runs of a prepared
-statement Postgres may switch to a generic plan that cannot see the array's size and scans the
-table. Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s once the chain had ~20k
-entries. Planning each execution keeps index lookups."""
+"""Grouped reads pass a whole list as one array; after five runs of a prepared statement
+Postgres may switch to a generic plan that cannot see the array's size and scans the table.
+Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s once the chain had ~20k entries.
+Planning each execution keeps index lookups."""
+
+
+def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str = "") -> str:
+    """`columns` of `table`'s row for each key: the key columns' values come as arrays `$1`,
+    `$2`, ... of the types in `keys`, and each key is one lookup on a unique index.
+
+    Asked as `key = ANY($1)` (or joined to `unnest`), a table never analyzed yet (any young one:
+    autovacuum looks once a minute) was estimated to match a large share of its rows and scanned
+    whole, at every batch, up to ~50k rows: at c512 a fifth of Postgres' CPU went to the ledger's
+    id check. A LATERAL subquery with LIMIT 1 is never flattened into a join. Rows come in the
+    order of the keys (a nested loop over them): sorted keys take `locking`'s locks in order."""
+    names = ", ".join(keys)
+    arrays = ", ".join(f"${number}::{type_}[]" for number, type_ in enumerate(keys.values(), 1))
+    match = " AND ".join(f"{table}.{key} = wanted.{key}" for key in keys)
+    return (
+        f"SELECT found.* FROM unnest({arrays}) AS wanted({names}) CROSS JOIN LATERAL "
+        f"(SELECT {columns} FROM {table} WHERE {match} LIMIT 1 {locking}) AS found"
+    )
 
 
 class UtcDateTime(TypeDecorator[datetime]):
