@@ -8,12 +8,11 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import Column, String, Table
 
-from schemas.common import BigId, ById, Id, PageRequest, Request, metadata
+from schemas.common import BigId, ById, Id, Name, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
-Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
-Name = Annotated[str, Meta(min_length=1, max_length=255)]
+Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 
 users = Table(

@@ -8,12 +8,12 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
 
-from schemas.common import LIMIT_DEFAULT, Cents, Currency, Limit, Request, metadata
+from schemas.common import LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Request, metadata
 from schemas.database import UtcDateTime
 
 Account = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
 TransferId = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
-Memo = Annotated[str, Meta(max_length=1024)]
+Memo = Annotated[str, Meta(max_length=1024, pattern=NO_NUL)]
 Seq = Annotated[int, Meta(ge=0)]
 WORLD = "world"
 GENESIS_HASH = "0" * 64

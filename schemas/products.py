@@ -8,13 +8,12 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 
-from schemas.common import BigId, ById, Cents, Currency, Id, NonNegative, PageRequest, Request, metadata
+from schemas.common import NO_NUL, BigId, ById, Cents, Currency, Id, Name, NonNegative, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
 Sku = Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,64}$")]
-Name = Annotated[str, Meta(min_length=1, max_length=255)]
-Description = Annotated[str, Meta(max_length=4096)]
+Description = Annotated[str, Meta(max_length=4096, pattern=NO_NUL)]
 
 products = Table(
     "products",

@@ -71,3 +71,49 @@ async def test_random_and_hostile_bodies_get_client_errors_only(mesh: Mesh, subj
     assert json.loads(ping.data)["type"] == "io.nats.micro.v1.ping_response"
     stats = json.loads((await mesh.nc.request(f"$SRV.STATS.{subject.split('.')[0]}", b"", timeout=2)).data)
     assert not any(endpoint["last_error"].startswith("500:") for endpoint in stats["endpoints"])
+
+
+NUL = "a\u0000b"
+TRANSFER = {"id": "t-nul", "from": "world", "to": "user:1", "amount": 5, "currency": "EUR"}
+STORED_TEXT = [
+    ("accounts.users.create", {"email": "nul@example.com", "name": NUL, "password": "password1"}, "$.name"),
+    ("accounts.users.create", {"email": f"{NUL}@example.com", "name": "N", "password": "password1"}, "$.email"),
+    ("accounts.users.update", {"id": 1, "name": NUL}, "$.name"),
+    (
+        "products.products.create",
+        {"sku": "nul", "name": NUL, "price": 1, "currency": "EUR", "stock": 1, "seller_id": 1},
+        "$.name",
+    ),
+    (
+        "products.products.create",
+        {"sku": "nul", "name": "N", "description": NUL, "price": 1, "currency": "EUR", "stock": 1, "seller_id": 1},
+        "$.description",
+    ),
+    ("ledger.record", {**TRANSFER, "memo": NUL}, "$.memo"),
+    ("ledger.record_batch", {"transfers": [TRANSFER, {**TRANSFER, "id": "t2", "memo": NUL}]}, "$.transfers[1].memo"),
+    (
+        "transactions.transfers.create",
+        {"idempotency_key": "k", "from_user_id": 1, "to_user_id": 2, "amount": 1, "currency": "EUR", "memo": NUL},
+        "$.memo",
+    ),
+]
+
+
+@pytest.mark.parametrize(("subject", "body", "field"), STORED_TEXT, ids=[f"{s} {f}" for s, _, f in STORED_TEXT])
+async def test_text_postgres_cannot_store_is_a_400_naming_the_field(
+    mesh: Mesh, subject: str, body: dict, field: str
+) -> None:
+    """U+0000: SQLite stored it, Postgres failed the whole batch with a 500; refused alike on both."""
+    code, reply = await mesh.request(subject, body)
+    assert code == 400 and reply["error"]["details"] == [field], reply
+
+
+async def test_a_refused_memo_refuses_only_its_own_request(mesh: Mesh) -> None:
+    """Requests batched with it commit as if it had never come."""
+    good = [mesh.request("ledger.record", {**TRANSFER, "id": f"good-{n}"}) for n in range(20)]
+    bad = mesh.request("ledger.record", {**TRANSFER, "memo": NUL})
+    *answers, refused = await asyncio.gather(*good, bad)
+    assert refused[0] == 400
+    assert [code for code, _ in answers] == [None] * 20
+    chain = await mesh.ok("ledger.chain", {})
+    assert sorted(entry["id"] for entry in chain["items"]) == sorted(f"good-{n}" for n in range(20))
