@@ -28,7 +28,13 @@ from typing import Any
 
 from bus.codec import encode, timestamp
 from ledger.plan import BalanceKey, Head
-from schemas.database import postgres_lookup, sqlite_stored, sqlite_timestamp
+from schemas.database import (
+    postgres_int_array,
+    postgres_lookup,
+    postgres_text_array,
+    sqlite_stored,
+    sqlite_timestamp,
+)
 from schemas.ledger import Entry
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
@@ -186,12 +192,15 @@ class PostgresLedgerSql:
     )
     write = (
         f"WITH entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
-        "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], "
-        "$7::text[], $8::timestamptz[], $9::text[], $10::text[])) "
+        "SELECT seq, id, from_account, to_account, amount, currency, memo, $8::timestamptz, prev_hash, hash "
+        "FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::text[], $5::text::bigint[], "
+        "$6::text::text[], $7::text::text[], $9::text::text[], $10::text::text[]) "
+        "AS entry(seq, id, from_account, to_account, amount, currency, memo, prev_hash, hash)) "
         "INSERT INTO ledger_balances (account, currency, balance) "
-        "SELECT * FROM unnest($11::text[], $12::text[], $13::bigint[]) "
+        "SELECT * FROM unnest($11::text::text[], $12::text::text[], $13::text::bigint[]) "
         "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     )
+    """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it."""
 
     async def begin_locked(self, driver: Any, key: int) -> None:
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
@@ -209,8 +218,23 @@ class PostgresLedgerSql:
     async def write_entries(
         self, driver: Any, entries: list[Entry], recorded_at: datetime, balances: Iterable[tuple[BalanceKey, int]]
     ) -> None:
+        assert all(entry.recorded_at == entries[0].recorded_at for entry in entries)
         assert timestamp(recorded_at) == entries[0].recorded_at
-        entry_columns = list(zip(*_entry_rows(entries, recorded_at), strict=True))
-        balance_columns = list(zip(*_balance_rows(balances), strict=True))
-        assert len(entry_columns) == 10 and len(balance_columns) == 3
-        await driver.execute(self.write, *entry_columns, *balance_columns)
+        texts, numbers = postgres_text_array, postgres_int_array
+        accounts, currencies, values = zip(*_balance_rows(balances), strict=True)
+        await driver.execute(
+            self.write,
+            numbers([entry.seq for entry in entries]),
+            texts([entry.id for entry in entries]),
+            texts([entry.from_ for entry in entries]),
+            texts([entry.to for entry in entries]),
+            numbers([entry.amount for entry in entries]),
+            texts([entry.currency for entry in entries]),
+            texts([entry.memo for entry in entries]),
+            recorded_at,
+            texts([entry.prev_hash for entry in entries]),
+            texts([entry.hash for entry in entries]),
+            texts(accounts),
+            texts(currencies),
+            numbers(values),
+        )

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -58,6 +58,26 @@ def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str
         f"SELECT found.* FROM unnest({arrays}) AS wanted({names}) CROSS JOIN LATERAL "
         f"(SELECT {columns} FROM {table} WHERE {match} LIMIT 1 {locking}) AS found"
     )
+
+
+def postgres_text_array(values: Sequence[str]) -> str:
+    """`values` as one Postgres array literal, every element quoted (so `NULL`, commas and
+    braces stay text); pass it as `$n::text::text[]`.
+
+    asyncpg's binary array encoder tests every element against abstract base classes: 0.4-1.2
+    µs per element measured, ten columns of ~180 entries per ledger batch, on a thread sharing
+    the GIL with the service. As one string per column, the ledger's write cost the writer
+    5 µs per entry instead of 17, and Postgres' text array input costs its backend no more
+    than the binary one (scratch benchmark, bench/RESULTS.md session 5)."""
+    plain = "".join(values)
+    if '"' in plain or "\\" in plain:
+        values = [value.replace("\\", "\\\\").replace('"', '\\"') for value in values]
+    return '{"' + '","'.join(values) + '"}' if values else "{}"
+
+
+def postgres_int_array(values: Sequence[int]) -> str:
+    """`values` as one Postgres array literal; pass it as `$n::text::bigint[]` (see above)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 class UtcDateTime(TypeDecorator[datetime]):

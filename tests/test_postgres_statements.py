@@ -1,4 +1,5 @@
-"""On Postgres the hot statements look rows up by index even in tables never analyzed.
+"""Postgres statements of the hot paths: index lookups even in tables never analyzed, and
+array literals that read back exactly what was written.
 
 A young mesh's tables have no statistics (autovacuum looks once a minute), and with none the
 planner took a list of 200 keys (`key = ANY($1)`) or an open range (`seq > $1 ORDER BY seq
@@ -9,18 +10,21 @@ shows those tables do provoke the scan.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from handlers.accounts import USERS_BY_IDS_POSTGRES
 from handlers.transaction_store import TransactionSql
 from ledger.storage import POSTGRES_ENTRIES_AFTER, POSTGRES_HISTORY, PostgresLedgerSql
-from schemas.database import POSTGRES_SETTINGS
+from schemas.database import POSTGRES_SETTINGS, postgres_int_array, postgres_text_array
 
 ROWS = 5_000
 KEYS = 200
@@ -93,3 +97,24 @@ async def test_the_young_tables_provoke_a_scan_of_a_key_list(young_tables: Any) 
 async def test_hot_statements_use_indexes_on_young_tables(young_tables: Any, name: str, sql: str, args: list) -> None:
     plan = await explain(young_tables, sql, args)
     assert scanned_whole(plan) == [], (name, json.dumps(plan, indent=1))
+
+
+stored_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=20)
+
+
+async def test_array_literals_read_back_exactly(young_tables: Any) -> None:
+    """Quotes, backslashes, braces, commas, blanks, `NULL` and empty strings stay what they were."""
+    fixed = ['"', "\\", '\\"', "{", "}", ",", " ", " x ", "NULL", "null", "", "é ✓", "a\nb"]
+    assert await young_tables.fetchval("SELECT $1::text::text[]", postgres_text_array(fixed)) == fixed
+    assert await young_tables.fetchval("SELECT $1::text::text[]", postgres_text_array([])) == []
+    numbers = [0, -1, 2**63 - 1, -(2**63)]
+    assert await young_tables.fetchval("SELECT $1::text::bigint[]", postgres_int_array(numbers)) == numbers
+    loop = asyncio.get_running_loop()
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(stored_text, max_size=8))
+    def round_trip(values: list[str]) -> None:
+        query = young_tables.fetchval("SELECT $1::text::text[]", postgres_text_array(values))
+        assert asyncio.run_coroutine_threadsafe(query, loop).result(10) == values
+
+    await asyncio.to_thread(round_trip)
