@@ -35,11 +35,6 @@ sqlite_readers_max = 8
 postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
-POSTGRES_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
-"""Grouped reads pass a whole list as one array; after five runs of a prepared statement
-Postgres may switch to a generic plan that cannot see the array's size and scans the table.
-Measured: ledger.record at c512 fell from 7.4k/s to 1.8k/s once the chain had ~20k entries.
-Planning each execution keeps index lookups."""
 
 
 def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str = "") -> str:
@@ -49,8 +44,11 @@ def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str
     Asked as `key = ANY($1)` (or joined to `unnest`), a table never analyzed yet (any young one:
     autovacuum looks once a minute) was estimated to match a large share of its rows and scanned
     whole, at every batch, up to ~50k rows: at c512 a fifth of Postgres' CPU went to the ledger's
-    id check. A LATERAL subquery with LIMIT 1 is never flattened into a join. Rows come in the
-    order of the keys (a nested loop over them): sorted keys take `locking`'s locks in order."""
+    id check. A LATERAL subquery with LIMIT 1 is never flattened into a join, and its plan is
+    the same whether Postgres plans it for the array at hand or once for any (a generic plan,
+    which `plan_cache_mode = force_custom_plan` used to forbid at the cost of planning every
+    statement every time). Rows come in the order of the keys (a nested loop over them): sorted
+    keys take `locking`'s locks in order."""
     names = ", ".join(keys)
     arrays = ", ".join(f"${number}::{type_}[]" for number, type_ in enumerate(keys.values(), 1))
     match = " AND ".join(f"{table}.{key} = wanted.{key}" for key in keys)
@@ -150,7 +148,7 @@ def open_database(url: URL) -> Database:
         pool_size=postgres_pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout_s,
-        connect_args={"command_timeout": postgres_command_timeout_s, "server_settings": POSTGRES_SETTINGS},
+        connect_args={"command_timeout": postgres_command_timeout_s},
     )
     # a read is one statement: no BEGIN/COMMIT round trips around it
     return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
@@ -215,9 +213,7 @@ class PostgresThread:
         self._turn = self._turn or asyncio.Lock()
         async with self._turn:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(
-                    self.dsn, command_timeout=postgres_command_timeout_s, server_settings=POSTGRES_SETTINGS
-                )
+                self._connection = await asyncpg.connect(self.dsn, command_timeout=postgres_command_timeout_s)
             connection = self._connection
             try:
                 return await fn(connection)

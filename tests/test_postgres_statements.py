@@ -24,7 +24,7 @@ import migrations
 from handlers.accounts import USERS_BY_IDS_POSTGRES
 from handlers.transaction_store import TransactionSql
 from ledger.storage import POSTGRES_ENTRIES_AFTER, POSTGRES_HISTORY, PostgresLedgerSql
-from schemas.database import POSTGRES_SETTINGS, postgres_int_array, postgres_text_array
+from schemas.database import postgres_int_array, postgres_text_array
 
 ROWS = 5_000
 KEYS = 200
@@ -64,7 +64,7 @@ def scanned_whole(plan: dict) -> list[str]:
 async def young_tables(postgres_url: str) -> AsyncIterator[Any]:
     """Every service's tables created afresh in a schema of their own, filled, never analyzed;
     all of it in one transaction rolled back at the end. Yields the asyncpg connection."""
-    engine = create_async_engine(postgres_url, connect_args={"server_settings": POSTGRES_SETTINGS})
+    engine = create_async_engine(postgres_url)
     try:
         async with engine.connect() as conn:
             transaction = await conn.begin()
@@ -80,9 +80,24 @@ async def young_tables(postgres_url: str) -> AsyncIterator[Any]:
         await engine.dispose()
 
 
-async def explain(driver: Any, sql: str, args: list[Any]) -> dict:
-    """The plan Postgres picks with these arguments (SQLAlchemy's connection decodes the JSON)."""
-    return (await driver.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))[0]["Plan"]
+def literal(value: Any) -> str:
+    """An argument written into `EXECUTE` (which takes no protocol parameters)."""
+    if isinstance(value, list):
+        value = postgres_int_array(value) if value and isinstance(value[0], int) else postgres_text_array(value)
+    return str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+
+
+async def explain(driver: Any, sql: str, args: list[Any], plans: str = "force_custom_plan") -> dict:
+    """The plan Postgres picks for these arguments (`force_custom_plan`), or for any arguments
+    (`force_generic_plan`, as for a prepared statement run often). SQLAlchemy's connection
+    decodes the JSON."""
+    await driver.execute(f"SET LOCAL plan_cache_mode = {plans}")
+    await driver.execute(f"PREPARE probe AS {sql}")
+    try:
+        arguments = ", ".join(literal(arg) for arg in args)
+        return (await driver.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE probe({arguments})"))[0]["Plan"]
+    finally:
+        await driver.execute("DEALLOCATE probe")
 
 
 async def test_the_young_tables_provoke_a_scan_of_a_key_list(young_tables: Any) -> None:
@@ -93,9 +108,12 @@ async def test_the_young_tables_provoke_a_scan_of_a_key_list(young_tables: Any) 
     assert scanned_whole(plan) == ["ledger_entries"]
 
 
+@pytest.mark.parametrize("plans", ["force_custom_plan", "force_generic_plan"])
 @pytest.mark.parametrize(("name", "sql", "args"), STATEMENTS, ids=[name for name, _, _ in STATEMENTS])
-async def test_hot_statements_use_indexes_on_young_tables(young_tables: Any, name: str, sql: str, args: list) -> None:
-    plan = await explain(young_tables, sql, args)
+async def test_hot_statements_use_indexes_on_young_tables(
+    young_tables: Any, name: str, sql: str, args: list, plans: str
+) -> None:
+    plan = await explain(young_tables, sql, args, plans)
     assert scanned_whole(plan) == [], (name, json.dumps(plan, indent=1))
 
 
