@@ -12,7 +12,8 @@ from nats.errors import NoRespondersError
 from nats.js.api import StreamConfig
 
 from bus.events import ensure_stream
-from bus.jetstream import BatchPublisher, Message, fast_ingest_supported
+from bus.jetstream import BatchPublisher, Message, _msg_id_header, fast_ingest_supported
+from bus.wire import header_block
 
 
 @pytest.fixture
@@ -71,3 +72,10 @@ async def test_a_stream_without_batched_publishes_gets_one_ack_per_message(nc: C
 async def test_a_batch_no_stream_listens_to_fails(nc: Client) -> None:
     with pytest.raises(NoRespondersError):
         await BatchPublisher(nc).publish(messages("nostream", [1, 2, 3]))
+
+
+def test_the_msg_id_header_is_the_general_header_block() -> None:
+    message = Message("events.x", b"{}", "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b")
+    assert _msg_id_header(message) == header_block({"Nats-Msg-Id": message.msg_id})
+    with pytest.raises(AssertionError):
+        _msg_id_header(Message("events.x", b"{}", "forged\r\nNats-Expected-Stream: X"))
