@@ -50,6 +50,12 @@ def _run_due(postings: int, head: Head) -> bool:
     return head.seq - postings >= storage.postings_run_entries
 
 
+def _uncached(keys: set[BalanceKey], cached: dict[BalanceKey, int]) -> set[BalanceKey]:
+    """The keys not in the cache, in time of the keys: `keys - cached.keys()` copies every cached
+    key into a set first (up to `cached_balances_max`, in every batch)."""
+    return {key for key in keys if key not in cached}
+
+
 def _stopped(batch: list[Pending]) -> None:
     for pending in batch:
         if not pending.answer.done():
@@ -242,9 +248,9 @@ class Writer:
         """
         if head != self._cached_head or len(self._cached) > cached_balances_max:
             self._cached.clear()
-        return keys - self._cached.keys()
+        return _uncached(keys, self._cached)
 
     def _balances_at(self, head: Head, keys: set[BalanceKey], stored: dict[BalanceKey, int]) -> dict[BalanceKey, int]:
         """Balances as of `head`: the cached ones, and the stored ones read for the missing keys."""
-        self._cached.update({key: stored.get(key, 0) for key in keys - self._cached.keys()})
+        self._cached.update({key: stored.get(key, 0) for key in _uncached(keys, self._cached)})
         return {key: self._cached[key] for key in keys}
