@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,11 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    requester_cpu_s: float = 0.0
+    """The requester's own CPU time while measuring (not its start-up)."""
     responder_cpu_us: float = 0.0
+    cpu_us: dict[str, float] = dataclasses.field(default_factory=dict)
+    """CPU per request of every process on the path (`run_requester`'s `path`), the requester's too."""
 
     @property
     def rate(self) -> float:
@@ -81,10 +86,10 @@ async def closed_loop(
             group.create_task(worker())
         await asyncio.sleep(warmup_s)
         measuring = True
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         await asyncio.sleep(duration_s)
         measuring = False
-        seconds = time.perf_counter() - began
+        seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
         stop = True
     await nc.close()
     latencies = sorted(latencies)
@@ -94,41 +99,61 @@ async def closed_loop(
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
         "errors": errors,
+        "requester_cpu_s": cpu_seconds,
     }
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far (Linux /proc)."""
+    """User + system CPU time the processes have used so far (Linux /proc); gone ones count 0."""
     ticks = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_requester(module: str, args: list[str], label: str, concurrency: int, responder_pids: list[int]) -> Result:
+def run_requester(
+    module: str,
+    args: list[str],
+    label: str,
+    concurrency: int,
+    responder_pids: list[int],
+    path: Mapping[str, list[int]] | None = None,
+) -> Result:
     """Run `python -m module requester ...` in its own process; it prints one JSON line.
 
     The responders' CPU time over the run, per request, is the framework's cost with the
     requester's and the server's share taken out: steadier on 2 cores than throughput.
+    `path` names the processes a request goes through (nats-server, services, database):
+    their CPU per request, and the requester's, go in `cpu_us`. Their sum against the raw
+    echo's is the rate ratio the two paths would have if CPU were all that limited them.
     """
+    path = path or {}
     cpu_before = cpu_seconds(responder_pids)
+    path_before = {name: cpu_seconds(pids) for name, pids in path.items()}
     out = subprocess.run(
         [sys.executable, "-m", module, "requester", *args, str(concurrency)],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    path_used = {name: cpu_seconds(pids) - path_before[name] for name, pids in path.items()}
     cpu_used = cpu_seconds(responder_pids) - cpu_before
     data = json.loads(out.strip().splitlines()[-1])
     result = Result(label=label, concurrency=concurrency, **data)
-    total_requests = data["requests"] * (1 + warmup_s / data["seconds"])
-    return dataclasses.replace(result, responder_cpu_us=1e6 * cpu_used / max(total_requests, 1))
+    total_requests = max(data["requests"] * (1 + warmup_s / data["seconds"]), 1)
+    cpu_us = {"requester": 1e6 * data["requester_cpu_s"] / max(data["requests"], 1)} if path else {}
+    cpu_us |= {name: 1e6 * seconds / total_requests for name, seconds in path_used.items()}
+    return dataclasses.replace(result, responder_cpu_us=1e6 * cpu_used / total_requests, cpu_us=cpu_us)
 
 
-def raw_echo(url: str, duration_s: float, concurrency: int, responder_pid: int) -> Result:
+def raw_echo(url: str, duration_s: float, concurrency: int, responder_pid: int, nats_pid: int = 0) -> Result:
     """The baseline every benchmark reports beside its own figures: bench.echo's raw nats-py responder."""
-    return run_requester("bench.echo", [url, str(duration_s), "bench.raw"], "raw nats-py", concurrency, [responder_pid])
+    path = {"nats-server": [nats_pid], "echo": [responder_pid]} if nats_pid else None
+    return run_requester(
+        "bench.echo", [url, str(duration_s), "bench.raw"], "raw nats-py", concurrency, [responder_pid], path
+    )
 
 
 def median_result(results: list[Result]) -> Result:
@@ -147,5 +172,23 @@ def table(rows: list[tuple[Result, Result]]) -> str:
             f"| {measured.label} | {measured.concurrency} | {measured.rate:,.0f} | {measured.p50_ms:.2f} | "
             f"{measured.p99_ms:.2f} | {measured.errors} | {measured.responder_cpu_us:.1f} | "
             f"{raw.rate:,.0f} | {measured.rate / raw.rate:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[tuple[Result, Result]]) -> str:
+    """Per (baseline, measured) pair with `cpu_us`: each path's CPU per request by process."""
+    lines = [
+        "| path | c | CPU µs/request by process | total | raw echo's | echo ÷ total |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for raw, measured in rows:
+        if not (raw.cpu_us and measured.cpu_us):
+            continue
+        parts = ", ".join(f"{name} {us:.1f}" for name, us in measured.cpu_us.items())
+        total, echo_total = sum(measured.cpu_us.values()), sum(raw.cpu_us.values())
+        lines.append(
+            f"| {measured.label} | {measured.concurrency} | {parts} | {total:.1f} | {echo_total:.1f} | "
+            f"{echo_total / total:.2f} |"
         )
     return "\n".join(lines)

@@ -22,8 +22,8 @@ import nats.js.errors
 
 import migrations
 from bench.echo import BODY
-from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
-from bench.services import database_for, nats_and_raw_echo, services_running
+from bench.harness import Result, closed_loop, cpu_table, raw_echo, run_requester, table, warmup_s
+from bench.services import database_for, nats_and_raw_echo, postgres_pids, services_running
 
 ACCOUNTS = 1_000
 BATCH_TRANSFERS = 100
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
-    with nats_and_raw_echo() as (data_dir, url, raw):
+    with nats_and_raw_echo() as (data_dir, url, raw, nats_pid):
         for store in options.stores:
             asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
             database_url = database_for(store, data_dir)
@@ -87,14 +87,18 @@ def main() -> None:
             with services_running(["ledger_events", "ledger"], url, database_url) as services:
                 pids = [process.pid for process in services]
                 asyncio.run(fund(url))
+                path = {"nats-server": [nats_pid], **{process.args[-1]: [process.pid] for process in services}}
+                if store == "postgres":
+                    path["postgres"] = postgres_pids()  # now that the services have connected
                 for concurrency in options.concurrency:
-                    echo = raw_echo(url, options.duration, concurrency, raw.pid)
+                    echo = raw_echo(url, options.duration, concurrency, raw.pid, nats_pid)
                     record = run_requester(
                         "bench.ledger",
                         [url, str(options.duration), "record"],
                         f"ledger.record {store}",
                         concurrency,
                         pids,
+                        path,
                     )
                     rows.append((echo, record))
                 if not options.no_batch:
@@ -104,6 +108,7 @@ def main() -> None:
                         f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
                         8,
                         pids,
+                        path,
                     )
                     rows.append((rows[-1][0], batch))
     print(
@@ -111,6 +116,8 @@ def main() -> None:
         f"record_batch rows count requests (x{BATCH_TRANSFERS} transfers each)"
     )
     print(table(rows))
+    print()
+    print(cpu_table(rows))
 
 
 if __name__ == "__main__":

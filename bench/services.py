@@ -72,6 +72,13 @@ async def fresh_postgres() -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
 
 
+def postgres_pids() -> list[int]:
+    """The machine's Postgres processes (backends, WAL writer, checkpointer...): a bench's
+    database work is theirs."""
+    out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True, check=False).stdout
+    return [int(pid) for pid in out.split()]
+
+
 def database_for(store: str, data_dir: str) -> str:
     """A fresh database of the store: a SQLite file in the run's directory, or a new Postgres database."""
     if store == "sqlite":
@@ -80,15 +87,16 @@ def database_for(store: str, data_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def nats_and_raw_echo() -> Iterator[tuple[str, str, subprocess.Popen]]:
+def nats_and_raw_echo() -> Iterator[tuple[str, str, subprocess.Popen, int]]:
     """What every bench runs in: a data directory, a nats-server on a free port, the raw nats-py
-    echo as the baseline. Yields (data_dir, nats_url, raw echo process); all gone on leaving."""
+    echo as the baseline. Yields (data_dir, nats_url, raw echo process, nats-server's pid); all
+    gone on leaving."""
     with tempfile.TemporaryDirectory() as data_dir:
         server = EmbeddedNats(data_dir=Path(data_dir) / "nats", port=free_port())
         url = server.start()
         raw = start_responder("raw", url)
         try:
-            yield data_dir, url, raw
+            yield data_dir, url, raw, server.process.pid
         finally:
             raw.terminate()
             raw.wait()
@@ -160,7 +168,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
     options = parser.parse_args()
-    with nats_and_raw_echo() as (data_dir, url, raw):
+    with nats_and_raw_echo() as (data_dir, url, raw, _):
         rows = []
         for store in options.stores:
             database_url = database_for(store, data_dir)

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--ingest", type=int, default=5_000)
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
-    with nats_and_raw_echo() as (data_dir, url, raw):
+    with nats_and_raw_echo() as (data_dir, url, raw, _):
         for store in options.stores:
             database_url = database_for(store, data_dir)
             migrations.upgrade(database_url)
