@@ -34,6 +34,8 @@ from schemas.accounts import users
 from schemas.database import open_database, service_url
 
 SEEDED_USERS = 10_000
+service_stop_timeout_s = 30.0
+"""As the supervisor's `shutdown_s`: a service still draining after this is killed."""
 POSTGRES_ADMIN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BENCH_DATABASE = "bitnexus_bench"
 
@@ -115,7 +117,13 @@ def services_running(names: list[str], nats_url: str, database_url: str) -> Iter
         for process in processes:
             process.terminate()
         for process in processes:
-            process.wait()
+            try:
+                process.wait(timeout=service_stop_timeout_s)
+            except subprocess.TimeoutExpired:  # said, not hidden: a drain should never take this long
+                command = " ".join(process.args)
+                print(f"{command}: still running {service_stop_timeout_s:g} s after SIGTERM; killed", file=sys.stderr)
+                process.kill()
+                process.wait()
 
 
 def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Popen:
