@@ -8,6 +8,7 @@ the OS-level supervisor restarts it from durable state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -32,6 +33,12 @@ async def supervised(
             await run()
             return
         except Exception as exc:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                # Being stopped: a TaskGroup inside `run` turns our cancellation into its children's
+                # errors (say, "the group commit stopped" under the ingest consumer's handlers).
+                # Restarted, the task would run on and its owner would wait for it forever.
+                log.warning("task failed while stopping", extra={"task": name, "reason": repr(exc)})
+                raise asyncio.CancelledError from exc
             now = time.monotonic()
             crashes.append(now)
             while now - crashes[0] > restart_period_s:
