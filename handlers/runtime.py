@@ -30,8 +30,7 @@ class Repo:
     nc: Client
     commits: GroupCommit
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
-    """Jobs that run as long as the service serves (batch loaders, consumers), started in its task
-    group in this order and stopped in the reverse: a job may depend on the ones before it."""
+    """Jobs that run as long as the service serves (batch loaders), started in its task group."""
 
 
 def instance_metadata() -> dict[str, str]:
@@ -57,12 +56,8 @@ async def serving_with_outbox(
             jobs = [group.create_task(supervised(f"{name}.{job.__qualname__}", job)) for job in repo.background]
             async with service.serving():
                 yield service
-            # In reverse start order, as OTP stops children: the ingest consumer before the group
-            # commit its handlers wait on, and everything committed before the outbox's last publish.
-            for job in reversed(jobs):
-                job.cancel()
-                await asyncio.wait([job])
             await repo.relay.publish_pending()
-            relay.cancel()
+            for task in [relay, *jobs]:
+                task.cancel()
     finally:
         await db.dispose()
