@@ -35,7 +35,8 @@ from schemas.database import open_database, service_url
 
 SEEDED_USERS = 10_000
 service_stop_timeout_s = 30.0
-"""As the supervisor's `shutdown_s`: a service still draining after this is killed."""
+"""Like the supervisor's `shutdown_s` (10 s there; a bench gives a draining service longer): a
+service still running this long after SIGTERM is killed, and the bench says so."""
 POSTGRES_ADMIN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BENCH_DATABASE = "bitnexus_bench"
 

@@ -51,8 +51,8 @@ def _run_due(postings: int, head: Head) -> bool:
 
 
 def _uncached(keys: set[BalanceKey], cached: dict[BalanceKey, int]) -> set[BalanceKey]:
-    """The keys not in the cache, in time of the keys: `keys - cached.keys()` copies every cached
-    key into a set first (up to `cached_balances_max`, in every batch)."""
+    """The keys not in the cache, at the cost of the keys alone: `keys - cached.keys()` copies
+    every cached key into a set first (up to `cached_balances_max`, in every batch)."""
     return {key for key in keys if key not in cached}
 
 
