@@ -136,3 +136,27 @@ async def test_array_literals_read_back_exactly(young_tables: Any) -> None:
         assert asyncio.run_coroutine_threadsafe(query, loop).result(10) == values
 
     await asyncio.to_thread(round_trip)
+
+
+BYTEWISE_KEYS = {
+    ("ledger_balances", "account"),
+    ("ledger_balances", "currency"),
+    ("ledger_entries", "currency"),
+    ("ledger_entries", "from_account"),
+    ("ledger_entries", "id"),
+    ("ledger_entries", "to_account"),
+}
+COLLATED_COLUMNS = """SELECT table_name, column_name, collation_name FROM information_schema.columns
+    WHERE table_schema = $1 AND table_name LIKE 'ledger%' AND collation_name IS NOT NULL"""
+
+
+async def test_ledger_keys_compare_bytewise_as_migrated_and_as_declared(postgres_url: str, young_tables: Any) -> None:
+    """The migrations and the tables' declaration (what `young_tables` created) agree: the
+    ledger's key columns, and only those, collate "C"."""
+    await migrations.upgrade_async(postgres_url)
+    for schema in ("public", "young"):
+        collated = {
+            (table, column): collation
+            for table, column, collation in await young_tables.fetch(COLLATED_COLUMNS, schema)
+        }
+        assert collated == dict.fromkeys(BYTEWISE_KEYS, "C"), schema
