@@ -72,11 +72,11 @@ def event_message(entry: Entry) -> Message:
 
 def chained(head: Head, entries: list[Entry]) -> bool:
     """`entries` follow `head` and each other by seq and by hash (their hashes not recomputed)."""
-    previous = head
+    seq, prev = head
     for entry in entries:
-        if (entry.seq, entry.prev_hash) != (previous.seq + 1, previous.hash):
+        if entry.seq != seq + 1 or entry.prev_hash != prev:
             return False
-        previous = Head(entry.seq, entry.hash)
+        seq, prev = entry.seq, entry.hash
     return True
 
 
