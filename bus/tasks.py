@@ -13,11 +13,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("bitnexus.tasks")
 
 restarts_max_default = 3
 restart_period_s_default = 5.0
+recancel_interval_s = 1.0
 
 
 async def supervised(
@@ -47,3 +49,18 @@ async def supervised(
                 log.error("task crashed too often; giving up", extra={"task": name, "reason": repr(exc)})
                 raise
             log.exception("task crashed; restarting", extra={"task": name, "restarts": len(crashes)})
+
+
+async def stop(task: asyncio.Task[Any], name: str) -> None:
+    """Cancel `task` and wait until it has ended, cancelling it again each `recancel_interval_s`.
+
+    One `cancel()` can be lost: on Python 3.11 `asyncio.wait_for` returns the awaited result
+    instead of raising when the cancellation lands just after that result arrived. nats-py's
+    `next_msg` (under a pull subscription's `fetch`) waits that way, and a loop around it then ran
+    on while its owner waited for it forever (the ingest consumer, when stopped before the
+    group commit: a test fixture's teardown hung). A lost cancellation is logged, then asked again.
+    """
+    task.cancel()
+    while not (await asyncio.wait([task], timeout=recancel_interval_s))[0]:
+        log.warning("task still running after cancel; cancelling again", extra={"task": name})
+        task.cancel()

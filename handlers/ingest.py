@@ -72,6 +72,8 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
     subscription = await js.pull_subscribe(
         "ingest.transactions.*", durable=CONSUMER, stream=INGEST_STREAM, config=config
     )
+    consumer = asyncio.current_task()
+    assert consumer is not None
     in_flight = 0
     room = asyncio.Event()
     room.set()
@@ -94,6 +96,8 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
                     )
                 except TimeoutError:  # nothing to fetch within fetch_wait_s (nats-py raises both kinds)
                     continue
+                if consumer.cancelling():  # `fetch` returned instead of raising (`bus.tasks.stop`)
+                    raise asyncio.CancelledError  # what it fetched is redelivered after `ack_wait_s`
                 for msg in messages:
                     in_flight += 1
                     group.create_task(apply(msg))

@@ -16,7 +16,7 @@ from sqlalchemy import Table
 from bus.events import EVENTS_STREAM, OutboxRelay, ensure_stream
 from bus.jetstream import BatchPublisher
 from bus.service import Service
-from bus.tasks import supervised
+from bus.tasks import stop, supervised
 from handlers.group_commit import GroupCommit
 from schemas.database import Database, open_database, service_url
 
@@ -30,7 +30,8 @@ class Repo:
     nc: Client
     commits: GroupCommit
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
-    """Jobs that run as long as the service serves (batch loaders), started in its task group."""
+    """Jobs that run as long as the service serves (batch loaders, consumers), started in its task
+    group in this order and stopped in the reverse: a job may depend on the ones before it."""
 
 
 def instance_metadata() -> dict[str, str]:
@@ -56,8 +57,11 @@ async def serving_with_outbox(
             jobs = [group.create_task(supervised(f"{name}.{job.__qualname__}", job)) for job in repo.background]
             async with service.serving():
                 yield service
+            # In reverse start order, as OTP stops children: the ingest consumer before the group
+            # commit its handlers wait on, and everything committed before the outbox's last publish.
+            for job, run in reversed(list(zip(jobs, repo.background, strict=True))):
+                await stop(job, f"{name}.{run.__qualname__}")
             await repo.relay.publish_pending()
-            for task in [relay, *jobs]:
-                task.cancel()
+            await stop(relay, f"{name}.outbox_relay")
     finally:
         await db.dispose()

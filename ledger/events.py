@@ -35,7 +35,7 @@ from sqlalchemy import select, update
 from bus.codec import encode
 from bus.events import EVENTS_STREAM, ensure_stream, relay_forever, relay_poll_interval_s
 from bus.jetstream import BatchPublisher, Message
-from bus.tasks import supervised
+from bus.tasks import stop, supervised
 from ledger.plan import Head
 from ledger.storage import entries_after
 from schemas.database import Database, open_database, service_url
@@ -179,8 +179,7 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
             task = group.create_task(supervised("ledger_events.relay", relay.run))
             yield relay
             await nudges.unsubscribe()
-            task.cancel()
-            await asyncio.wait([task])  # one publisher at a time: finish after the loop stopped
+            await stop(task, "ledger_events.relay")  # one publisher at a time: finish after the loop stopped
             await relay.finish()
     finally:
         await db.dispose()

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from bus.errors import ServiceError
 from bus.service import Service
-from bus.tasks import supervised
+from bus.tasks import stop, supervised
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT, committed_message
@@ -131,7 +131,7 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
             task = group.create_task(supervised("ledger.writer", writer.run))
             async with service.serving():
                 yield service
-            task.cancel()
+            await stop(task, "ledger.writer")
     finally:
         await writer.close()
         await db.dispose()

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from bus.tasks import supervised
+import bus.tasks
+from bus.tasks import stop, supervised
 
 
 async def test_a_crashed_task_is_restarted_until_it_finishes() -> None:
@@ -56,3 +57,27 @@ async def test_a_task_failing_because_it_is_stopped_stops() -> None:
     done, _ = await asyncio.wait([task], timeout=2)
     assert done == {task} and task.cancelled()
     assert runs == [1]
+
+
+async def test_stop_asks_again_when_a_cancellation_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop around a wait that returns instead of raising when it is cancelled (Python 3.11's
+    `asyncio.wait_for` when its result arrived first; nats-py's `next_msg`) runs on after one
+    `cancel()`; `stop` cancels it again, and it ends. With one `cancel()` only, this test hangs
+    until its timeout."""
+    monkeypatch.setattr(bus.tasks, "recancel_interval_s", 0.05)
+    turns = []
+
+    async def loses_its_first_cancellation() -> None:
+        while True:
+            turns.append(1)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if len(turns) > 1:
+                    raise
+
+    task = asyncio.create_task(supervised("consumer", loses_its_first_cancellation))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(stop(task, "consumer"), timeout=2)
+    assert task.cancelled()
+    assert len(turns) == 2, "the first cancellation was lost, the second ended it"
