@@ -161,6 +161,15 @@ def median_result(results: list[Result]) -> Result:
     return ordered[len(ordered) // 2]
 
 
+def median_pair(pairs: list[tuple[Result, Result]]) -> tuple[Result, Result]:
+    """Of (raw echo, measured) pairs taken one after the other, the one with the median ratio.
+
+    On this shared 2-core machine the raw echo of one run swung between 15k and 26k/s within
+    minutes: a ratio from one pair says as much about the moment as about the code."""
+    ordered = sorted(pairs, key=lambda pair: pair[1].rate / pair[0].rate)
+    return ordered[len(ordered) // 2]
+
+
 def table(rows: list[tuple[Result, Result]]) -> str:
     """One line per (baseline, measured) pair: rates, latencies and the ratio measured/baseline."""
     lines = [

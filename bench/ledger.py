@@ -1,6 +1,6 @@
 """ledger.record at c1/c64/c512 and ledger.record_batch of 100 on SQLite and Postgres, beside the raw echo.
 
-    python -m bench.ledger [--duration 4] [--stores sqlite postgres] [--concurrency 1 64 512] [--no-batch]
+    python -m bench.ledger [--duration 4] [--rounds 1] [--stores sqlite postgres] [--concurrency 1 64 512] [--no-batch]
 
 Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
 synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
@@ -22,7 +22,7 @@ import nats.js.errors
 
 import migrations
 from bench.echo import BODY
-from bench.harness import Result, closed_loop, cpu_table, raw_echo, run_requester, table, warmup_s
+from bench.harness import Result, closed_loop, cpu_table, median_pair, raw_echo, run_requester, table, warmup_s
 from bench.services import database_for, nats_and_raw_echo, postgres_pids, services_running
 
 ACCOUNTS = 1_000
@@ -74,11 +74,13 @@ async def purge_events(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=1, help="echo and record pairs per row; the median ratio's")
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 512])
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     options = parser.parse_args()
     rows: list[tuple[Result, Result]] = []
+    ratios: dict[str, list[float]] = {}
     with nats_and_raw_echo() as (data_dir, url, raw, nats_pid):
         for store in options.stores:
             asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
@@ -91,16 +93,20 @@ def main() -> None:
                 if store == "postgres":
                     path["postgres"] = postgres_pids()  # now that the services have connected
                 for concurrency in options.concurrency:
-                    echo = raw_echo(url, options.duration, concurrency, raw.pid, nats_pid)
-                    record = run_requester(
-                        "bench.ledger",
-                        [url, str(options.duration), "record"],
-                        f"ledger.record {store}",
-                        concurrency,
-                        pids,
-                        path,
-                    )
-                    rows.append((echo, record))
+                    pairs = []
+                    for _ in range(options.rounds):
+                        echo = raw_echo(url, options.duration, concurrency, raw.pid, nats_pid)
+                        record = run_requester(
+                            "bench.ledger",
+                            [url, str(options.duration), "record"],
+                            f"ledger.record {store}",
+                            concurrency,
+                            pids,
+                            path,
+                        )
+                        pairs.append((echo, record))
+                    rows.append(median_pair(pairs))
+                    ratios[f"ledger.record {store} c{concurrency}"] = [rec.rate / echo.rate for echo, rec in pairs]
                 if not options.no_batch:
                     batch = run_requester(
                         "bench.ledger",
@@ -113,11 +119,16 @@ def main() -> None:
                     rows.append((rows[-1][0], batch))
     print(
         f"{options.duration:g} s per measurement, cpus {os.cpu_count()}, echo body {len(BODY)} bytes; "
+        f"ledger.record rows: the pair with the median ratio of {options.rounds} echo-then-record rounds; "
         f"record_batch rows count requests (x{BATCH_TRANSFERS} transfers each)"
     )
     print(table(rows))
     print()
     print(cpu_table(rows))
+    if options.rounds > 1:
+        print()
+        for label, each in ratios.items():
+            print(f"{label} ratios by round: {', '.join(f'{ratio:.2f}' for ratio in each)}")
 
 
 if __name__ == "__main__":
