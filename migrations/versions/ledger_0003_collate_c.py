@@ -27,7 +27,9 @@ def downgrade() -> None:
 
 
 def _collate(collation: str) -> None:
-    """One ALTER TABLE per table: Postgres rewrites the indexes on those columns once."""
+    """One ALTER TABLE per table. The rows stay as they are (same type, only the collation
+    changes); the indexes on those columns are rebuilt, under a lock that stops the ledger's
+    writes meanwhile: on a long chain, run it in a quiet moment."""
     if op.get_bind().dialect.name != "postgresql":
         return  # SQLite compares text bytewise already (BINARY)
     for table, columns in KEY_COLUMNS.items():
