@@ -1,0 +1,48 @@
+"""How a database-backed service stops: its background jobs in reverse start order, then its outbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from nats.aio.client import Client
+
+from bus.events import write_event
+from bus.service import Service
+from handlers.runtime import Repo, serving_with_outbox
+from schemas.accounts import accounts_outbox
+from tests.conftest import Mesh, fresh_streams
+
+
+async def test_jobs_stop_in_reverse_start_order_and_what_they_commit_meanwhile_is_published(
+    nc: Client, database: str
+) -> None:
+    """Each job, as it stops, commits an event through the group commit (the service's first
+    job): it can only if the jobs started after it, which may depend on it, stop before it.
+    The outbox is published once more after the last job stopped."""
+    mesh = Mesh(nc)
+    await fresh_streams(mesh)
+    stopped: list[str] = []
+
+    def job(repo: Repo, name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                await repo.commits.run(
+                    lambda conn: write_event(conn, accounts_outbox, "test", "test.job.stopped", {"job": name})
+                )
+                stopped.append(name)
+
+        run.__qualname__ = name
+        return run
+
+    def add_endpoints(service: Service, repo: Repo) -> None:
+        repo.background.extend([job(repo, "first"), job(repo, "second"), job(repo, "third")])
+
+    async with asyncio.timeout(20):  # stopped all at once, a job's last commit waited forever
+        async with serving_with_outbox(nc, "accounts", "stop order", accounts_outbox, add_endpoints):
+            await asyncio.sleep(0.05)
+    assert stopped == ["third", "second", "first"]
+    assert [envelope["data"]["job"] for _, _, envelope in await mesh.events(3)] == ["third", "second", "first"]
