@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -23,17 +24,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import nats
 from sqlalchemy import insert
 
 import migrations
 from bench.echo import BODY, start_responder
 from bench.harness import Result, closed_loop, median_result, raw_echo, run_requester, table, warmup_s
 from bus.embedded import EmbeddedNats, free_port
+from bus.runner import READY_FD_ENV
 from schemas.accounts import users
 from schemas.database import open_database, service_url
 
 SEEDED_USERS = 10_000
+service_start_timeout_s = 30.0
 service_stop_timeout_s = 30.0
 """Like the supervisor's `shutdown_s` (10 s there; a bench gives a draining service longer): a
 service still running this long after SIGTERM is killed, and the bench says so."""
@@ -128,21 +130,27 @@ def services_running(names: list[str], nats_url: str, database_url: str) -> Iter
 
 
 def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Popen:
-    """`bitnexus serve <name>` in its own process; returns once it answers `$SRV.PING.<name>`."""
-    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "BITNEXUS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", name], env=env)
-
-    async def wait() -> None:
-        nc = await nats.connect(nats_url)
-        for _ in range(300):
-            try:
-                await nc.request(f"$SRV.PING.{name}", b"", timeout=0.2)
-                break
-            except Exception:  # not serving yet
-                await asyncio.sleep(0.05)
-        await nc.close()
-
-    asyncio.run(wait())
+    """`bitnexus serve <name>` in its own process; returns once it says it serves, on the pipe a
+    supervisor passes its children (`BITNEXUS_READY_FD`). Polling `$SRV.PING.<name>` instead
+    waited its full 15 s for `ledger_events`, which has no endpoints."""
+    read_fd, write_fd = os.pipe()
+    env = {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "DATABASE_URL": database_url,
+        "BITNEXUS_LOG_LEVEL": "WARNING",
+        READY_FD_ENV: str(write_fd),
+    }
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "supervisor", "serve", name], env=env, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        said = ready.readline() if select.select([ready], [], [], service_start_timeout_s)[0] else b""
+    if not said.startswith(b"ready"):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"{name} did not say it serves within {service_start_timeout_s:g} s")
     return process
 
 
