@@ -191,16 +191,22 @@ class PostgresLedgerSql:
         "account, currency, balance", "ledger_balances", {"account": "text", "currency": "text"}
     )
     write = (
-        f"WITH entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
+        "WITH follows AS (SELECT $14::bigint = 0 OR EXISTS "
+        "(SELECT FROM ledger_entries WHERE seq = $14 AND hash = $15) AS head), "
+        f"entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
         "SELECT seq, id, from_account, to_account, amount, currency, memo, $8::timestamptz, prev_hash, hash "
         "FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::text[], $5::text::bigint[], "
         "$6::text::text[], $7::text::text[], $9::text::text[], $10::text::text[]) "
-        "AS entry(seq, id, from_account, to_account, amount, currency, memo, prev_hash, hash)) "
+        "AS entry(seq, id, from_account, to_account, amount, currency, memo, prev_hash, hash) "
+        "WHERE (SELECT head FROM follows)) "
         "INSERT INTO ledger_balances (account, currency, balance) "
         "SELECT * FROM unnest($11::text::text[], $12::text::text[], $13::text::bigint[]) "
+        "WHERE (SELECT head FROM follows) "
         "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     )
-    """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it."""
+    """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
+    Written only where the first entry follows the stored entry it names ($14, $15): the next seq
+    taken, the primary key refuses the rest; a head the table no longer holds writes nothing."""
 
     async def begin_locked(self, driver: Any, key: int) -> None:
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
@@ -217,12 +223,13 @@ class PostgresLedgerSql:
 
     async def write_entries(
         self, driver: Any, entries: list[Entry], recorded_at: datetime, balances: Iterable[tuple[BalanceKey, int]]
-    ) -> None:
+    ) -> bool:
+        """False when nothing was written: the entry before the first is not the stored one."""
         assert all(entry.recorded_at == entries[0].recorded_at for entry in entries)
         assert timestamp(recorded_at) == entries[0].recorded_at
         texts, numbers = postgres_text_array, postgres_int_array
         accounts, currencies, values = zip(*_balance_rows(balances), strict=True)
-        await driver.execute(
+        status = await driver.execute(
             self.write,
             numbers([entry.seq for entry in entries]),
             texts([entry.id for entry in entries]),
@@ -237,4 +244,7 @@ class PostgresLedgerSql:
             texts(accounts),
             texts(currencies),
             numbers(values),
+            entries[0].seq - 1,
+            entries[0].prev_hash,
         )
+        return status != "INSERT 0 0"  # every entry changes two balances

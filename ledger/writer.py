@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
 from ledger import storage
@@ -219,19 +221,63 @@ class Writer:
         self, driver: Any, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
     ) -> Plan:
         """The whole batch on the writer's own connection and thread; the advisory lock serializes
-        every ledger writer on this database."""
+        every ledger writer on this database.
+
+        When this writer committed the stored head last, as far as it knows, the batch is first
+        planned on that head with none of its ids recorded, and written without reading either:
+        one round trip less, and no index probe per id (≈ 4 % more transfers/s at c512,
+        bench/RESULTS.md session 7). The write checks the guess: it writes nothing unless the
+        head it names is stored, another replica's entry holds the next seq, a recorded id its
+        unique key. A wrong guess is rolled back and the batch planned again from what the
+        database holds (a retry of a recorded id costs that)."""
         sql = PostgresLedgerSql()
+        if self._cached_head is not None:
+            await sql.begin_locked(driver, LEDGER_LOCK_KEY)
+            try:
+                result = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, guessed=True)
+            except asyncpg.UniqueViolationError:
+                result = None
+            except BaseException:
+                self._cached_head = None  # the transaction may or may not have committed
+                raise
+            if result is not None:
+                return result
+            await driver.execute("ROLLBACK")  # nothing written: the cache still holds as of its head
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
             head, recorded = await sql.head_and_entries(driver, ids)
-            missing = self._missing_balances(head, keys)
-            result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
-            if result.new_entries:
-                await sql.write_entries(driver, result.new_entries, now, result.balances.items())
-            await driver.execute("COMMIT")
+            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, guessed=False)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
+        assert result is not None
+        return result
+
+    async def _plan_and_write(
+        self,
+        sql: PostgresLedgerSql,
+        driver: Any,
+        head: Head,
+        recorded: dict[str, Entry],
+        keys: set[BalanceKey],
+        now: datetime,
+        decide: Decide,
+        guessed: bool,
+    ) -> Plan | None:
+        """Inside the locked transaction: plan on `head`, write, commit; the cache follows.
+
+        None, before writing, when the head and ids were `guessed` and the plan refused a
+        request: the table cannot check a refusal, and a recorded id's answer is its entry."""
+        missing = self._missing_balances(head, keys)
+        result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
+        if guessed and any(isinstance(outcome, ServiceError) for outcome in result.outcomes):
+            return None
+        if result.new_entries:
+            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items())
+            if not written:
+                assert guessed, "a head read under the lock is the stored head"
+                return None
+        await driver.execute("COMMIT")
         self._remember(result)
         return result
 

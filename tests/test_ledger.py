@@ -18,7 +18,7 @@ from ledger import storage
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from schemas.database import open_database, service_url
-from schemas.ledger import ledger_cursors, ledger_entries, ledger_postings
+from schemas.ledger import ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh
 from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
 
@@ -91,6 +91,45 @@ async def test_retry_with_same_id_and_body_returns_the_original_and_moves_nothin
             "ledger.record", {**transfer("same", "world", "user:1", 50, memo="m"), **changed}
         )
         assert code == 409 and reply["error"]["type"] == "idempotency_conflict", changed
+
+
+async def test_a_retry_answers_with_its_entry_even_where_repeating_it_would_be_refused(mesh: Mesh) -> None:
+    """Each request below is a batch of its own, planned on the head the writer committed last:
+    a retry of a spent transfer is its entry, not `insufficient_funds`, alone or in a batch."""
+    await mesh.ok("ledger.record", transfer("fund-once", "world", "user:1", 10))
+    spent = await mesh.ok("ledger.record", transfer("spend-all", "user:1", "user:2", 10))
+    assert await mesh.ok("ledger.record", transfer("spend-all", "user:1", "user:2", 10)) == spent
+    batch = await mesh.ok(
+        "ledger.record_batch",
+        {"transfers": [transfer("spend-all", "user:1", "user:2", 10), transfer("back", "user:2", "user:1", 4)]},
+    )
+    assert batch["items"][0] == spent and batch["items"][1]["seq"] == 3
+    again = await mesh.ok("ledger.record", transfer("back", "user:2", "user:1", 4))
+    assert again == batch["items"][1]
+    assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 4}
+    await assert_ledger_invariants(mesh)
+
+
+async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, database: str) -> None:
+    """An entry committed by another writer (here: straight into the tables) after this writer's
+    last batch: its next batch is planned on that entry and its balances, not on what it cached."""
+    first = await mesh.ok("ledger.record", transfer("mine", "world", "user:1", 10))
+    moment = datetime.now(UTC)
+    theirs = make_entry(2, "theirs", "user:1", "user:2", 10, "EUR", "", timestamp(moment), first["hash"])
+    db = open_database(service_url("ledger", database))
+    async with db.writer.begin() as conn:
+        row = {name: getattr(theirs, name) for name in ("seq", "id", "amount", "currency", "memo", "prev_hash", "hash")}
+        await conn.execute(
+            insert(ledger_entries).values(**row, from_account="user:1", to_account="user:2", recorded_at=moment)
+        )
+        await conn.execute(update(ledger_balances).where(ledger_balances.c.account == "user:1").values(balance=0))
+        await conn.execute(insert(ledger_balances).values(account="user:2", currency="EUR", balance=10))
+    await db.dispose()
+    code, reply = await mesh.request("ledger.record", transfer("overspend", "user:1", "user:3", 5))
+    assert code == 422 and reply["error"]["type"] == "insufficient_funds"
+    after = await mesh.ok("ledger.record", transfer("next", "world", "user:3", 5))
+    assert (after["seq"], after["prev_hash"]) == (3, theirs.hash)
+    await assert_ledger_invariants(mesh)
 
 
 async def test_a_refused_transfer_id_may_be_used_again(mesh: Mesh) -> None:
