@@ -177,9 +177,9 @@ class SqliteLedgerSql:
 
 
 class PostgresLedgerSql:
-    """Each statement is a network round trip, so a batch is four: BEGIN with the lock, the head
-    with the batch's ids, the entries with the balances, COMMIT (the balances' read is a fifth
-    when not cached)."""
+    """Each statement is a network round trip. A batch the writer guesses (`Writer`) is one: the
+    entries with the balances, committing itself; read first, it is four: BEGIN with the lock,
+    the head with the batch's ids, the write, COMMIT. Balances not cached add a read."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
     by_ids = postgres_lookup(ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
@@ -191,8 +191,8 @@ class PostgresLedgerSql:
         "account, currency, balance", "ledger_balances", {"account": "text", "currency": "text"}
     )
     write = (
-        "WITH follows AS (SELECT $14::bigint = 0 OR EXISTS "
-        "(SELECT FROM ledger_entries WHERE seq = $14 AND hash = $15) AS head), "
+        "WITH follows AS (SELECT pg_try_advisory_xact_lock($16) AND ($14::bigint = 0 OR EXISTS "
+        "(SELECT FROM ledger_entries WHERE seq = $14 AND hash = $15)) AS head), "
         f"entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
         "SELECT seq, id, from_account, to_account, amount, currency, memo, $8::timestamptz, prev_hash, hash "
         "FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::text[], $5::text::bigint[], "
@@ -205,8 +205,13 @@ class PostgresLedgerSql:
         "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     )
     """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
-    Written only where the first entry follows the stored entry it names ($14, $15): the next seq
-    taken, the primary key refuses the rest; a head the table no longer holds writes nothing."""
+
+    Writes nothing unless it holds the ledger's lock ($16: taken at once, or already held by
+    the transaction) and the entry before the first is the stored one ($14, $15: a chain
+    emptied or restored behind the writer's head). The primary key refuses entries where another
+    writer took the next seq first, the id's unique key a recorded id. Alone (autocommit), it
+    is a whole batch in one round trip: its lock ends with it, and a writer holding the lock
+    read the head under it, so no other write falls between that read and its write."""
 
     async def begin_locked(self, driver: Any, key: int) -> None:
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
@@ -222,9 +227,15 @@ class PostgresLedgerSql:
         return _balances(await driver.fetch(self.balances_of, accounts, currencies), keys)
 
     async def write_entries(
-        self, driver: Any, entries: list[Entry], recorded_at: datetime, balances: Iterable[tuple[BalanceKey, int]]
+        self,
+        driver: Any,
+        entries: list[Entry],
+        recorded_at: datetime,
+        balances: Iterable[tuple[BalanceKey, int]],
+        lock_key: int,
     ) -> bool:
-        """False when nothing was written: the entry before the first is not the stored one."""
+        """False when nothing was written: the lock was held elsewhere, or the entry before the
+        first is not the stored one."""
         assert all(entry.recorded_at == entries[0].recorded_at for entry in entries)
         assert timestamp(recorded_at) == entries[0].recorded_at
         texts, numbers = postgres_text_array, postgres_int_array
@@ -246,5 +257,6 @@ class PostgresLedgerSql:
             numbers(values),
             entries[0].seq - 1,
             entries[0].prev_hash,
+            lock_key,
         )
         return status != "INSERT 0 0"  # every entry changes two balances

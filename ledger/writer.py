@@ -220,33 +220,32 @@ class Writer:
     async def _write_postgres(
         self, driver: Any, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
     ) -> Plan:
-        """The whole batch on the writer's own connection and thread; the advisory lock serializes
-        every ledger writer on this database.
+        """The whole batch on the writer's own connection and thread; the ledger's advisory lock
+        serializes every ledger writer on this database.
 
-        When this writer committed the stored head last, as far as it knows, the batch is first
-        planned on that head with none of its ids recorded, and written without reading either:
-        one round trip less, and no index probe per id (≈ 4 % more transfers/s at c512,
-        bench/RESULTS.md session 7). The write checks the guess: it writes nothing unless the
-        head it names is stored, another replica's entry holds the next seq, a recorded id its
-        unique key. A wrong guess is rolled back and the batch planned again from what the
-        database holds (a retry of a recorded id costs that)."""
+        When this writer committed the stored head last, as far as it knows, it guesses: the
+        batch is planned on that head with none of its ids recorded, and written by one statement
+        that commits on its own, one round trip where reading first takes four (bench/RESULTS.md,
+        session 7). The statement checks the guess: it writes nothing unless it gets the lock at
+        once and the head it names is stored; another replica's entry holds the next seq, a
+        recorded id its unique key. A wrong guess, or a plan refusing a request (the table cannot
+        check a refusal, and a recorded id's answer is its entry), falls back to reading: the
+        lock held for a whole transaction, the head and the batch's ids read under it."""
         sql = PostgresLedgerSql()
         if self._cached_head is not None:
-            await sql.begin_locked(driver, LEDGER_LOCK_KEY)
             try:
-                result = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, guessed=True)
+                guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
             except asyncpg.UniqueViolationError:
-                result = None
+                guessed = None  # nothing written: the cache still holds as of its head
             except BaseException:
-                self._cached_head = None  # the transaction may or may not have committed
+                self._cached_head = None  # the statement may or may not have committed
                 raise
-            if result is not None:
-                return result
-            await driver.execute("ROLLBACK")  # nothing written: the cache still holds as of its head
+            if guessed is not None:
+                return guessed
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
             head, recorded = await sql.head_and_entries(driver, ids)
-            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, guessed=False)
+            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, False)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
@@ -264,20 +263,21 @@ class Writer:
         decide: Decide,
         guessed: bool,
     ) -> Plan | None:
-        """Inside the locked transaction: plan on `head`, write, commit; the cache follows.
-
-        None, before writing, when the head and ids were `guessed` and the plan refused a
-        request: the table cannot check a refusal, and a recorded id's answer is its entry."""
+        """Plan on `head`, write and commit (a guess's statement commits itself, the reading
+        path's transaction is committed here); the cache follows. None, and nothing written,
+        when a guess does not hold or its plan refused a request."""
         missing = self._missing_balances(head, keys)
         result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
         if guessed and any(isinstance(outcome, ServiceError) for outcome in result.outcomes):
             return None
+        assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         if result.new_entries:
-            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items())
+            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY)
             if not written:
-                assert guessed, "a head read under the lock is the stored head"
+                assert guessed, "under the lock, the head read is the stored head"
                 return None
-        await driver.execute("COMMIT")
+        if not guessed:
+            await driver.execute("COMMIT")
         self._remember(result)
         return result
 

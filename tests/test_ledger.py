@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from alembic import command
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 import migrations
 from bus.codec import timestamp
@@ -17,6 +17,7 @@ from bus.events import relay_poll_interval_s
 from ledger import storage
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, committed_message
+from ledger.writer import LEDGER_LOCK_KEY
 from schemas.database import open_database, service_url
 from schemas.ledger import ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh
@@ -129,6 +130,28 @@ async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, dat
     assert code == 422 and reply["error"]["type"] == "insufficient_funds"
     after = await mesh.ok("ledger.record", transfer("next", "world", "user:3", 5))
     assert (after["seq"], after["prev_hash"]) == (3, theirs.hash)
+    await assert_ledger_invariants(mesh)
+
+
+async def test_a_writer_holding_the_ledgers_lock_holds_back_every_batch(mesh: Mesh, database: str) -> None:
+    """Another writer in its batch (here, this test holding the lock a batch holds: Postgres'
+    advisory lock, SQLite's write lock): nothing is written until it lets go, not even a batch
+    the writer would plan on the head it committed last, without reading."""
+    await mesh.ok("ledger.record", transfer("before", "world", "user:1", 1))
+    db = open_database(service_url("ledger", database))
+    try:
+        async with asyncio.TaskGroup() as group:
+            async with db.writer.begin() as conn:
+                if db.is_sqlite:
+                    await conn.execute(update(ledger_cursors).values(seq=ledger_cursors.c.seq))
+                else:
+                    await conn.execute(select(func.pg_advisory_xact_lock(LEDGER_LOCK_KEY)))
+                recording = group.create_task(mesh.ok("ledger.record", transfer("during", "world", "user:1", 1)))
+                await asyncio.sleep(0.5)
+                assert not recording.done()
+        assert recording.result()["seq"] == 2
+    finally:
+        await db.dispose()
     await assert_ledger_invariants(mesh)
 
 
