@@ -227,15 +227,16 @@ class Writer:
         batch is planned on that head with none of its ids recorded, and written by one statement
         that commits on its own, one round trip where reading first takes four (bench/RESULTS.md,
         session 7). The statement checks the guess: it writes nothing unless it gets the lock at
-        once and the head it names is stored; another replica's entry holds the next seq, a
-        recorded id its unique key. A wrong guess, or a plan refusing a request (the table cannot
-        check a refusal, and a recorded id's answer is its entry), falls back to reading: the
-        lock held for a whole transaction, the head and the batch's ids read under it."""
+        once, the head it names is stored and none of its ids is recorded (the keys refuse what
+        a writer committing just before the lock adds). A wrong guess, or a plan refusing a
+        request (the table cannot check a refusal, and a recorded id's answer is its entry),
+        falls back to reading: the lock held for a whole transaction, the head and the batch's
+        ids read under it."""
         sql = PostgresLedgerSql()
         if self._cached_head is not None:
             try:
                 guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
-            except asyncpg.UniqueViolationError:
+            except asyncpg.UniqueViolationError:  # a writer committed between the checks and the lock
                 guessed = None  # nothing written: the cache still holds as of its head
             except BaseException:
                 self._cached_head = None  # the statement may or may not have committed
@@ -272,7 +273,9 @@ class Writer:
             return None
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         if result.new_entries:
-            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY)
+            written = await sql.write_entries(
+                driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY, ids_read=not guessed
+            )
             if not written:
                 assert guessed, "under the lock, the head read is the stored head"
                 return None

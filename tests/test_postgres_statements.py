@@ -41,9 +41,14 @@ FILL = [
 ]
 ids = [f"transfer-{n}" for n in range(1, KEYS + 1)]
 numbers = list(range(1, KEYS + 1))
+accounts = [f"user:{n}" for n in numbers]
+hashes = ["0" * 64] * KEYS
+WRITE_ARGS = [numbers, ids, accounts, accounts[1:] + accounts[:1], [1] * KEYS, ["EUR"] * KEYS, [""] * KEYS]
+WRITE_ARGS += ["2026-11-27 00:00:00+00", hashes, hashes, accounts, ["EUR"] * KEYS, [1] * KEYS, ROWS, "0" * 64, 1, ids]
 STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("ledger id check", PostgresLedgerSql.head_and_ids, [ids]),
-    ("ledger balances", PostgresLedgerSql.balances_of, [[f"user:{n}" for n in numbers], ["EUR"] * KEYS]),
+    ("ledger write and its checks", PostgresLedgerSql.write, WRITE_ARGS),
+    ("ledger balances", PostgresLedgerSql.balances_of, [accounts, ["EUR"] * KEYS]),
     ("ledger chain page", POSTGRES_ENTRIES_AFTER, [10, 1_000]),
     ("ledger history", POSTGRES_HISTORY, ["user:7", 0, 51]),
     ("transactions by key", TransactionSql(sqlite=False)._by_keys, [[f"key-{n}" for n in numbers]]),
