@@ -1,6 +1,7 @@
 """ledger.record at c1/c64/c512 and ledger.record_batch of 100 on SQLite and Postgres, beside the raw echo.
 
-    python -m bench.ledger [--duration 4] [--rounds 1] [--stores sqlite postgres] [--concurrency 1 64 512] [--no-batch]
+    python -m bench.ledger [--duration 4] [--rounds 1] [--stores sqlite postgres] [--concurrency 1 64 512]
+                           [--no-batch] [--retry-every N]
 
 Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
 synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
@@ -27,6 +28,9 @@ from bench.services import database_for, nats_and_raw_echo, postgres_pids, servi
 
 ACCOUNTS = 1_000
 BATCH_TRANSFERS = 100
+RETRY_DISTANCE = 1_000
+"""`--retry-every N`: every Nth `ledger.record` repeats the one sent this many requests before,
+as a client retrying after a timeout would (same id, same body: answered with its entry)."""
 
 
 RUN = f"b{os.getpid()}-{time.monotonic_ns()}".encode()
@@ -45,9 +49,10 @@ def transfer(counter: int) -> bytes:
     )
 
 
-def body_for(kind: str, counter: int) -> bytes:
+def body_for(kind: str, counter: int, retry_every: int = 0) -> bytes:
     if kind == "record":
-        return transfer(counter)
+        retry = retry_every and counter % retry_every == 0 and counter > RETRY_DISTANCE
+        return transfer(counter - RETRY_DISTANCE if retry else counter)
     return b'{"transfers":[%s]}' % b",".join(transfer(counter * BATCH_TRANSFERS + n) for n in range(BATCH_TRANSFERS))
 
 
@@ -78,7 +83,9 @@ def main() -> None:
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 512])
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
+    parser.add_argument("--retry-every", type=int, default=0, help="every Nth ledger.record a retry of an earlier one")
     options = parser.parse_args()
+    retrying = f" retrying 1/{options.retry_every}" if options.retry_every else ""
     rows: list[tuple[Result, Result]] = []
     ratios: dict[str, list[float]] = {}
     with nats_and_raw_echo() as (data_dir, url, raw, nats_pid):
@@ -98,19 +105,20 @@ def main() -> None:
                         echo = raw_echo(url, options.duration, concurrency, raw.pid, nats_pid)
                         record = run_requester(
                             "bench.ledger",
-                            [url, str(options.duration), "record"],
-                            f"ledger.record {store}",
+                            [url, str(options.duration), "record", str(options.retry_every)],
+                            f"ledger.record {store}{retrying}",
                             concurrency,
                             pids,
                             path,
                         )
                         pairs.append((echo, record))
                     rows.append(median_pair(pairs))
-                    ratios[f"ledger.record {store} c{concurrency}"] = [rec.rate / echo.rate for echo, rec in pairs]
+                    label = f"ledger.record {store}{retrying} c{concurrency}"
+                    ratios[label] = [measured.rate / echo.rate for echo, measured in pairs]
                 if not options.no_batch:
                     batch = run_requester(
                         "bench.ledger",
-                        [url, str(options.duration), "record_batch"],
+                        [url, str(options.duration), "record_batch", "0"],
                         f"ledger.record_batch x{BATCH_TRANSFERS} {store}",
                         8,
                         pids,
@@ -133,9 +141,16 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["requester"]:
-        url, duration, kind, concurrency = sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+        url, duration, kind, retry_every, concurrency = sys.argv[2:7]
         result = asyncio.run(
-            closed_loop(url, f"ledger.{kind}", lambda n: body_for(kind, n), concurrency, warmup_s, duration)
+            closed_loop(
+                url,
+                f"ledger.{kind}",
+                lambda n: body_for(kind, n, int(retry_every)),
+                int(concurrency),
+                warmup_s,
+                float(duration),
+            )
         )
         print(json.dumps(result))
     else:
