@@ -193,6 +193,7 @@ class PostgresLedgerSql:
     write = (
         "WITH follows AS (SELECT pg_try_advisory_xact_lock($16) "
         "AND ($14::bigint = 0 OR EXISTS (SELECT FROM ledger_entries WHERE seq = $14 AND hash = $15)) "
+        "AND NOT EXISTS (SELECT FROM ledger_entries WHERE seq = $14 + 1) "
         "AND NOT EXISTS (SELECT FROM unnest($17::text::text[]) AS wanted(id) CROSS JOIN LATERAL "
         "(SELECT FROM ledger_entries WHERE ledger_entries.id = wanted.id LIMIT 1) AS found) AS head), "
         f"entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
@@ -209,14 +210,15 @@ class PostgresLedgerSql:
     """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
 
     Writes nothing unless it holds the ledger's lock ($16: taken at once, or already held by
-    the transaction), the entry before the first is the stored one ($14, $15: not so in a chain
-    emptied or restored behind the writer's head), and none of the ids in $17 (a batch whose ids
-    were not read: all of them) is recorded, looked up one by one as in `postgres_lookup`. A
-    retried id so costs no inserts made and undone (a retry at a batch's end would undo the
-    whole batch). Alone (autocommit) it is a whole batch in one round trip: its lock ends with
-    it, and a writer holding the lock read the head under it, so no other write falls between
-    that read and its write. Its checks see the statement's snapshot, taken before the lock: a
-    writer that committed in between is refused by the keys (the next seq, an id) instead."""
+    the transaction), the entry before the first is the stored head ($14, $15: not so when
+    another writer appended, or in a chain emptied or restored behind the writer's head), and
+    none of the ids in $17 (a batch whose ids were not read: all of them) is recorded, looked
+    up one by one as in `postgres_lookup`. A wrong guess so costs no inserts and updates made
+    and undone (a retry at a batch's end would have undone the whole batch). Alone
+    (autocommit) it is a whole batch in one round trip: its lock ends with it, and a writer
+    holding the lock read the head under it, so no other write falls between that read and its
+    write. Its checks see the statement's snapshot, taken before the lock: a writer that
+    committed in between is refused by the keys (the next seq, an id) instead."""
 
     async def begin_locked(self, driver: Any, key: int) -> None:
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""

@@ -91,6 +91,9 @@ class Writer:
         self.postgres = None if db.is_sqlite else PostgresThread(db.writer.url)
         self._cached: dict[BalanceKey, int] = {}
         self._cached_head: Head | None = None
+        self._guessing = True
+        """Postgres: the last batch read that no other writer had written since this one's last
+        commit. With replicas writing in turn, a guess would fail every time."""
         self._cached_postings = 0
         """SQLite: the `postings` cursor as this writer left it; valid while the stored head is `_cached_head`."""
 
@@ -231,9 +234,9 @@ class Writer:
         a writer committing just before the lock adds). A wrong guess, or a plan refusing a
         request (the table cannot check a refusal, and a recorded id's answer is its entry),
         falls back to reading: the lock held for a whole transaction, the head and the batch's
-        ids read under it."""
+        ids read under it. It guesses again once a read finds no other writer's entries."""
         sql = PostgresLedgerSql()
-        if self._cached_head is not None:
+        if self._cached_head is not None and self._guessing:
             try:
                 guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
             except asyncpg.UniqueViolationError:  # a writer committed between the checks and the lock
@@ -246,6 +249,7 @@ class Writer:
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
             head, recorded = await sql.head_and_entries(driver, ids)
+            self._guessing = head == self._cached_head
             result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, False)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
