@@ -1,7 +1,7 @@
 """ledger.record at c1/c64/c512 and ledger.record_batch of 100 on SQLite and Postgres, beside the raw echo.
 
     python -m bench.ledger [--duration 4] [--rounds 1] [--stores sqlite postgres] [--concurrency 1 64 512]
-                           [--no-batch] [--retry-every N]
+                           [--no-batch] [--retry-every N] [--ledgers N]
 
 Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
 synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
@@ -84,8 +84,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 512])
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     parser.add_argument("--retry-every", type=int, default=0, help="every Nth ledger.record a retry of an earlier one")
+    parser.add_argument("--ledgers", type=int, default=1, help="ledger processes on the one database")
     options = parser.parse_args()
-    retrying = f" retrying 1/{options.retry_every}" if options.retry_every else ""
+    variant = f" retrying 1/{options.retry_every}" if options.retry_every else ""
+    variant += f" x{options.ledgers} ledgers" if options.ledgers > 1 else ""
     rows: list[tuple[Result, Result]] = []
     ratios: dict[str, list[float]] = {}
     with nats_and_raw_echo() as (data_dir, url, raw, nats_pid):
@@ -93,10 +95,12 @@ def main() -> None:
             asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
             database_url = database_for(store, data_dir)
             migrations.upgrade(database_url)
-            with services_running(["ledger_events", "ledger"], url, database_url) as services:
+            with services_running(["ledger_events"] + ["ledger"] * options.ledgers, url, database_url) as services:
                 pids = [process.pid for process in services]
                 asyncio.run(fund(url))
-                path = {"nats-server": [nats_pid], **{process.args[-1]: [process.pid] for process in services}}
+                path = {"nats-server": [nats_pid]}
+                for process in services:
+                    path.setdefault(process.args[-1], []).append(process.pid)
                 if store == "postgres":
                     path["postgres"] = postgres_pids()  # now that the services have connected
                 for concurrency in options.concurrency:
@@ -106,14 +110,14 @@ def main() -> None:
                         record = run_requester(
                             "bench.ledger",
                             [url, str(options.duration), "record", str(options.retry_every)],
-                            f"ledger.record {store}{retrying}",
+                            f"ledger.record {store}{variant}",
                             concurrency,
                             pids,
                             path,
                         )
                         pairs.append((echo, record))
                     rows.append(median_pair(pairs))
-                    label = f"ledger.record {store}{retrying} c{concurrency}"
+                    label = f"ledger.record {store}{variant} c{concurrency}"
                     ratios[label] = [measured.rate / echo.rate for echo, measured in pairs]
                 if not options.no_batch:
                     batch = run_requester(
