@@ -4,6 +4,8 @@ batches, written in one transaction, and answered only after it committed.
 Two ledger processes on one database never fork the chain: each batch transaction first takes
 the ledger's lock (a Postgres advisory transaction lock; on SQLite `BEGIN IMMEDIATE` holds the
 file's write lock), then reads the head, balances and ids from the database under that lock.
+On Postgres a writer that committed the head last may instead guess them, in one statement that
+takes the lock itself and writes nothing unless the guess holds (`Writer._write_postgres`).
 
 A batch runs on the writer's own thread and connection (`SqliteThread`, `PostgresThread`):
 planned and written there in one go, it never waits for the service's busy event loop
