@@ -113,7 +113,8 @@ async def test_a_retry_answers_with_its_entry_even_where_repeating_it_would_be_r
 
 async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, database: str) -> None:
     """An entry committed by another writer (here: straight into the tables) after this writer's
-    last batch: its next batch is planned on that entry and its balances, not on what it cached."""
+    last batch: its next batch is planned on that entry and its balances, not on what it cached,
+    and a retry of that entry's id is answered with it."""
     first = await mesh.ok("ledger.record", transfer("mine", "world", "user:1", 10))
     moment = datetime.now(UTC)
     theirs = make_entry(2, "theirs", "user:1", "user:2", 10, "EUR", "", timestamp(moment), first["hash"])
@@ -130,6 +131,8 @@ async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, dat
     assert code == 422 and reply["error"]["type"] == "insufficient_funds"
     after = await mesh.ok("ledger.record", transfer("next", "world", "user:3", 5))
     assert (after["seq"], after["prev_hash"]) == (3, theirs.hash)
+    again = await mesh.ok("ledger.record", transfer("theirs", "user:1", "user:2", 10))  # recorded by them, not us
+    assert (again["seq"], again["hash"]) == (2, theirs.hash)
     await assert_ledger_invariants(mesh)
 
 
