@@ -235,12 +235,13 @@ class Writer:
         """The whole batch on the writer's own connection and thread; the ledger's advisory lock
         serializes every ledger writer on this database.
 
-        When this writer committed the stored head last, as far as it knows, it guesses: the
-        batch is planned on that head with none of its ids recorded, and written by one statement
-        that commits on its own, one round trip where reading first takes four (bench/RESULTS.md,
-        session 7). The statement checks the guess: it writes nothing unless it gets the lock at
-        once, the head it names is stored and none of its ids is recorded (the keys refuse what
-        a writer committing just before the lock adds). A wrong guess, or a plan refusing a
+        When this writer committed the stored head last, as far as it knows, and the batch holds
+        no id it committed recently (a client's retry), it guesses: the batch is planned on that
+        head with none of its ids recorded, and written by one statement that commits on its
+        own, one round trip where reading first takes four (bench/RESULTS.md, session 7). The
+        statement checks the guess: it writes nothing unless it gets the lock at once, the head
+        it names is the last stored entry and none of its ids is recorded (the keys refuse what a
+        writer committing just before the lock adds). A wrong guess, or a plan refusing a
         request (the table cannot check a refusal, and a recorded id's answer is its entry),
         falls back to reading: the lock held for a whole transaction, the head and the batch's
         ids read under it. It guesses again once a read finds no other writer's entries."""
