@@ -41,11 +41,17 @@ relay_retry_wait_s_max = 5.0
 async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: asyncio.Event) -> None:
     """Publish what is pending, then sleep until woken or the poll interval passes; forever.
 
+    The wake is cleared before publishing, not after: a commit that wakes us while we publish
+    (after what we publish was read) is published next, not at the next poll. Cleared after,
+    that wake was lost and its event waited up to `relay_poll_interval_s` (a CI run caught a
+    transaction's event missing 0.5 s after its commit).
+
     JetStream not acknowledging (no stream, a timeout, a reconnect) is expected now and then:
     the rows stay, and the relay retries with back-off instead of crashing its service.
     """
     retry_wait_s = 0.1
     while True:
+        wake.clear()
         try:
             await publish_pending()
             retry_wait_s = 0.1
@@ -54,7 +60,6 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
             await asyncio.sleep(retry_wait_s)
             retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
             continue
-        wake.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(relay_poll_interval_s):
                 await wake.wait()

@@ -1,4 +1,5 @@
-"""How a database-backed service stops: its background jobs in reverse start order, then its outbox."""
+"""How a database-backed service stops (its background jobs in reverse start order, then its outbox),
+and how its outbox relay wakes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from bus.events import write_event
+from bus.events import relay_forever, relay_poll_interval_s, write_event
 from bus.service import Service
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import accounts_outbox
@@ -46,3 +47,27 @@ async def test_jobs_stop_in_reverse_start_order_and_what_they_commit_meanwhile_i
             await asyncio.sleep(0.05)
     assert stopped == ["third", "second", "first"]
     assert [envelope["data"]["job"] for _, _, envelope in await mesh.events(3)] == ["third", "second", "first"]
+
+
+async def test_a_wake_while_the_relay_publishes_is_published_next_not_at_the_next_poll() -> None:
+    """A commit that wakes the relay while it publishes (after what it publishes was read) must
+    not wait for the poll interval: its event would lag by up to that. Fails if the wake is
+    cleared after publishing."""
+    wake = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+
+    async def publish_pending() -> None:
+        calls.append(loop.time())
+        if len(calls) == 1:
+            wake.set()  # a commit lands while the first publish runs
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as group:
+        relay = group.create_task(relay_forever(publish_pending, wake))
+        try:
+            async with asyncio.timeout(relay_poll_interval_s / 2):
+                while len(calls) < 2:
+                    await asyncio.sleep(0.005)
+        finally:
+            relay.cancel()
