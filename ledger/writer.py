@@ -101,8 +101,8 @@ class Writer:
         self._recent_batches: collections.deque[list[str]] = collections.deque()
         self._recent_count = 0
         self._guessing = True
-        """Postgres: the last batch read that no other writer had written since this one's last
-        commit. With replicas writing in turn, a guess would fail every time."""
+        """Postgres: the last batch read found no other writer's entries since this writer's own
+        last commit (or it had none). With replicas writing in turn, a guess would fail every time."""
         self._cached_postings = 0
         """SQLite: the `postings` cursor as this writer left it; valid while the stored head is `_cached_head`."""
 
@@ -259,7 +259,7 @@ class Writer:
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
             head, recorded = await sql.head_and_entries(driver, ids)
-            self._guessing = head == self._cached_head
+            self._guessing = self._cached_head is None or head == self._cached_head
             result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, False)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed

@@ -95,8 +95,8 @@ async def test_retry_with_same_id_and_body_returns_the_original_and_moves_nothin
 
 
 async def test_a_retry_answers_with_its_entry_even_where_repeating_it_would_be_refused(mesh: Mesh) -> None:
-    """Each request below is a batch of its own, planned on the head the writer committed last:
-    a retry of a spent transfer is its entry, not `insufficient_funds`, alone or in a batch."""
+    """Each request below is a batch of its own: a retry of a spent transfer is its entry, not
+    `insufficient_funds`, alone or in a batch."""
     await mesh.ok("ledger.record", transfer("fund-once", "world", "user:1", 10))
     spent = await mesh.ok("ledger.record", transfer("spend-all", "user:1", "user:2", 10))
     assert await mesh.ok("ledger.record", transfer("spend-all", "user:1", "user:2", 10)) == spent
@@ -114,7 +114,8 @@ async def test_a_retry_answers_with_its_entry_even_where_repeating_it_would_be_r
 async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, database: str) -> None:
     """An entry committed by another writer (here: straight into the tables) after this writer's
     last batch: its next batch is planned on that entry and its balances, not on what it cached,
-    and a retry of that entry's id is answered with it."""
+    and a retry of that entry's id (unknown to this writer, and refused if planned anew) is
+    answered with it."""
     first = await mesh.ok("ledger.record", transfer("mine", "world", "user:1", 10))
     moment = datetime.now(UTC)
     theirs = make_entry(2, "theirs", "user:1", "user:2", 10, "EUR", "", timestamp(moment), first["hash"])
