@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from alembic import command
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Executable, func, insert, select, update
 
 import migrations
 from bus.codec import timestamp
@@ -19,7 +19,7 @@ from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from ledger.writer import LEDGER_LOCK_KEY
 from schemas.database import open_database, service_url
-from schemas.ledger import ledger_balances, ledger_cursors, ledger_entries, ledger_postings
+from schemas.ledger import Entry, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh
 from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
 
@@ -29,6 +29,26 @@ ENTRY_FIELDS = ["seq", "id", "from", "to", "amount", "currency", "memo", "record
 
 def transfer(id: str, from_: str, to: str, amount: int, currency: str = "EUR", **extra: object) -> dict:
     return {"id": id, "from": from_, "to": to, "amount": amount, "currency": currency, **extra}
+
+
+async def write_straight_into_the_tables(database: str, entry: Entry, recorded_at: datetime, *also: Executable) -> None:
+    """`entry` inserted past the ledger service, and `also` run, in one transaction: as another
+    writer would commit it, or as a commit whose handover was lost."""
+    db = open_database(service_url("ledger", database))
+    try:
+        async with db.writer.begin() as conn:
+            row = {
+                name: getattr(entry, name) for name in ("seq", "id", "amount", "currency", "memo", "prev_hash", "hash")
+            }
+            await conn.execute(
+                insert(ledger_entries).values(
+                    **row, from_account=entry.from_, to_account=entry.to, recorded_at=recorded_at
+                )
+            )
+            for statement in also:
+                await conn.execute(statement)
+    finally:
+        await db.dispose()
 
 
 async def test_first_entry_follows_genesis_and_hashes_as_the_contract_says(mesh: Mesh) -> None:
@@ -119,15 +139,13 @@ async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, dat
     first = await mesh.ok("ledger.record", transfer("mine", "world", "user:1", 10))
     moment = datetime.now(UTC)
     theirs = make_entry(2, "theirs", "user:1", "user:2", 10, "EUR", "", timestamp(moment), first["hash"])
-    db = open_database(service_url("ledger", database))
-    async with db.writer.begin() as conn:
-        row = {name: getattr(theirs, name) for name in ("seq", "id", "amount", "currency", "memo", "prev_hash", "hash")}
-        await conn.execute(
-            insert(ledger_entries).values(**row, from_account="user:1", to_account="user:2", recorded_at=moment)
-        )
-        await conn.execute(update(ledger_balances).where(ledger_balances.c.account == "user:1").values(balance=0))
-        await conn.execute(insert(ledger_balances).values(account="user:2", currency="EUR", balance=10))
-    await db.dispose()
+    await write_straight_into_the_tables(
+        database,
+        theirs,
+        moment,
+        update(ledger_balances).where(ledger_balances.c.account == "user:1").values(balance=0),
+        insert(ledger_balances).values(account="user:2", currency="EUR", balance=10),
+    )
     code, reply = await mesh.request("ledger.record", transfer("overspend", "user:1", "user:3", 5))
     assert code == 422 and reply["error"]["type"] == "insufficient_funds"
     after = await mesh.ok("ledger.record", transfer("next", "world", "user:3", 5))
@@ -318,13 +336,7 @@ async def test_an_entry_never_handed_over_is_published_from_the_database(mesh: M
     await mesh.events(1)
     moment = datetime.now(UTC)
     second = make_entry(2, "p2", "world", "user:1", 1, "EUR", "", timestamp(moment), first["hash"])
-    db = open_database(service_url("ledger", database))
-    async with db.writer.begin() as conn:
-        row = {name: getattr(second, name) for name in ("seq", "id", "amount", "currency", "memo", "prev_hash", "hash")}
-        await conn.execute(
-            insert(ledger_entries).values(**row, from_account="world", to_account="user:1", recorded_at=moment)
-        )
-    await db.dispose()
+    await write_straight_into_the_tables(database, second, moment)
     events = await mesh.events(2, timeout_s=3 * relay_poll_interval_s)
     assert [envelope["data"]["seq"] for _, _, envelope in events] == [1, 2]
     assert events[1][2]["data"]["hash"] == second.hash
