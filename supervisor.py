@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.process
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -294,10 +295,13 @@ FORKSERVER_PRELOAD = [
 
 
 def stop_forkserver() -> None:
-    """Stop and reap the forkserver once every replica is stopped, so nothing outlives the supervisor.
+    """Stop and reap the forkserver and its resource tracker once every replica is stopped, so
+    nothing outlives the supervisor.
 
     multiprocessing has no public way: `_stop()` (kept for its own tests) closes the alive pipe
-    and waits; the SIGTERM first makes sure that wait ends.
+    and waits; the SIGTERM first makes sure the forkserver's wait ends. The resource tracker,
+    which the forkserver starts as the supervisor's child, ends once the last holder of its pipe
+    closes it: left alone it would still be exiting after the supervisor is gone.
     """
     server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     if server._forkserver_pid is None:
@@ -305,6 +309,7 @@ def stop_forkserver() -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(server._forkserver_pid, signal.SIGTERM)
     server._stop()
+    multiprocessing.resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 def _launch_forked(child: Child) -> tuple[ForkedProcess, int]:
