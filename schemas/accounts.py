@@ -12,7 +12,7 @@ from schemas.common import BigId, ById, Id, Name, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
-Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
+Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\Z")]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 
 users = Table(

@@ -14,8 +14,10 @@ Id = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 Cents = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 """An amount or quantity: positive, within signed 64 bits."""
 NonNegative = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
-NO_NUL = "^[^\x00]*$"
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}\Z")]
+r"""Patterns end in `\Z`: msgspec tests them with Python's `re.search`, whose `$` also matches
+before a final newline (`"EUR\n"` passed `^[A-Z]{3}$` and was stored)."""
+NO_NUL = "^[^\x00]*\\Z"
 """Every free-text field that is stored: Postgres text cannot hold U+0000 (SQLite can), and on
 Postgres one such value failed its whole batch with a 500. Refused with a 400 on both stores."""
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]

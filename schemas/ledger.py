@@ -12,8 +12,8 @@ from sqlalchemy.types import TypeEngine
 from schemas.common import LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Request, metadata
 from schemas.database import UtcDateTime
 
-Account = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
-TransferId = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
+Account = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
+TransferId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
 Memo = Annotated[str, Meta(max_length=1024, pattern=NO_NUL)]
 Seq = Annotated[int, Meta(ge=0)]
 WORLD = "world"

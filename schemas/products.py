@@ -12,7 +12,7 @@ from schemas.common import NO_NUL, BigId, ById, Cents, Currency, Id, Name, NonNe
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
-Sku = Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,64}$")]
+Sku = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]
 Description = Annotated[str, Meta(max_length=4096, pattern=NO_NUL)]
 
 products = Table(
@@ -72,7 +72,7 @@ class UpdateProduct(Request):
     seller_id: Id | UnsetType = UNSET
 
 
-ReservationId = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,160}$")]
+ReservationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,160}\Z")]
 
 
 class StockChange(Request):

@@ -13,7 +13,7 @@ from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 from schemas.ledger import Memo
 
-IdempotencyKey = Annotated[str, Meta(pattern="^[A-Za-z0-9._:-]{1,128}$")]
+IdempotencyKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
 
 transactions = Table(
     "transactions",

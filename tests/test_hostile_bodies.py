@@ -117,3 +117,26 @@ async def test_a_refused_memo_refuses_only_its_own_request(mesh: Mesh) -> None:
     assert [code for code, _ in answers] == [None] * 20
     chain = await mesh.ok("ledger.chain", {})
     assert sorted(entry["id"] for entry in chain["items"]) == sorted(f"good-{n}" for n in range(20))
+
+
+PRODUCT = {"sku": "sku-1", "name": "N", "price": 1, "currency": "EUR", "stock": 1, "seller_id": 1}
+CREATE_TRANSFER = {"idempotency_key": "k", "from_user_id": 1, "to_user_id": 2, "amount": 1, "currency": "EUR"}
+PATTERNED = [
+    ("ledger.record", TRANSFER, "id"),
+    ("ledger.record", TRANSFER, "from"),
+    ("ledger.record", TRANSFER, "to"),
+    ("ledger.record", TRANSFER, "currency"),
+    ("products.products.create", PRODUCT, "sku"),
+    ("products.products.create", PRODUCT, "currency"),
+    ("products.internal.stock.reserve", {"reservation_id": "r", "product_id": 1, "quantity": 1}, "reservation_id"),
+    ("accounts.users.create", {"email": "a@example.com", "name": "N", "password": "password1"}, "email"),
+    ("transactions.transfers.create", CREATE_TRANSFER, "idempotency_key"),
+    ("transactions.transfers.create", CREATE_TRANSFER, "currency"),
+]
+
+
+@pytest.mark.parametrize(("subject", "body", "field"), PATTERNED, ids=[f"{s} {f}" for s, _, f in PATTERNED])
+async def test_a_trailing_newline_is_outside_every_pattern(mesh: Mesh, subject: str, body: dict, field: str) -> None:
+    """Python's `$` also matches before a final newline: `"EUR\\n"` passed `^[A-Z]{3}$` and was stored."""
+    code, reply = await mesh.request(subject, {**body, field: body[field] + "\n"})
+    assert code == 400 and reply["error"]["details"] == [f"$.{field}"], reply
