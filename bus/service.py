@@ -64,13 +64,15 @@ class Endpoint:
     concurrency_max: int
     pending_msgs_max: int
     metadata: dict[str, str]
+    decode: Callable[[bytes], Any] | None = None
+    """Decodes a request body as `msgspec.json.decode(body, type=request_type)`, by default with it."""
     batch_max: int = 0
     """0: `handler` takes one request. Else it takes every request queued, up to this many."""
     counters: EndpointCounters = field(default_factory=EndpointCounters)
     subscription: Subscription | None = None
 
     def __post_init__(self) -> None:
-        self.decode = decoder(self.request_type).decode
+        self.decode = self.decode or decoder(self.request_type).decode
 
     def info(self) -> discovery.EndpointInfo:
         return discovery.EndpointInfo(self.name, self.subject, self.queue_group, self.metadata)
@@ -129,11 +131,13 @@ class Service:
         *deps: Any,
         name: str | None = None,
         request_type: type | None = None,
+        decode: Callable[[bytes], Any] | None = None,
         concurrency_max: int = concurrency_max_default,
         pending_msgs_max: int = pending_msgs_max_default,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        """Serve `handler(request, *deps)` on `subject`; the request is decoded strictly first."""
+        """Serve `handler(request, *deps)` on `subject`; the request is decoded strictly first
+        (`decode`: a quicker equivalent of msgspec's decoder of the request type)."""
         assert concurrency_max >= 1
         assert pending_msgs_max >= concurrency_max
         assert not self.started, "endpoints are added before the service starts"
@@ -145,6 +149,7 @@ class Service:
                 handler=handler,
                 deps=deps,
                 request_type=request_type or request_type_of(handler),
+                decode=decode,
                 queue_group=QUEUE_GROUP,
                 concurrency_max=concurrency_max,
                 pending_msgs_max=pending_msgs_max,
@@ -159,6 +164,7 @@ class Service:
         *deps: Any,
         request_type: type,
         batch_max: int,
+        decode: Callable[[bytes], Any] | None = None,
         batches_in_flight: int = 2,
         pending_msgs_max: int = pending_msgs_max_default,
     ) -> None:
@@ -172,6 +178,7 @@ class Service:
             handler,
             *deps,
             request_type=request_type,
+            decode=decode,
             concurrency_max=batches_in_flight,
             pending_msgs_max=pending_msgs_max,
         )

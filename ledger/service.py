@@ -35,6 +35,8 @@ from schemas.ledger import (
     Transfer,
     Verification,
     VerifyRequest,
+    decode_record_batch,
+    decode_transfer,
     ledger_balances,
 )
 
@@ -119,9 +121,14 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     writer = Writer(db, on_commit=hand_over)
     service = Service(nc, "ledger", version("bitnexus-mesh"), "double-entry, hash-chained ledger", instance_metadata())
     service.add_batch_endpoint(
-        "ledger.record", record_each, writer, request_type=Transfer, batch_max=record_batch_requests_max
+        "ledger.record",
+        record_each,
+        writer,
+        request_type=Transfer,
+        decode=decode_transfer,
+        batch_max=record_batch_requests_max,
     )
-    service.add_endpoint("ledger.record_batch", record_batch, writer, concurrency_max=64)
+    service.add_endpoint("ledger.record_batch", record_batch, writer, decode=decode_record_batch, concurrency_max=64)
     service.add_endpoint("ledger.balance", balance, db)
     service.add_endpoint("ledger.history", history, db)
     service.add_endpoint("ledger.chain", chain, db)

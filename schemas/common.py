@@ -14,7 +14,8 @@ Id = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 Cents = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 """An amount or quantity: positive, within signed 64 bits."""
 NonNegative = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}\Z")]
+CURRENCY = "[A-Z]{3}"
+Currency = Annotated[str, Meta(pattern=f"^{CURRENCY}\\Z")]
 r"""Patterns end in `\Z`: msgspec tests them with Python's `re.search`, whose `$` also matches
 before a final newline (`"EUR\n"` passed `^[A-Z]{3}$` and was stored)."""
 NO_NUL = "^[^\x00]*\\Z"
