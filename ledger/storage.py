@@ -193,9 +193,7 @@ class PostgresLedgerSql:
     write = (
         "WITH follows AS (SELECT pg_try_advisory_xact_lock($16) "
         "AND ($14::bigint = 0 OR EXISTS (SELECT FROM ledger_entries WHERE seq = $14 AND hash = $15)) "
-        "AND NOT EXISTS (SELECT FROM ledger_entries WHERE seq = $14 + 1) "
-        "AND NOT EXISTS (SELECT FROM unnest($17::text::text[]) AS wanted(id) CROSS JOIN LATERAL "
-        "(SELECT FROM ledger_entries WHERE ledger_entries.id = wanted.id LIMIT 1) AS found) AS head), "
+        "AND NOT EXISTS (SELECT FROM ledger_entries WHERE seq = $14 + 1) AS head), "
         f"entries AS (INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
         "SELECT seq, id, from_account, to_account, amount, currency, memo, $8::timestamptz, prev_hash, hash "
         "FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::text[], $5::text::bigint[], "
@@ -210,15 +208,16 @@ class PostgresLedgerSql:
     """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
 
     Writes nothing unless it holds the ledger's lock ($16: taken at once, or already held by
-    the transaction), the entry before the first is the stored head ($14, $15: not so when
-    another writer appended, or in a chain emptied or restored behind the writer's head), and
-    none of the ids in $17 (a batch whose ids were not read: all of them) is recorded, looked
-    up one by one as in `postgres_lookup`. A wrong guess so costs no inserts and updates made
-    and undone (a retry at a batch's end would have undone the whole batch). Alone
-    (autocommit) it is a whole batch in one round trip: its lock ends with it, and a writer
-    holding the lock read the head under it, so no other write falls between that read and its
-    write. Its checks see the statement's snapshot, taken before the lock: a writer that
-    committed in between is refused by the keys (the next seq, an id) instead."""
+    the transaction) and the entry before the first is the stored head ($14, $15: not so when
+    another writer appended, or in a chain emptied or restored behind the writer's head). A
+    recorded id fails it on the id's unique key, nothing written: a guessed batch holds no id
+    its writer committed lately (`Writer`), so that is a client's late retry or another
+    writer's id, rare enough that probing every id first cost more (≈ 6 % of Postgres' CPU,
+    bench/RESULTS.md session 8) than redoing such a batch. Alone (autocommit) it is a whole
+    batch in one round trip: its lock ends with it, and a writer holding the lock read the head
+    under it, so no other write falls between that read and its write. Its checks see the
+    statement's snapshot, taken before the lock: a writer that committed in between is refused
+    by the keys (the next seq, an id) instead."""
 
     async def begin_locked(self, driver: Any, key: int) -> None:
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
@@ -240,19 +239,17 @@ class PostgresLedgerSql:
         recorded_at: datetime,
         balances: Iterable[tuple[BalanceKey, int]],
         lock_key: int,
-        ids_read: bool,
     ) -> bool:
-        """False when nothing was written: the lock was held elsewhere, the entry before the first
-        is not the stored one, or an id not `ids_read` is recorded."""
+        """False when nothing was written: the lock was held elsewhere, or the entry before the
+        first is not the stored one. Raises `UniqueViolationError` when an id is recorded."""
         assert all(entry.recorded_at == entries[0].recorded_at for entry in entries)
         assert timestamp(recorded_at) == entries[0].recorded_at
         texts, numbers = postgres_text_array, postgres_int_array
         accounts, currencies, values = zip(*_balance_rows(balances), strict=True)
-        ids = texts([entry.id for entry in entries])
         status = await driver.execute(
             self.write,
             numbers([entry.seq for entry in entries]),
-            ids,
+            texts([entry.id for entry in entries]),
             texts([entry.from_ for entry in entries]),
             texts([entry.to for entry in entries]),
             numbers([entry.amount for entry in entries]),
@@ -267,6 +264,5 @@ class PostgresLedgerSql:
             entries[0].seq - 1,
             entries[0].prev_hash,
             lock_key,
-            "{}" if ids_read else ids,
         )
         return status != "INSERT 0 0"  # every entry changes two balances

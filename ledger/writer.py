@@ -239,9 +239,9 @@ class Writer:
         no id it committed recently (a client's retry), it guesses: the batch is planned on that
         head with none of its ids recorded, and written by one statement that commits on its
         own, one round trip where reading first takes four (bench/RESULTS.md, session 7). The
-        statement checks the guess: it writes nothing unless it gets the lock at once, the head
-        it names is the last stored entry and none of its ids is recorded (the keys refuse what a
-        writer committing just before the lock adds). A wrong guess, or a plan refusing a
+        statement checks the guess: it writes nothing unless it gets the lock at once and the
+        head it names is the last stored entry; the keys refuse a recorded id and what a writer
+        committing just before the lock adds. A wrong guess, or a plan refusing a
         request (the table cannot check a refusal, and a recorded id's answer is its entry),
         falls back to reading: the lock held for a whole transaction, the head and the batch's
         ids read under it. It guesses again once a read finds no other writer's entries."""
@@ -249,7 +249,7 @@ class Writer:
         if self._cached_head is not None and self._guessing and self._recent.isdisjoint(ids):
             try:
                 guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
-            except asyncpg.UniqueViolationError:  # a writer committed between the checks and the lock
+            except asyncpg.UniqueViolationError:  # an id recorded, or a writer committed between checks and lock
                 guessed = None  # nothing written: the cache still holds as of its head
             except BaseException:
                 self._cached_head = None  # the statement may or may not have committed
@@ -287,9 +287,7 @@ class Writer:
             return None
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         if result.new_entries:
-            written = await sql.write_entries(
-                driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY, ids_read=not guessed
-            )
+            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY)
             if not written:
                 assert guessed, "under the lock, the head read is the stored head"
                 return None
