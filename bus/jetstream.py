@@ -23,18 +23,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.client import no_responders
-from bus.wire import Frame, publish_all
+from bus.wire import Frame, frame_bytes, send_framed
 
 log = logging.getLogger("bitnexus.jetstream")
 
@@ -88,6 +88,15 @@ def fast_ingest_supported(nc: Client) -> bool:
     return (version.major, version.minor) >= FAST_INGEST_SINCE
 
 
+def _frame(subject: str, reply: str, message: Message) -> bytes:
+    """`bus.wire.frame_bytes(Frame(subject, reply, payload, _msg_id_header(message)))`, formatted
+    at once: one per event (0.8 µs per event with the relay's batches, against 1.6)."""
+    assert subject and " " not in subject and " " not in reply, (subject, reply)
+    header = _msg_id_header(message)
+    size = len(header) + len(message.payload)
+    return b"".join((f"HPUB {subject} {reply} {len(header)} {size}\r\n".encode(), header, message.payload, b"\r\n"))
+
+
 class BatchPublisher:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
@@ -96,6 +105,8 @@ class BatchPublisher:
         self._batches: dict[int, _Batch] = {}
         self._ids = itertools.count(1)
         self._subscription = None
+        self._server_asked_on = -1
+        self._server_fast = False
         self.fast_ingest = True
         """False once the stream refused a fast batch: not tried again by this publisher."""
 
@@ -106,7 +117,7 @@ class BatchPublisher:
             return
         if self._subscription is None:
             self._subscription = await self.nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
-        if self.fast_ingest and fast_ingest_supported(self.nc):
+        if self.fast_ingest and self._server_has_fast_ingest():
             try:
                 await self._publish(messages, fast=True)
                 return
@@ -119,8 +130,11 @@ class BatchPublisher:
         batch_id = next(self._ids)
         batch = self._batches[batch_id] = _Batch(len(messages), 1 if fast else len(messages))
         try:
+            payload_max = self.nc.max_payload
+            if any(len(message.payload) > payload_max for message in messages):
+                raise MaxPayloadError
             frames = self._fast_frames(batch_id, messages) if fast else self._frames(batch_id, messages)
-            await publish_all(self.nc, frames)
+            await send_framed(self.nc, frames, sum(len(message.payload) for message in messages))
             try:
                 async with asyncio.timeout(ack_timeout_s):
                     await batch.done.wait()
@@ -131,18 +145,31 @@ class BatchPublisher:
         finally:
             del self._batches[batch_id]
 
-    def _frames(self, batch_id: int, messages: Sequence[Message]) -> Iterator[Frame]:
-        """One reply subject per message, `<prefix>.<batch>.<index>`."""
-        for index, message in enumerate(messages):
-            yield Frame(message.subject, f"{self._prefix}.{batch_id}.{index}", message.payload, _msg_id_header(message))
+    def _server_has_fast_ingest(self) -> bool:
+        """`fast_ingest_supported`, asked again only after a reconnect (nats-py parses the
+        version string at every call: 2 % of the relay's busy time, once per batch)."""
+        connection = self.nc.stats["reconnects"]
+        if connection != self._server_asked_on:
+            self._server_asked_on, self._server_fast = connection, fast_ingest_supported(self.nc)
+        return self._server_fast
 
-    def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> Iterator[Frame]:
+    def _frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
+        """One reply subject per message, `<prefix>.<batch>.<index>`."""
+        return [
+            _frame(message.subject, f"{self._prefix}.{batch_id}.{index}", message)
+            for index, message in enumerate(messages)
+        ]
+
+    def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
         """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`
         (operations: 0 start, 1 append, 3 end of batch); the batch id is unique on the server."""
         reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
-        for seq, message in enumerate(messages, 1):
-            yield Frame(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message.payload, _msg_id_header(message))
-        yield Frame(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b"")
+        frames = [
+            _frame(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message)
+            for seq, message in enumerate(messages, 1)
+        ]
+        frames.append(frame_bytes(Frame(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b"")))
+        return frames
 
     async def _on_reply(self, msg: Msg) -> None:
         tokens = msg.subject[len(self._prefix) + 1 :].split(".")

@@ -51,10 +51,6 @@ def frame_bytes(frame: Frame) -> bytes:
 
 async def publish_all(nc: Client, frames: Iterable[Frame]) -> None:
     """Queue every frame in order as one command and flush, as `nc.publish` would one by one."""
-    if nc.is_closed:
-        raise errors.ConnectionClosedError
-    if nc.is_draining_pubs:
-        raise errors.ConnectionDrainingError
     chunks = []
     payload_bytes = 0
     payload_max = nc.max_payload
@@ -63,6 +59,16 @@ async def publish_all(nc: Client, frames: Iterable[Frame]) -> None:
             raise errors.MaxPayloadError
         payload_bytes += len(frame.payload)
         chunks.append(frame_bytes(frame))
+    await send_framed(nc, chunks, payload_bytes)
+
+
+async def send_framed(nc: Client, chunks: list[bytes], payload_bytes: int) -> None:
+    """`publish_all` for frames already built (by `frame_bytes`, or a publisher's own formatting of
+    the same protocol), each payload checked against `nc.max_payload`."""
+    if nc.is_closed:
+        raise errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise errors.ConnectionDrainingError
     if not chunks:
         return
     command = b"".join(chunks)

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import StreamConfig
 
 from bus.events import ensure_stream
-from bus.jetstream import BatchPublisher, Message, _msg_id_header, fast_ingest_supported
-from bus.wire import header_block
+from bus.jetstream import BatchPublisher, Message, _frame, _msg_id_header, fast_ingest_supported
+from bus.wire import Frame, frame_bytes, header_block
 
 
 @pytest.fixture
@@ -74,8 +74,18 @@ async def test_a_batch_no_stream_listens_to_fails(nc: Client) -> None:
         await BatchPublisher(nc).publish(messages("nostream", [1, 2, 3]))
 
 
-def test_the_msg_id_header_is_the_general_header_block() -> None:
-    message = Message("events.x", b"{}", "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b")
+def test_the_msg_id_header_and_frame_are_the_general_ones() -> None:
+    message = Message("events.x", '{"memo":"é"}'.encode(), "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b")
     assert _msg_id_header(message) == header_block({"Nats-Msg-Id": message.msg_id})
+    general = frame_bytes(Frame(message.subject, "_INBOX.x.1.$FI", message.payload, _msg_id_header(message)))
+    assert _frame(message.subject, "_INBOX.x.1.$FI", message) == general
     with pytest.raises(AssertionError):
         _msg_id_header(Message("events.x", b"{}", "forged\r\nNats-Expected-Stream: X"))
+
+
+async def test_a_message_over_the_servers_payload_limit_fails_the_batch_before_sending(nc: Client) -> None:
+    too_large = Message("events.x", b"x" * (nc.max_payload + 1), "too-large")
+    sent = nc.stats["out_msgs"]
+    with pytest.raises(MaxPayloadError):
+        await BatchPublisher(nc).publish([Message("events.x", b"{}", "small"), too_large])
+    assert nc.stats["out_msgs"] == sent
