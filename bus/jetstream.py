@@ -90,7 +90,7 @@ def fast_ingest_supported(nc: Client) -> bool:
 
 def _frame(subject: str, reply: str, message: Message) -> bytes:
     """`bus.wire.frame_bytes(Frame(subject, reply, payload, _msg_id_header(message)))`, formatted
-    at once: one per event (0.8 µs per event with the relay's batches, against 1.6)."""
+    at once: one per event (a batch's frames 0.96 µs per event instead of 1.64, `timeit`)."""
     assert subject and " " not in subject and " " not in reply, (subject, reply)
     header = _msg_id_header(message)
     size = len(header) + len(message.payload)

@@ -138,14 +138,14 @@ _decode_record_batch = msgspec.json.Decoder(RecordBatch).decode
 
 
 def decode_transfer(data: bytes) -> Transfer:
-    """`msgspec.json.decode(data, type=Transfer)`, in 1.0 µs instead of 2.0-3.2: msgspec tests
-    each pattern with its own `re.search` call. Whatever the quick check does not pass is
+    """`msgspec.json.decode(data, type=Transfer)`, in 0.87 µs instead of 1.57 (`timeit`): msgspec
+    tests each pattern with its own `re.search` call. Whatever the quick check does not pass is
     decoded strictly, so errors are msgspec's own, word for word."""
     try:
         transfer = _checked(_decode_transfer_fields(data))
     except msgspec.DecodeError:
         transfer = None
-    return transfer or _decode_transfer(data)
+    return _decode_transfer(data) if transfer is None else transfer
 
 
 def decode_record_batch(data: bytes) -> RecordBatch:
@@ -154,7 +154,7 @@ def decode_record_batch(data: bytes) -> RecordBatch:
         transfers = [_checked(fields) for fields in _decode_record_batch_fields(data).transfers]
     except msgspec.DecodeError:
         transfers = [None]
-    if None in transfers:
+    if any(transfer is None for transfer in transfers):
         return _decode_record_batch(data)
     return RecordBatch(transfers=transfers)  # type: ignore[arg-type]
 
