@@ -18,6 +18,9 @@ encode = encoder.encode
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _NAMED_FIELD = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
+_PATTERN_END_AS_QUOTED = "\\\\Z'"
+"""How msgspec quotes a pattern's `\\Z` (its `repr`); the message shows `$` instead, which means
+the same to a reader of JSON Schema or JavaScript patterns (see `schemas.common.Currency`)."""
 
 
 @cache
@@ -45,7 +48,7 @@ def bad_request_from(exc: msgspec.DecodeError) -> BadRequest:
         path = f"{path}.{named.group(1)}"
     if not isinstance(exc, msgspec.ValidationError):
         message = "body is not valid JSON: " + message
-    return BadRequest(message, details=[path])
+    return BadRequest(message.replace(_PATTERN_END_AS_QUOTED, "$'"), details=[path])
 
 
 def timestamp(moment: datetime | None = None) -> str:

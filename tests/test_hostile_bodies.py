@@ -137,6 +137,9 @@ PATTERNED = [
 
 @pytest.mark.parametrize(("subject", "body", "field"), PATTERNED, ids=[f"{s} {f}" for s, _, f in PATTERNED])
 async def test_a_trailing_newline_is_outside_every_pattern(mesh: Mesh, subject: str, body: dict, field: str) -> None:
-    """Python's `$` also matches before a final newline: `"EUR\\n"` passed `^[A-Z]{3}$` and was stored."""
+    """Python's `$` also matches before a final newline: `"EUR\\n"` passed `^[A-Z]{3}$` and was stored.
+    The message shows the pattern's end as `$`, not as msgspec quotes `\\Z`."""
     code, reply = await mesh.request(subject, {**body, field: body[field] + "\n"})
     assert code == 400 and reply["error"]["details"] == [f"$.{field}"], reply
+    assert reply["error"]["message"].startswith("Expected `str` matching regex '^"), reply
+    assert reply["error"]["message"].endswith("$'") and "Z'" not in reply["error"]["message"], reply
