@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, get_type_hints
 
 import msgspec
 from msgspec import Meta
@@ -99,24 +99,27 @@ class RecordBatch(Request):
     transfers: Annotated[list[Transfer], Meta(min_length=1, max_length=record_batch_transfers_max)]
 
 
-class _TransferFields(Request, rename={"from_": "from"}):
-    """`Transfer` without its constraints, checked by `_checked` instead."""
+def _unconstrained(request: type[Request]) -> type[Request]:
+    """`request`'s fields, names on the wire and defaults, without their constraints
+    (`get_type_hints` drops `Annotated` metadata)."""
+    types = get_type_hints(request)
+    fields = msgspec.structs.fields(request)
+    return msgspec.defstruct(
+        f"{request.__name__}Fields",
+        [(field.name, types[field.name], field.default) for field in fields],
+        bases=(Request,),
+        rename={field.name: field.encode_name for field in fields},
+    )
 
-    id: str
-    from_: str
-    to: str
-    amount: int
-    currency: str
-    memo: str = ""
+
+_TransferFields = _unconstrained(Transfer)
+"""Decoded first, then checked by `_checked`."""
 
 
 class _RecordBatchFields(Request):
-    transfers: Annotated[list[_TransferFields], Meta(min_length=1, max_length=record_batch_transfers_max)]
+    transfers: Annotated[list[_TransferFields], Meta(min_length=1, max_length=record_batch_transfers_max)]  # type: ignore[valid-type]
 
 
-assert [(f.encode_name, f.default) for f in msgspec.structs.fields(_TransferFields)] == [
-    (f.encode_name, f.default) for f in msgspec.structs.fields(Transfer)
-]
 _keys_and_currency = re.compile(f"{KEY}\n{KEY}\n{KEY}\n{CURRENCY}").fullmatch
 """id, from, to and currency joined by newlines, which none of them may hold: four patterns in
 one call."""
