@@ -34,7 +34,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.client import no_responders
-from bus.wire import Frame, frame_bytes, send_framed
+from bus.wire import framed, send_framed
 
 log = logging.getLogger("bitnexus.jetstream")
 
@@ -86,15 +86,6 @@ class Message(NamedTuple):
 def fast_ingest_supported(nc: Client) -> bool:
     version = nc.connected_server_version
     return (version.major, version.minor) >= FAST_INGEST_SINCE
-
-
-def _frame(subject: str, reply: str, message: Message) -> bytes:
-    """`bus.wire.frame_bytes(Frame(subject, reply, payload, _msg_id_header(message)))`, formatted
-    at once: one per event (a batch's frames 0.96 µs per event instead of 1.64, `timeit`)."""
-    assert subject and " " not in subject and " " not in reply, (subject, reply)
-    header = _msg_id_header(message)
-    size = len(header) + len(message.payload)
-    return b"".join((f"HPUB {subject} {reply} {len(header)} {size}\r\n".encode(), header, message.payload, b"\r\n"))
 
 
 class BatchPublisher:
@@ -156,7 +147,7 @@ class BatchPublisher:
     def _frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
         """One reply subject per message, `<prefix>.<batch>.<index>`."""
         return [
-            _frame(message.subject, f"{self._prefix}.{batch_id}.{index}", message)
+            framed(message.subject, f"{self._prefix}.{batch_id}.{index}", message.payload, _msg_id_header(message))
             for index, message in enumerate(messages)
         ]
 
@@ -165,10 +156,10 @@ class BatchPublisher:
         (operations: 0 start, 1 append, 3 end of batch); the batch id is unique on the server."""
         reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
         frames = [
-            _frame(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message)
+            framed(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message.payload, _msg_id_header(message))
             for seq, message in enumerate(messages, 1)
         ]
-        frames.append(frame_bytes(Frame(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b"")))
+        frames.append(framed(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b""))
         return frames
 
     async def _on_reply(self, msg: Msg) -> None:

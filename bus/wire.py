@@ -34,18 +34,16 @@ def header_block(headers: Mapping[str, str]) -> bytes:
 
 
 def frame_bytes(frame: Frame) -> bytes:
-    subject, reply, payload, headers = frame
-    assert subject and " " not in subject and " " not in reply, frame
+    return framed(*frame)
+
+
+def framed(subject: str, reply: str, payload: bytes, headers: bytes = b"") -> bytes:
+    """A PUB, or an HPUB with `headers`, as it goes on the wire (a `Frame`'s fields, for callers
+    that need not build one: the JetStream publisher frames one per event)."""
+    assert subject and " " not in subject and " " not in reply, (subject, reply)
     if headers:
         size = len(headers) + len(payload)
-        return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(),
-            reply.encode(),
-            len(headers),
-            size,
-            headers,
-            payload,
-        )
+        return b"".join((f"HPUB {subject} {reply} {len(headers)} {size}\r\n".encode(), headers, payload, b"\r\n"))
     return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
 
 

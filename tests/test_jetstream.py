@@ -12,8 +12,8 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import StreamConfig
 
 from bus.events import ensure_stream
-from bus.jetstream import BatchPublisher, Message, _frame, _msg_id_header, fast_ingest_supported
-from bus.wire import Frame, frame_bytes, header_block
+from bus.jetstream import BatchPublisher, Message, _msg_id_header, fast_ingest_supported
+from bus.wire import framed, header_block
 
 
 @pytest.fixture
@@ -76,9 +76,15 @@ async def test_a_batch_no_stream_listens_to_fails(nc: Client) -> None:
 
 def test_the_msg_id_header_and_frame_are_the_general_ones() -> None:
     message = Message("events.x", '{"memo":"é"}'.encode(), "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b")
-    assert _msg_id_header(message) == header_block({"Nats-Msg-Id": message.msg_id})
-    general = frame_bytes(Frame(message.subject, "_INBOX.x.1.$FI", message.payload, _msg_id_header(message)))
-    assert _frame(message.subject, "_INBOX.x.1.$FI", message) == general
+    header = _msg_id_header(message)
+    assert header == header_block({"Nats-Msg-Id": message.msg_id})
+    general = b"HPUB events.x _INBOX.x.1.$FI %d %d\r\n%s%s\r\n" % (
+        len(header),
+        len(header) + len(message.payload),
+        header,
+        message.payload,
+    )
+    assert framed(message.subject, "_INBOX.x.1.$FI", message.payload, header) == general
     with pytest.raises(AssertionError):
         _msg_id_header(Message("events.x", b"{}", "forged\r\nNats-Expected-Stream: X"))
 
