@@ -11,9 +11,10 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 
-import nats
 from nats.aio.client import Client
 from nats.errors import SlowConsumerError
+
+from bus.parser import MessageParser
 
 log = logging.getLogger("bitnexus.bus")
 
@@ -109,7 +110,9 @@ async def connect(settings: Settings, name: str) -> Client:
         options["user"], options["password"] = settings.user, settings.password
     if settings.token:
         options["token"] = settings.token
-    nc = await nats.connect(**options)
+    nc = Client()
+    nc._ps = MessageParser(nc)  # read by the client from its first read on
+    await nc.connect(**options)
     _drops[nc] = drops
     return nc
 
