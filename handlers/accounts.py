@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
@@ -31,7 +30,7 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import postgres_lookup, sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_json_list, sqlite_timestamp
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -91,7 +90,7 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
         async with repo.db.reader.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             if repo.db.is_sqlite:
-                rows = await driver.execute_fetchall(USERS_BY_IDS_SQLITE, (json.dumps(ids),))
+                rows = await driver.execute_fetchall(USERS_BY_IDS_SQLITE, (sqlite_json_list(ids),))
                 stamp = sqlite_timestamp
             else:
                 rows = await driver.fetch(USERS_BY_IDS_POSTGRES, ids)

