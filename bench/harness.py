@@ -186,18 +186,23 @@ def table(rows: list[tuple[Result, Result]]) -> str:
 
 
 def cpu_table(rows: list[tuple[Result, Result]]) -> str:
-    """Per (baseline, measured) pair with `cpu_us`: each path's CPU per request by process."""
+    """Per (baseline, measured) pair with `cpu_us`: each path's CPU per request by process.
+
+    "echo's requester" is the share of one core the requester used during the raw echo: near
+    1.0 the echo measured how fast one Python requester goes, not the bus, and the ratio
+    compares the path with the requester's own speed (bench/RESULTS.md, session 9)."""
     lines = [
-        "| path | c | CPU µs/request by process | total | raw echo's | echo ÷ total |",
-        "|---|---:|---|---:|---:|---:|",
+        "| path | c | CPU µs/request by process | total | raw echo's | echo ÷ total | echo's requester |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for raw, measured in rows:
         if not (raw.cpu_us and measured.cpu_us):
             continue
         parts = ", ".join(f"{name} {us:.1f}" for name, us in measured.cpu_us.items())
         total, echo_total = sum(measured.cpu_us.values()), sum(raw.cpu_us.values())
+        requester_core = raw.requester_cpu_s / raw.seconds
         lines.append(
             f"| {measured.label} | {measured.concurrency} | {parts} | {total:.1f} | {echo_total:.1f} | "
-            f"{echo_total / total:.2f} |"
+            f"{echo_total / total:.2f} | {requester_core:.2f} core |"
         )
     return "\n".join(lines)
