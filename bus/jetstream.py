@@ -121,11 +121,11 @@ class BatchPublisher:
         batch_id = next(self._ids)
         batch = self._batches[batch_id] = _Batch(len(messages), 1 if fast else len(messages))
         try:
-            payload_max = self.nc.max_payload
-            if any(len(message.payload) > payload_max for message in messages):
+            sizes = [len(message.payload) for message in messages]  # two generators took twice as long
+            if max(sizes) > self.nc.max_payload:
                 raise MaxPayloadError
             frames = self._fast_frames(batch_id, messages) if fast else self._frames(batch_id, messages)
-            await send_framed(self.nc, frames, sum(len(message.payload) for message in messages))
+            await send_framed(self.nc, frames, sum(sizes))
             try:
                 async with asyncio.timeout(ack_timeout_s):
                     await batch.done.wait()
