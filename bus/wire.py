@@ -33,10 +33,6 @@ def header_block(headers: Mapping[str, str]) -> bytes:
     return f"{block}\r\n".encode()
 
 
-def frame_bytes(frame: Frame) -> bytes:
-    return framed(*frame)
-
-
 def framed(subject: str, reply: str, payload: bytes, headers: bytes = b"") -> bytes:
     """A PUB, or an HPUB with `headers`, as it goes on the wire (a `Frame`'s fields, for callers
     that need not build one: the JetStream publisher frames one per event)."""
@@ -56,13 +52,13 @@ async def publish_all(nc: Client, frames: Iterable[Frame]) -> None:
         if len(frame.payload) > payload_max:
             raise errors.MaxPayloadError
         payload_bytes += len(frame.payload)
-        chunks.append(frame_bytes(frame))
+        chunks.append(framed(*frame))
     await send_framed(nc, chunks, payload_bytes)
 
 
 async def send_framed(nc: Client, chunks: list[bytes], payload_bytes: int) -> None:
-    """`publish_all` for frames already built (by `frame_bytes`, or a publisher's own formatting of
-    the same protocol), each payload checked against `nc.max_payload`."""
+    """`publish_all` for frames already built by `framed`, each payload checked against
+    `nc.max_payload` by the caller."""
     if nc.is_closed:
         raise errors.ConnectionClosedError
     if nc.is_draining_pubs:

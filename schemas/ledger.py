@@ -14,7 +14,7 @@ from schemas.common import CURRENCY, INT64_MAX, LIMIT_DEFAULT, NO_NUL, Cents, Cu
 from schemas.database import UtcDateTime
 
 KEY = "[A-Za-z0-9._:-]{1,128}"
-"""An account or a transfer id."""
+"""An account, a transfer id or an idempotency key: one rule (contract §4, §5)."""
 MEMO_LENGTH_MAX = 1024
 Account = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 TransferId = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]

@@ -11,9 +11,9 @@ from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table
 from schemas.common import BigId, ById, Cents, Currency, Id, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
-from schemas.ledger import Memo
+from schemas.ledger import KEY, Memo
 
-IdempotencyKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
+IdempotencyKey = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 
 transactions = Table(
     "transactions",
