@@ -6,13 +6,15 @@ the socket back to back (`bus.wire.publish_all`) and one subscription reads the 
 in one of two ways:
 
 - Fast ingest (ADR-50, nats-server 2.14+, a stream with `allow_batched`): the server stores
-  each message as it arrives and answers the whole batch with one pub ack, on an end-of-batch
-  message it does not store. Gap mode `fail`: a message lost on the way fails the batch.
+  each message as it arrives and answers the whole batch with one pub ack, on its last
+  message, which commits it. Not on an end-of-batch message (ADR-50's `eob`): the server does
+  not store that one, but core subscribers of the subject (`nats sub 'events.>'`) got it, an
+  empty message after every batch. Gap mode `fail`: a message lost on the way fails the batch.
   Publisher CPU per 560-byte message: ≈ 4 µs, against ≈ 9 with an ack per message
   (`python -m bench.publisher`; the server's ≈ 8-9 µs either way).
 - One ack per message otherwise. A stream without `allow_batched` refuses a whole fast batch
-  (error 10205, nothing stored) and the publisher stays on this way from then on; a server
-  older than 2.14 would store the end-of-batch message, so it never gets a fast batch.
+  (error 10205, nothing stored; core subscribers saw that batch, and see it again) and the
+  publisher stays on this way from then on. A server older than 2.14 never gets a fast batch.
 
 A batch succeeds only when all of it is acknowledged. `Nats-Msg-Id` makes a retry harmless:
 JetStream drops the copies of what a failed batch did store, in either way.
@@ -153,14 +155,19 @@ class BatchPublisher:
 
     def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
         """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`
-        (operations: 0 start, 1 append, 3 end of batch); the batch id is unique on the server."""
+        (operations: 0 start, 1 append, 2 commit with this message); the batch id is unique on
+        the server. A batch of one is its own start and commit."""
         reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
-        frames = [
-            framed(message.subject, f"{reply}{seq}.{int(seq > 1)}.$FI", message.payload, _msg_id_header(message))
+        last = len(messages)
+        return [
+            framed(
+                message.subject,
+                f"{reply}{seq}.{2 if seq == last else int(seq > 1)}.$FI",
+                message.payload,
+                _msg_id_header(message),
+            )
             for seq, message in enumerate(messages, 1)
         ]
-        frames.append(framed(messages[0].subject, f"{reply}{len(messages) + 1}.3.$FI", b""))
-        return frames
 
     async def _on_reply(self, msg: Msg) -> None:
         tokens = msg.subject[len(self._prefix) + 1 :].split(".")

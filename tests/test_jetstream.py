@@ -53,9 +53,34 @@ async def test_a_batch_is_stored_once_with_one_ack_where_the_stream_allows_fast_
     publisher = BatchPublisher(nc)
     replies = await replies_seen(nc, publisher, messages(stream_name, list(range(200))))
     assert replies <= 3, replies  # the start's flow ack, at most one more, the batch's pub ack
-    assert await stored(nc, stream_name) == 200  # the end-of-batch message is not stored
+    assert await stored(nc, stream_name) == 200
     await publisher.publish(messages(stream_name, [*range(150, 200), *range(200, 210)]))
     assert await stored(nc, stream_name) == 210  # the 50 copies dropped by their Nats-Msg-Id
+    await publisher.publish(messages(stream_name, list(range(190, 210))))  # a relay's retry: its last a copy too
+    assert await stored(nc, stream_name) == 210
+    assert publisher.fast_ingest
+
+
+async def test_core_subscribers_see_each_event_of_a_fast_batch_once_and_nothing_else(
+    nc: Client, stream_name: str
+) -> None:
+    """`nats sub 'events.>'` beside the stream sees every message once, with its `Nats-Msg-Id`:
+    the batch commits on its last message, so no empty end-of-batch message reaches them."""
+    await ensure_stream(nc.jetstream(), stream_name, [f"{stream_name}.>"])
+    seen: list[Msg] = []
+
+    async def watch(msg: Msg) -> None:
+        seen.append(msg)
+
+    watcher = await nc.subscribe(f"{stream_name}.>", cb=watch)
+    publisher = BatchPublisher(nc)
+    for batch in ([1], [2, 3], list(range(4, 104))):
+        await publisher.publish(messages(stream_name, batch))
+    await nc.flush()
+    await watcher.unsubscribe()
+    sent = messages(stream_name, list(range(1, 104)))
+    assert [(msg.data, msg.headers) for msg in seen] == [(m.payload, {"Nats-Msg-Id": m.msg_id}) for m in sent]
+    assert await stored(nc, stream_name) == len(sent)
     assert publisher.fast_ingest
 
 
