@@ -44,6 +44,8 @@ ack_timeout_s = 5.0
 batch_messages_max = 4096
 FAST_INGEST_SINCE = (2, 14)
 BATCH_PUBLISH_DISABLED = 10205
+FAST_START, FAST_APPEND, FAST_COMMIT = 0, 1, 2
+"""ADR-50 fast-ingest operations, in a message's reply subject; a commit is stored and commits."""
 """The stream's answer to a fast batch when it was not created with `allow_batched`."""
 
 
@@ -154,19 +156,14 @@ class BatchPublisher:
         ]
 
     def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
-        """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`
-        (operations: 0 start, 1 append, 2 commit with this message); the batch id is unique on
-        the server. A batch of one is its own start and commit."""
+        """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`;
+        the batch id is unique on the server. The last message commits (a batch of one only that)."""
         reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
-        last = len(messages)
+        operations = [FAST_START] + [FAST_APPEND] * (len(messages) - 1)
+        operations[-1] = FAST_COMMIT
         return [
-            framed(
-                message.subject,
-                f"{reply}{seq}.{2 if seq == last else int(seq > 1)}.$FI",
-                message.payload,
-                _msg_id_header(message),
-            )
-            for seq, message in enumerate(messages, 1)
+            framed(message.subject, f"{reply}{seq}.{operation}.$FI", message.payload, _msg_id_header(message))
+            for seq, (message, operation) in enumerate(zip(messages, operations, strict=True), 1)
         ]
 
     async def _on_reply(self, msg: Msg) -> None:
