@@ -2,35 +2,34 @@
 
 Going around SQLAlchemy here matters: per-row parameter processing and result rows were a
 fifth of the ledger's CPU. On SQLite the whole batch runs in the writer's own thread as plain
-calls (`SqliteLedgerSql`, see `SqliteThread`), one `executemany` per table; on Postgres on the
-writer's own connection (`PostgresLedgerSql`, see `PostgresThread`), the entries and balances
-in one `unnest` statement. Reads take a whole list as one parameter (`json_each` / `postgres_lookup`),
-so no statement is recompiled per batch size.
+calls (`SqliteLedgerSql`, see `SqliteThread`), a few multi-row `INSERT`s per table
+(`sqlite_insert_rows`); on Postgres on the writer's own connection (`PostgresLedgerSql`, see
+`PostgresThread`), the entries and balances in one `unnest` statement. Reads take a whole list
+as one parameter (`json_each` / `postgres_lookup`), so no statement is recompiled per batch size.
 
 History's index differs by store. Postgres keeps two indexes on (account, seq): a row costs
 it a tuple in each. SQLite's log takes whole pages, and a batch rewrote a page of each index
-per account it touched, so there the index is written in runs (`ledger_postings`): once
-`postings_run_entries` entries are past the `postings` cursor, the batch that takes them there
-also writes, per account, the seqs of its entries since the cursor, and moves the cursor. A
-history read takes the account's runs and scans the chain past the cursor. On Postgres (a
+per account it touched, so there the index is written in runs (`ledger_postings`, paced across
+batches by `ledger.postings`). A history read takes the account's complete runs and scans the
+chain past the `postings` cursor. On Postgres (a
 scratch test of the same statements) a run of 2,048 entries took a median 15-24 ms inside its
 batch and saved its backend ≈ 1-2 µs per transfer: not worth a spike in one batch of eight.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bus.codec import encode, timestamp
+from bus.codec import timestamp
 from ledger.plan import BalanceKey, Head
 from schemas.database import (
     postgres_int_array,
     postgres_lookup,
     postgres_text_array,
+    sqlite_insert_rows,
     sqlite_json_list,
     sqlite_stored,
     sqlite_timestamp,
@@ -40,9 +39,6 @@ from schemas.ledger import Entry
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
 HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
 POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
-postings_run_entries = int(os.environ.get("BITNEXUS_LEDGER_POSTINGS_RUN", "2048"))
-"""Entries indexed together: a history read scans at most this many plus one writer batch past
-the cursor. Smaller runs cost the writer more (fewer seqs per row, more rows)."""
 
 SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?1 + ?2 ORDER BY seq"
 POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $1 + $2 ORDER BY seq"
@@ -54,6 +50,7 @@ SQLITE_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
     SELECT seq FROM (
         SELECT element.value AS seq
         FROM (SELECT seqs FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
+                AND last_seq <= ({POSTINGS_CURSOR})
               ORDER BY last_seq LIMIT ?3) AS runs, json_each(runs.seqs) AS element
         WHERE element.value > ?2
         UNION ALL
@@ -61,8 +58,9 @@ SQLITE_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
         WHERE seq > max(?2, ({POSTINGS_CURSOR})) AND (from_account = ?1 OR to_account = ?1)
     ) ORDER BY seq LIMIT ?3
 ) ORDER BY seq"""
-"""The account's entries after `?2`, at most `?3`: from its runs (each run past `?2` holds at
-least one, so `?3` runs suffice) and from the chain past the cursor, in one snapshot."""
+"""The account's entries after `?2`, at most `?3`: from its complete runs (each run past `?2`
+holds at least one, so `?3` runs suffice; the rows of a run still being stored are past the
+cursor) and from the chain past the cursor, in one snapshot."""
 POSTGRES_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
     (SELECT seq FROM ledger_entries WHERE from_account = $1 AND seq > $2 ORDER BY seq LIMIT $3)
     UNION ALL
@@ -121,45 +119,17 @@ def _in_order(rows: Iterable[Sequence[Any]], sqlite: bool) -> list[Entry]:
     return list(_entries(rows, sqlite_timestamp if sqlite else timestamp).values())
 
 
-def _postings(rows: Iterable[Sequence[Any]], after: int, through: int) -> list[tuple[str, int, str]]:
-    """(account, last seq, seqs as JSON) of a run: the entries (from, to, seq) after `after`, in seq order."""
-    seqs_of: dict[str, list[int]] = {}
-    last = after
-    for from_account, to_account, seq in rows:
-        assert seq > last
-        seqs_of.setdefault(from_account, []).append(seq)
-        seqs_of.setdefault(to_account, []).append(seq)
-        last = seq
-    assert last == through, (last, through)
-    return [(account, seqs[-1], encode(seqs).decode()) for account, seqs in sorted(seqs_of.items())]
-
-
 class SqliteLedgerSql:
     by_ids = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id IN (SELECT value FROM json_each(?))"
     balances_of = (
         "SELECT account, currency, balance FROM ledger_balances WHERE account IN (SELECT value FROM json_each(?))"
     )
-    insert = f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    upsert = (
-        "INSERT INTO ledger_balances (account, currency, balance) VALUES (?, ?, ?) "
-        "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
-    )
+    insert = f"INSERT INTO ledger_entries ({ENTRY_COLUMNS})"
+    upsert = "INSERT INTO ledger_balances (account, currency, balance)"
+    upsert_conflict = "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
 
     def head(self, conn: sqlite3.Connection) -> Head:
         return _head(conn.execute(HEAD).fetchall())
-
-    def postings_cursor(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(POSTINGS_CURSOR).fetchone()[0]
-
-    def index_postings(self, conn: sqlite3.Connection, after: int, through: int) -> None:
-        """The run of entries (after, through]: one postings row per account; the cursor moved."""
-        tail = conn.execute(
-            "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > ? ORDER BY seq", (after,)
-        )
-        conn.executemany(
-            "INSERT INTO ledger_postings (account, last_seq, seqs) VALUES (?, ?, ?)", _postings(tail, after, through)
-        )
-        conn.execute("UPDATE ledger_cursors SET seq = ? WHERE name = 'postings'", (through,))
 
     def entries_by_id(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, Entry]:
         return _entries(conn.execute(self.by_ids, (sqlite_json_list(ids),)), sqlite_timestamp)
@@ -170,10 +140,10 @@ class SqliteLedgerSql:
     def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
         stored_at = sqlite_stored(recorded_at)
         assert sqlite_timestamp(stored_at) == entries[0].recorded_at
-        conn.executemany(self.insert, _entry_rows(entries, stored_at))
+        sqlite_insert_rows(conn, self.insert, 10, "", _entry_rows(entries, stored_at))
 
     def store_balances(self, conn: sqlite3.Connection, balances: Iterable[tuple[BalanceKey, int]]) -> None:
-        conn.executemany(self.upsert, _balance_rows(balances))
+        sqlite_insert_rows(conn, self.upsert, 3, self.upsert_conflict, _balance_rows(balances))
 
 
 class PostgresLedgerSql:

@@ -11,8 +11,8 @@ A batch runs on the writer's own thread and connection (`SqliteThread`, `Postgre
 planned and written there in one go, it never waits for the service's busy event loop
 between statements. Only that thread touches the balance cache.
 
-On SQLite the batch that takes the chain `postings_run_entries` past the history index's
-cursor also writes that run of the index, in the same transaction (`ledger.storage`).
+On SQLite every batch that appends entries also stores its share of the history index
+(`ledger.postings`), in the same transaction.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import asyncpg
 
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
-from ledger import storage
+from ledger import postings
 from ledger.plan import BalanceKey, Head, Plan, plan
 from ledger.storage import PostgresLedgerSql, SqliteLedgerSql
 from schemas.database import Database, PostgresThread, SqliteThread
@@ -51,11 +51,6 @@ assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch 
 
 Decide = Callable[[Head, dict[str, Entry], dict[BalanceKey, int]], Plan]
 """Plans a batch from the head, the entries already recorded for its ids and the stored balances read."""
-
-
-def _run_due(postings: int, head: Head) -> bool:
-    assert 0 <= postings <= head.seq
-    return head.seq - postings >= storage.postings_run_entries
 
 
 def _uncached(keys: set[BalanceKey], cached: dict[BalanceKey, int]) -> set[BalanceKey]:
@@ -103,8 +98,8 @@ class Writer:
         self._guessing = True
         """Postgres: the last batch read found no other writer's entries since this writer's own
         last commit (or it had none). With replicas writing in turn, a guess would fail every time."""
-        self._cached_postings = 0
-        """SQLite: the `postings` cursor as this writer left it; valid while the stored head is `_cached_head`."""
+        self._index: postings.Index | None = None
+        """SQLite: the history index as this writer left it; valid while the stored head is `_cached_head`."""
 
     async def close(self) -> None:
         if self.sqlite is not None:
@@ -212,13 +207,15 @@ class Writer:
             head = sql.head(conn)
             missing = self._missing_balances(head, keys)
             result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
-            postings = self._cached_postings if head == self._cached_head else sql.postings_cursor(conn)
+            index = (
+                self._index
+                if head == self._cached_head and self._index is not None
+                else postings.read_index(conn, head)
+            )
             if result.new_entries:
                 sql.insert_entries(conn, result.new_entries, now)
                 sql.store_balances(conn, result.balances.items())
-                if _run_due(postings, result.head):
-                    sql.index_postings(conn, postings, result.head.seq)
-                    postings = result.head.seq
+                postings.index_appended(conn, index, result.new_entries)
             conn.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the cache may hold this batch's balances: not stored
@@ -226,7 +223,7 @@ class Writer:
                 conn.execute("ROLLBACK")
             raise
         self._remember(result)
-        self._cached_postings = postings
+        self._index = index
         return result
 
     async def _write_postgres(

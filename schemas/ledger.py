@@ -62,7 +62,8 @@ ledger_postings = Table(
 )
 """SQLite only (Postgres indexes (account, seq), above): `ledger.history`'s index, written in
 runs: per account, the seqs of its entries in one run (a JSON array, ascending; `last_seq` its
-last). Entries past the `postings` cursor are found by scanning the chain (`ledger.storage`).
+last), a run's rows stored over several batches (`ledger.postings`). Entries past the
+`postings` cursor are found by scanning the chain (`ledger.storage`).
 
 Why: with two indexes on (account, seq), every batch rewrote a page of each index per account
 it touched (≈ 1.5 pages of log per transfer); with runs, a page per account per run. At c512
@@ -83,7 +84,7 @@ ledger_cursors = Table(
     Column("seq", BigInteger, nullable=False),
 )
 """How far the chain has been published as events (`events`: the chain is its own outbox) and
-indexed for history (`postings`)."""
+indexed for history (SQLite: `postings`, and the run being stored: `postings_run`, `postings_rows`)."""
 
 
 class Transfer(Request, rename={"from_": "from"}):

@@ -11,7 +11,26 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from schemas.database import PostgresThread, SqliteThread, wal_checkpoint_interval_s, wal_pages_max
+from schemas.database import (
+    PostgresThread,
+    SqliteThread,
+    sqlite_insert_rows,
+    sqlite_insert_rows_max,
+    wal_checkpoint_interval_s,
+    wal_pages_max,
+)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, sqlite_insert_rows_max, 2 * sqlite_insert_rows_max + 3])
+def test_sqlite_insert_rows_stores_every_row_once_in_order_and_upserts(count: int) -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, a TEXT, b INTEGER)")
+    rows = [(n, f"a{n}", n * 7) for n in range(count)]
+    sqlite_insert_rows(conn, "INSERT INTO t (k, a, b)", 3, "", rows)
+    assert conn.execute("SELECT k, a, b FROM t ORDER BY rowid").fetchall() == rows
+    upsert = "ON CONFLICT (k) DO UPDATE SET b = excluded.b"
+    sqlite_insert_rows(conn, "INSERT INTO t (k, a, b)", 3, upsert, [(n, "new", -n) for n in range(count)])
+    assert conn.execute("SELECT k, a, b FROM t ORDER BY k").fetchall() == [(n, f"a{n}", -n) for n in range(count)]
 
 
 async def test_sqlite_thread_runs_every_call_on_one_thread_and_connection(tmp_path: Path) -> None:

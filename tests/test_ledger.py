@@ -14,7 +14,7 @@ from sqlalchemy import Executable, func, insert, select, update
 import migrations
 from bus.codec import timestamp
 from bus.events import relay_poll_interval_s
-from ledger import storage, writer
+from ledger import postings, writer
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from ledger.writer import LEDGER_LOCK_KEY
@@ -394,7 +394,7 @@ async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
     mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite reads history from runs and from the chain past them; Postgres from its indexes."""
-    monkeypatch.setattr(storage, "postings_run_entries", 4)
+    monkeypatch.setattr(postings, "postings_run_entries", 4)
     for n in range(7):  # a batch of 3 each: a run is written once 4 or more entries are past the cursor
         await mesh.ok(
             "ledger.record_batch", {"transfers": [transfer(f"h{n}-{k}", "world", f"user:{k}", 10) for k in range(3)]}
@@ -408,6 +408,76 @@ async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
         page = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": after, "limit": 2})
         assert page["items"] == [entry for entry in mine if entry["seq"] > after][:2], after
     assert await whole_history(mesh, "world", limit=3) == chain
+
+
+async def postings_state(database: str) -> tuple[int, int, int, int]:
+    """SQLite: the cursors `postings`, `postings_run`, `postings_rows`, and the rows past `postings`."""
+    db = open_database(service_url("ledger", database))
+    async with db.reader.connect() as conn:
+        cursors = dict((await conn.execute(select(ledger_cursors.c.name, ledger_cursors.c.seq))).all())
+        past = select(func.count()).where(ledger_postings.c.last_seq > cursors["postings"])
+        rows_past = await conn.scalar(past)
+    await db.dispose()
+    return cursors["postings"], cursors["postings_run"], cursors["postings_rows"], rows_past
+
+
+async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
+    mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite, runs of 8 entries: each batch of 2 stores its share (2 of a run's 7 rows), history
+    reads a run only once all of it is stored, and a writer that finds another writer's entry on
+    its head reads the run being stored back from the chain and stores the rest. Postgres: the
+    same history."""
+    monkeypatch.setattr(postings, "postings_run_entries", 8)
+    accounts = ["world", *(f"user:{k}" for k in range(6)), "user:9"]
+
+    async def record_batch(n: int) -> None:
+        transfers = [transfer(f"p{n}-{k}", "world", f"user:{(2 * n + k) % 6}", 10) for k in range(2)]
+        await mesh.ok("ledger.record_batch", {"transfers": transfers})
+        chain = await whole_chain(mesh)
+        for account in accounts:
+            mine = [entry for entry in chain if account in (entry["from"], entry["to"])]
+            assert await whole_history(mesh, account, limit=3) == mine, (n, account)
+
+    states = []
+    for n in range(8):
+        await record_batch(n)
+        if database.startswith("sqlite"):
+            states.append(await postings_state(database))
+    if database.startswith("sqlite"):
+        assert states == [
+            *[(0, 0, 0, 0)] * 3,
+            (0, 8, 2, 2),  # seqs 7, 8: the run (0, 8] is due, its first 2 of 7 rows stored
+            (0, 8, 4, 4),
+            (0, 8, 6, 6),
+            (8, 8, 0, 0),  # whole: history reads it, and scans the chain past seq 8
+            (8, 16, 2, 2),
+        ]
+    head = (await whole_chain(mesh))[-1]
+    moment = datetime.now(UTC)
+    theirs = make_entry(17, "theirs", "world", "user:9", 10, "EUR", "", timestamp(moment), head["hash"])
+    await write_straight_into_the_tables(
+        database,
+        theirs,
+        moment,
+        update(ledger_balances)
+        .where(ledger_balances.c.account == "world")
+        .values(balance=ledger_balances.c.balance - 10),
+        insert(ledger_balances).values(account="user:9", currency="EUR", balance=10),
+    )
+    states = []
+    for n in range(8, 12):
+        await record_batch(n)  # seqs 18-25
+        if database.startswith("sqlite"):
+            states.append(await postings_state(database))
+    if database.startswith("sqlite"):
+        assert states == [
+            (8, 16, 4, 4),  # the run (8, 16] read back from the chain, stored on from its third row
+            (8, 16, 6, 6),
+            (16, 16, 0, 0),
+            (16, 25, 2, 2),  # the run (16, 25] of 9 entries, seq 17 theirs: 8 rows, read from the chain
+        ]
+    await assert_ledger_invariants(mesh)
 
 
 async def test_the_migration_to_runs_indexes_the_chain_recorded_before_it(mesh: Mesh, database: str) -> None:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from ledger import storage
+from ledger import postings
 from tests.conftest import Mesh, empty_tables
 from tests.ledger_checks import assert_ledger_invariants
 
@@ -140,7 +140,7 @@ def machine_for(mesh: Mesh, database: str, loop: asyncio.AbstractEventLoop) -> t
 async def test_random_records_batches_and_retries_agree_with_the_model(
     mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "postings_run_entries", 3)  # history read from runs and from the tail
+    monkeypatch.setattr(postings, "postings_run_entries", 3)  # history read from runs and from the tail
     machine = machine_for(mesh, database, asyncio.get_running_loop())
     machine_settings = settings(
         max_examples=12, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)

@@ -1,0 +1,138 @@
+"""SQLite's history index (`ledger_postings`): written in runs, each run paced across batches.
+
+A run is the postings of `postings_run_entries` consecutive entries: per account, one row with
+the seqs of its entries in the run. Written by one batch, a run rewrote a page of the table per
+account at once: in the bench (1,000 accounts) one batch in a dozen took 15-30 ms more than the
+others, growing with the table, and those requests were the p99 (bench/RESULTS.md, session 11).
+So every batch that appends entries also stores a slice of the pending run's rows, in
+proportion to the entries it appends: the run is stored by the time the next one is due, and no
+batch does more than its share. TigerBeetle paces its compaction across beats for the same reason.
+
+The state is in `ledger_cursors`: `postings`, the seq through which runs are complete (history
+reads the runs up to it and scans the chain past it); `postings_run`, the last seq of the run
+being stored (`postings` when none is); `postings_rows`, how many of its rows, in account order,
+are stored. Only batches that append entries touch the index, so a writer whose last head is
+still the stored head knows this state without reading it (`Index`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bus.codec import encode
+from ledger.plan import Head
+from schemas.database import sqlite_insert_rows
+from schemas.ledger import Entry
+
+postings_run_entries = int(os.environ.get("BITNEXUS_LEDGER_POSTINGS_RUN", "2048"))
+"""Entries indexed together: a history read scans at most two runs and one writer batch past
+the `postings` cursor (the run being stored, and the entries after it). Smaller runs cost the
+writer more: fewer seqs per row, more rows."""
+
+CURSORS = ("postings", "postings_run", "postings_rows")
+READ_CURSORS = f"SELECT name, seq FROM ledger_cursors WHERE name IN {CURSORS}"
+WRITE_CURSORS = (
+    "UPDATE ledger_cursors SET seq = CASE name WHEN 'postings' THEN ?1 WHEN 'postings_run' THEN ?2 ELSE ?3 END "
+    f"WHERE name IN {CURSORS}"
+)
+INSERT_ROWS = "INSERT INTO ledger_postings (account, last_seq, seqs)"
+RUN_ENTRIES = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > ? AND seq <= ? ORDER BY seq"
+
+Postings = dict[str, list[int]]
+"""Each account's seqs, ascending."""
+Row = tuple[str, int, str]
+"""A `ledger_postings` row: account, last seq, seqs as a JSON array."""
+
+
+def add_postings(postings: Postings, entries: Iterable[tuple[str, str, int]]) -> None:
+    """The entries (from, to, seq), in seq order, added to both their accounts' seqs."""
+    for from_account, to_account, seq in entries:
+        postings.setdefault(from_account, []).append(seq)
+        postings.setdefault(to_account, []).append(seq)
+
+
+def run_rows(postings: Postings, after: int, through: int) -> list[Row]:
+    """The rows of the run (after, through], in account order: every entry in it twice, once per side."""
+    assert sum(len(seqs) for seqs in postings.values()) == 2 * (through - after), (after, through)
+    assert all(after < seqs[0] and seqs[-1] <= through for seqs in postings.values())
+    return [(account, seqs[-1], encode(seqs).decode()) for account, seqs in sorted(postings.items())]
+
+
+@dataclass
+class Run:
+    """The run (after, through] being stored: its rows, the first `stored` of them in the table."""
+
+    after: int
+    through: int
+    rows: list[Row]
+    stored: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.after < self.through and 0 <= self.stored < len(self.rows)
+
+
+@dataclass
+class Index:
+    """The index as of a head: complete through `cursor`, the run being stored, and the postings
+    of the entries after those when this writer appended all of them (else None: read them)."""
+
+    cursor: int
+    run: Run | None
+    unindexed: Postings | None
+
+    @property
+    def through(self) -> int:
+        """The last seq in a run, stored or being stored."""
+        return self.run.through if self.run else self.cursor
+
+
+def read_index(conn: sqlite3.Connection, head: Head) -> Index:
+    """The index's state from the database, for a writer that did not append the stored head."""
+    cursors = dict(conn.execute(READ_CURSORS).fetchall())
+    cursor, through, stored = (cursors[name] for name in CURSORS)
+    assert 0 <= cursor <= through <= head.seq, (cursor, through, head.seq)
+    run = Run(cursor, through, _read_rows(conn, cursor, through), stored) if through > cursor else None
+    assert run or stored == 0
+    return Index(cursor, run, {} if through == head.seq else None)
+
+
+def index_appended(conn: sqlite3.Connection, index: Index, entries: list[Entry]) -> None:
+    """After `entries` were appended in this transaction: their postings gathered, and this
+    batch's share of the run stored; a run started once `postings_run_entries` are past the last.
+    Updates `index` in place: on a rollback the writer forgets it (its head is no longer stored)."""
+    assert entries and entries[0].seq > index.through
+    last = entries[-1].seq
+    if index.unindexed is not None:
+        add_postings(index.unindexed, ((entry.from_, entry.to, entry.seq) for entry in entries))
+    if index.run is not None:
+        next_due = last - index.run.through >= postings_run_entries
+        _store_share(conn, index, len(index.run.rows) if next_due else _share(index.run, len(entries)))
+    if index.run is None and last - index.cursor >= postings_run_entries:
+        gathered = index.unindexed
+        rows = _read_rows(conn, index.cursor, last) if gathered is None else run_rows(gathered, index.cursor, last)
+        index.run, index.unindexed = Run(index.cursor, last, rows), {}
+        _store_share(conn, index, _share(index.run, len(entries)))
+
+
+def _share(run: Run, entries: int) -> int:
+    """Rows in proportion to the entries appended (rounded up): the whole run within a run's entries."""
+    return -(-len(run.rows) * entries // postings_run_entries)
+
+
+def _store_share(conn: sqlite3.Connection, index: Index, count: int) -> None:
+    run = index.run
+    assert run is not None and count > 0
+    sqlite_insert_rows(conn, INSERT_ROWS, 3, "", run.rows[run.stored : run.stored + count])
+    run.stored = min(run.stored + count, len(run.rows))
+    if run.stored == len(run.rows):
+        index.cursor, index.run = run.through, None
+    conn.execute(WRITE_CURSORS, (index.cursor, index.through, index.run.stored if index.run else 0))
+
+
+def _read_rows(conn: sqlite3.Connection, after: int, through: int) -> list[Row]:
+    postings: Postings = {}
+    add_postings(postings, conn.execute(RUN_ENTRIES, (after, through)))
+    return run_rows(postings, after, through)
