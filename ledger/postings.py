@@ -63,15 +63,17 @@ def run_rows(postings: Postings, after: int, through: int) -> list[Row]:
 
 @dataclass
 class Run:
-    """The run (after, through] being stored: its rows, the first `stored` of them in the table."""
+    """The run (after, through] being stored: its rows (None until needed: not read back yet), the
+    first `stored` of them in the table."""
 
     after: int
     through: int
-    rows: list[Row]
+    rows: list[Row] | None
     stored: int = 0
 
     def __post_init__(self) -> None:
-        assert self.after < self.through and 0 <= self.stored < len(self.rows)
+        assert self.after < self.through and 0 <= self.stored
+        assert self.rows is None or self.stored < len(self.rows)
 
 
 @dataclass
@@ -94,41 +96,51 @@ def read_index(conn: sqlite3.Connection, head: Head) -> Index:
     cursors = dict(conn.execute(READ_CURSORS).fetchall())
     cursor, through, stored = (cursors[name] for name in CURSORS)
     assert 0 <= cursor <= through <= head.seq, (cursor, through, head.seq)
-    run = Run(cursor, through, _read_rows(conn, cursor, through), stored) if through > cursor else None
+    run = Run(cursor, through, None, stored) if through > cursor else None
     assert run or stored == 0
     return Index(cursor, run, {} if through == head.seq else None)
 
 
-def index_appended(conn: sqlite3.Connection, index: Index, entries: list[Entry]) -> None:
-    """After `entries` were appended in this transaction: their postings gathered, and this
-    batch's share of the run stored; a run started once `postings_run_entries` are past the last.
-    Updates `index` in place: on a rollback the writer forgets it (its head is no longer stored)."""
+def index_appended(conn: sqlite3.Connection, index: Index, entries: list[Entry], pace: bool) -> None:
+    """After `entries` were appended in this transaction: their postings gathered, this batch's
+    share of the run stored, and a run started once `postings_run_entries` are past the last.
+
+    `pace`: this writer appended the stored head before this batch too. One that read the index
+    instead (after a start, or another writer's batch) stores no share, which would cost it the
+    run's rows read back in every batch while writers take turns; only, once the next run is
+    due, the rest of this one. Updates `index` in place: after a rollback the writer forgets it."""
     assert entries and entries[0].seq > index.through
     last = entries[-1].seq
     if index.unindexed is not None:
         add_postings(index.unindexed, ((entry.from_, entry.to, entry.seq) for entry in entries))
-    if index.run is not None:
-        next_due = last - index.run.through >= postings_run_entries
-        _store_share(conn, index, len(index.run.rows) if next_due else _share(index.run, len(entries)))
+    if index.run is not None and last - index.run.through >= postings_run_entries:
+        _store(conn, index, index.run, None)  # the next run is due: the rest of this one first
+    elif index.run is not None and pace:
+        _store(conn, index, index.run, len(entries))
     if index.run is None and last - index.cursor >= postings_run_entries:
         gathered = index.unindexed
-        rows = _read_rows(conn, index.cursor, last) if gathered is None else run_rows(gathered, index.cursor, last)
-        index.run, index.unindexed = Run(index.cursor, last, rows), {}
-        _store_share(conn, index, _share(index.run, len(entries)))
+        run = Run(index.cursor, last, None if gathered is None else run_rows(gathered, index.cursor, last))
+        index.run, index.unindexed = run, {}
+        if pace:
+            _store(conn, index, run, len(entries))
+        else:
+            _write_cursors(conn, index)
 
 
-def _share(run: Run, entries: int) -> int:
-    """Rows in proportion to the entries appended (rounded up): the whole run within a run's entries."""
-    return -(-len(run.rows) * entries // postings_run_entries)
-
-
-def _store_share(conn: sqlite3.Connection, index: Index, count: int) -> None:
-    run = index.run
-    assert run is not None and count > 0
+def _store(conn: sqlite3.Connection, index: Index, run: Run, entries: int | None) -> None:
+    """The run's rows in proportion to `entries` appended (rounded up, so the whole run within a
+    run's entries), or all the rest (None); the cursor moved once they are all stored."""
+    if run.rows is None:
+        run.rows = _read_rows(conn, run.after, run.through)
+    count = len(run.rows) if entries is None else -(-len(run.rows) * entries // postings_run_entries)
     sqlite_insert_rows(conn, INSERT_ROWS, 3, "", run.rows[run.stored : run.stored + count])
     run.stored = min(run.stored + count, len(run.rows))
     if run.stored == len(run.rows):
         index.cursor, index.run = run.through, None
+    _write_cursors(conn, index)
+
+
+def _write_cursors(conn: sqlite3.Connection, index: Index) -> None:
     conn.execute(WRITE_CURSORS, (index.cursor, index.through, index.run.stored if index.run else 0))
 
 

@@ -207,15 +207,12 @@ class Writer:
             head = sql.head(conn)
             missing = self._missing_balances(head, keys)
             result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
-            index = (
-                self._index
-                if head == self._cached_head and self._index is not None
-                else postings.read_index(conn, head)
-            )
+            known = self._index if head == self._cached_head else None
+            index = known if known is not None else postings.read_index(conn, head)
             if result.new_entries:
                 sql.insert_entries(conn, result.new_entries, now)
                 sql.store_balances(conn, result.balances.items())
-                postings.index_appended(conn, index, result.new_entries)
+                postings.index_appended(conn, index, result.new_entries, pace=known is not None)
             conn.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the cache may hold this batch's balances: not stored

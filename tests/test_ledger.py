@@ -426,8 +426,8 @@ async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
 ) -> None:
     """SQLite, runs of 8 entries: each batch of 2 stores its share (2 of a run's 7 rows), history
     reads a run only once all of it is stored, and a writer that finds another writer's entry on
-    its head reads the run being stored back from the chain and stores the rest. Postgres: the
-    same history."""
+    its head reads the index, then the run being stored back from the chain, and stores the
+    rest. Postgres: the same history."""
     monkeypatch.setattr(postings, "postings_run_entries", 8)
     accounts = ["world", *(f"user:{k}" for k in range(6)), "user:9"]
 
@@ -472,10 +472,10 @@ async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
             states.append(await postings_state(database))
     if database.startswith("sqlite"):
         assert states == [
-            (8, 16, 4, 4),  # the run (8, 16] read back from the chain, stored on from its third row
+            (8, 16, 2, 2),  # a writer that read the index stores no share
+            (8, 16, 4, 4),  # the next batch does: the run (8, 16] read back from the chain
             (8, 16, 6, 6),
-            (16, 16, 0, 0),
-            (16, 25, 2, 2),  # the run (16, 25] of 9 entries, seq 17 theirs: 8 rows, read from the chain
+            (16, 25, 2, 2),  # (8, 16] whole; the run (16, 25] of 9 entries (17 theirs): 8 rows, read from the chain
         ]
     await assert_ledger_invariants(mesh)
 
