@@ -51,6 +51,24 @@ async def write_straight_into_the_tables(database: str, entry: Entry, recorded_a
         await db.dispose()
 
 
+async def another_writer_records(
+    database: str, seq: int, id: str, from_: str, to: str, amount: int, prev_hash: str
+) -> Entry:
+    """A transfer in EUR to an account with no balance yet, committed as another writer would
+    (here: straight into the tables): its entry, and both balances moved."""
+    moment = datetime.now(UTC)
+    entry = make_entry(seq, id, from_, to, amount, "EUR", "", timestamp(moment), prev_hash)
+    balance = ledger_balances.c.balance
+    await write_straight_into_the_tables(
+        database,
+        entry,
+        moment,
+        update(ledger_balances).where(ledger_balances.c.account == from_).values(balance=balance - amount),
+        insert(ledger_balances).values(account=to, currency="EUR", balance=amount),
+    )
+    return entry
+
+
 async def test_first_entry_follows_genesis_and_hashes_as_the_contract_says(mesh: Mesh) -> None:
     entry = await mesh.ok("ledger.record", transfer("t1", "world", "user:1", 500, memo='hello ✓ "quoted"\n'))
     assert list(entry) == ENTRY_FIELDS
@@ -155,15 +173,7 @@ async def test_the_batch_after_another_replicas_entry_follows_it(mesh: Mesh, dat
     and a retry of that entry's id (unknown to this writer, and refused if planned anew) is
     answered with it."""
     first = await mesh.ok("ledger.record", transfer("mine", "world", "user:1", 10))
-    moment = datetime.now(UTC)
-    theirs = make_entry(2, "theirs", "user:1", "user:2", 10, "EUR", "", timestamp(moment), first["hash"])
-    await write_straight_into_the_tables(
-        database,
-        theirs,
-        moment,
-        update(ledger_balances).where(ledger_balances.c.account == "user:1").values(balance=0),
-        insert(ledger_balances).values(account="user:2", currency="EUR", balance=10),
-    )
+    theirs = await another_writer_records(database, 2, "theirs", "user:1", "user:2", 10, first["hash"])
     code, reply = await mesh.request("ledger.record", transfer("overspend", "user:1", "user:3", 5))
     assert code == 422 and reply["error"]["type"] == "insufficient_funds"
     after = await mesh.ok("ledger.record", transfer("next", "world", "user:3", 5))
@@ -454,17 +464,7 @@ async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
             (8, 16, 2, 2),
         ]
     head = (await whole_chain(mesh))[-1]
-    moment = datetime.now(UTC)
-    theirs = make_entry(17, "theirs", "world", "user:9", 10, "EUR", "", timestamp(moment), head["hash"])
-    await write_straight_into_the_tables(
-        database,
-        theirs,
-        moment,
-        update(ledger_balances)
-        .where(ledger_balances.c.account == "world")
-        .values(balance=ledger_balances.c.balance - 10),
-        insert(ledger_balances).values(account="user:9", currency="EUR", balance=10),
-    )
+    await another_writer_records(database, 17, "theirs", "world", "user:9", 10, head["hash"])
     states = []
     for n in range(8, 12):
         await record_batch(n)  # seqs 18-25
