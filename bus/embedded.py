@@ -35,7 +35,11 @@ def server_binary() -> Path:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server may listen on the port: nobody listens there. `SO_REUSEADDR`, as
+    nats-server's own listener sets it, so connections the last server closed, lingering in
+    TIME_WAIT for a minute, do not count as taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

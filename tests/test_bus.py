@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import msgspec
@@ -12,7 +13,7 @@ from nats.aio.client import Client
 
 from bus.client import call
 from bus.connection import Settings
-from bus.embedded import EmbeddedNats, PortTaken, free_port, server_binary
+from bus.embedded import EmbeddedNats, PortTaken, free_port, port_is_free, server_binary
 from bus.errors import NotFound, RemoteError, Unavailable
 from bus.service import Service
 
@@ -105,6 +106,29 @@ def test_server_binary_is_the_wheels_not_the_one_on_path() -> None:
 def test_embedded_server_refuses_a_taken_port(tmp_path: Path, nats_server: EmbeddedNats) -> None:
     with pytest.raises(PortTaken, match=f"127.0.0.1:{nats_server.port} is already in use"):
         EmbeddedNats(data_dir=tmp_path, port=nats_server.port).start()
+
+
+def time_wait_on(port: int) -> bool:
+    """A connection in TIME_WAIT (state 06 of /proc/net/tcp) whose local port is `port`."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(int(row.split()[1].split(":")[1], 16) == port and row.split()[3] == "06" for row in rows)
+
+
+def test_embedded_server_starts_again_on_its_port_while_closed_connections_linger(tmp_path: Path) -> None:
+    """A server that closed its clients' connections leaves them in TIME_WAIT on its port for a
+    minute (a `nats sub` still attached when the mesh stops, or a crash); that port is free to
+    listen on, so the mesh started again gets it back instead of moving to a random one."""
+    server = EmbeddedNats(data_dir=tmp_path, port=free_port())
+    server.start()
+    with socket.create_connection((server.host, server.port)) as client:
+        assert client.recv(4) == b"INFO"
+        server.stop()  # the server closes first: its side of the connection lingers
+        while client.recv(4096):
+            pass
+    assert time_wait_on(server.port), "the test needs a lingering connection on the port"
+    assert port_is_free(server.host, server.port)
+    server.start()
+    server.stop()
 
 
 def test_embedded_server_starts_with_jetstream_and_stops_cleanly(tmp_path: Path) -> None:
