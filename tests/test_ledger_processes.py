@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from subprocess import Popen
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 
+from bus.connection import Settings, connect
+from bus.embedded import EmbeddedNats, free_port
 from bus.events import EVENTS_STREAM, ensure_stream
 from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
@@ -129,3 +133,60 @@ async def test_entries_committed_while_the_event_relay_is_down_are_published_onc
         for process in (ledger, relay):
             process.send_signal(signal.SIGTERM)
             assert process.wait(10) == 0
+
+
+async def test_a_nats_server_killed_and_restarted_under_load_loses_no_acknowledged_transfer_or_event(
+    database: str, tmp_path: Path
+) -> None:
+    """nats-server SIGKILLed mid-load and started again on its port and JetStream directory:
+    the ledger and its relay reconnect on their own, clients retrying a timed-out transfer
+    (same id and body) get its one entry, and every entry's event is stored once."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=free_port())
+    url = server.start()
+    nc = await connect(Settings(servers=[url]), name="test")
+    mesh = Mesh(nc)
+    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    relay, ledger = await start_relay_and_ledger(nc, url, database)
+    acknowledged: dict[str, dict] = {}
+    loading = True
+
+    async def client(worker: int) -> None:
+        sent = 0
+        while loading:
+            sent += 1
+            body = {"id": f"w{worker}-{sent}", "from": "world", "to": f"u:{worker}", "amount": 1, "currency": "EUR"}
+            while True:  # the same transfer until it is answered: a timeout says nothing of its fate
+                try:
+                    code, reply = await mesh.request("ledger.record", body, timeout_s=1.0)
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    await asyncio.sleep(0.1)
+                    continue
+                assert code is None, reply
+                acknowledged[body["id"]] = reply
+                break
+
+    try:
+        clients = [asyncio.create_task(client(worker)) for worker in range(16)]
+        await asyncio.sleep(1.0)
+        before = len(acknowledged)
+        server.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        server.process.wait()  # type: ignore[union-attr]
+        await asyncio.sleep(0.5)
+        server.start()
+        await asyncio.sleep(3.0)  # everyone reconnects within 2 s (bus.connection), then serves again
+        loading = False
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+        assert before > 0 and len(acknowledged) > before + 100, (before, len(acknowledged))
+        entries = await assert_ledger_invariants(mesh)
+        assert {entry["id"]: entry for entry in entries} == acknowledged
+        events = await mesh.events(len(entries), timeout_s=20)
+        assert sorted(envelope["data"]["seq"] for _, _, envelope in events) == list(range(1, len(entries) + 1))
+        await asyncio.sleep(0.5)
+        assert await mesh.event_count() == len(entries)
+    finally:
+        for process in (ledger, relay):
+            process.send_signal(signal.SIGTERM)
+        for process in (ledger, relay):
+            assert process.wait(15) == 0
+        await nc.close()
+        server.stop()
