@@ -27,12 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 import migrations
 from bus.parent_death import die_with_parent
+
+if TYPE_CHECKING:
+    from bus.embedded import EmbeddedNats
 
 log = logging.getLogger("bitnexus.supervisor")
 
@@ -50,6 +53,7 @@ SERVICES: dict[str, str] = {
 """Service name -> "module:function" returning its serving context manager."""
 
 start_timeout_s = 30.0
+nats_check_interval_s = 0.2
 DEFAULT_CONFIG = Path("deploy/mesh.toml")
 
 
@@ -152,7 +156,7 @@ class Supervisor:
         log.error("child terminated", extra={"context": "child_terminated", "offender": child.name, "reason": code})
         if not self._should_restart(child.spec, code):
             return
-        self._count_restart()
+        self.count_restart()
         affected = self._affected_by(child)
         await self._stop_all([sibling for sibling in affected if sibling is not child])
         for sibling in affected:
@@ -163,7 +167,8 @@ class Supervisor:
     def _should_restart(spec: ChildSpec, code: int) -> bool:
         return spec.restart == "permanent" or (spec.restart == "transient" and code != 0)
 
-    def _count_restart(self) -> None:
+    def count_restart(self) -> None:
+        """A restart against the intensity: `Escalation` past `restarts_max` in `restart_period_s`."""
         now = time.monotonic()
         self.restart_times.append(now)
         while self.restart_times and now - self.restart_times[0] > self.spec.restart_period_s:
@@ -405,7 +410,7 @@ def package_version() -> str:
     return version("bitnexus-mesh")
 
 
-def start_embedded_nats(port: int) -> tuple[object, str]:
+def start_embedded_nats(port: int) -> tuple[EmbeddedNats, str]:
     """The embedded server; when `port` is taken, another free port, said in one line."""
     from bus.embedded import EmbeddedNats, PortTaken, free_port
 
@@ -422,6 +427,33 @@ def start_embedded_nats(port: int) -> tuple[object, str]:
             flush=True,
         )
         return server, url
+
+
+async def keep_nats_up(server: EmbeddedNats, supervisor: Supervisor) -> None:
+    """Start the embedded nats-server again whenever it exits, on its port and JetStream store,
+    as the supervisor restarts a child, against the same intensity. The services reconnect by
+    themselves. Past the intensity, or when it does not start, `Escalation`: the mesh stops."""
+    from bus.embedded import PortTaken
+
+    assert server.process is not None
+    while True:
+        await asyncio.sleep(nats_check_interval_s)
+        code = server.process.poll()
+        if code is None:
+            continue
+        log.error("child terminated", extra={"context": "child_terminated", "offender": "nats-server", "reason": code})
+        supervisor.count_restart()
+        try:
+            await asyncio.to_thread(server.start)
+        except (PortTaken, RuntimeError, TimeoutError) as exc:
+            raise Escalation(f"nats-server did not start again: {exc}") from exc
+        log.info("child started", extra={"context": "child_started", "offender": "nats-server"})
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a group of groups (a task group's inside `except*`'s)."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def up(config: MeshConfig) -> int:
@@ -446,13 +478,19 @@ async def up(config: MeshConfig) -> int:
     service.add_endpoint("mesh.status", mesh_status, supervisor)
     exit_code = 0
     try:
-        async with service.serving():
+        async with service.serving(), asyncio.TaskGroup() as tasks:
+            watcher = tasks.create_task(keep_nats_up(server, supervisor)) if server is not None else None
             await supervisor.run(stop)
+            if watcher is not None:
+                watcher.cancel()
     except* Escalation as group:
-        log.error("supervisor gave up: %s", group.exceptions[0])
+        log.error("supervisor gave up: %s", first_leaf(group))
         exit_code = 1
     finally:
-        await nc.drain()
+        if nc.is_connected:
+            await nc.drain()
+        else:  # its server is gone: nothing to drain through
+            await nc.close()
         if server is not None:
             server.stop()
     return exit_code

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bus.embedded import EmbeddedNats
+from bus.embedded import EmbeddedNats, free_port
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -100,3 +100,88 @@ def test_json_logs_are_one_object_per_line_tagged_with_child_and_pid(tmp_path: P
     assert {"supervisor", "accounts.1"} <= children
     started = next(record for record in records if record["message"] == "child started")
     assert started["child"] == "supervisor" and started["context"] == "child_started"
+
+
+def embedded_server_pid(up_pid: int) -> int:
+    children = subprocess.run(["pgrep", "-P", str(up_pid)], capture_output=True, text=True).stdout.split()
+    (pid,) = [int(pid) for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "nats-server"]
+    return pid
+
+
+def wait_for_status(env: dict[str, str], timeout_s: float = 20.0) -> dict:
+    """`bitnexus status --json` once the mesh answers with every child running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = subprocess.run(bitnexus("status", "--json"), env=env, capture_output=True, text=True)
+        if status.returncode == 0:
+            reply = json.loads(status.stdout)
+            if all(child["state"] == "running" for child in reply["children"]):
+                return reply
+        time.sleep(0.1)
+    raise TimeoutError("mesh.status")
+
+
+def up_with_embedded_nats(tmp_path: Path, restarts_max: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "BITNEXUS_NATS_PORT": str(free_port())}
+    env.pop("NATS_URL", None)
+    config = tmp_path / "mesh.toml"
+    intensity = f"restarts_max = {restarts_max}\nrestart_period_s = 60\n"
+    config.write_text(f'[supervisor]\n{intensity}\n[[supervisor.children]]\nname = "accounts"\n')
+    up = subprocess.Popen(bitnexus("up", "--config", str(config)), env=env, stderr=subprocess.PIPE, text=True)
+    env["NATS_URL"] = wait_for_file(tmp_path / "nats.url")
+    return up, env
+
+
+def test_up_starts_its_killed_nats_server_again_on_its_port_and_the_mesh_serves_on(tmp_path: Path) -> None:
+    up, env = up_with_embedded_nats(tmp_path, restarts_max=3)
+    try:
+        before = wait_for_status(env)
+        first = embedded_server_pid(up.pid)
+        os.kill(first, signal.SIGKILL)
+        after = wait_for_status(env)
+        assert embedded_server_pid(up.pid) != first
+        assert (tmp_path / "nats.url").read_text().strip() == env["NATS_URL"]  # the same port
+        assert [child["pid"] for child in after["children"]] == [child["pid"] for child in before["children"]]
+        ping = subprocess.run(
+            [sys.executable, "-c", PING_ACCOUNTS, env["NATS_URL"]], capture_output=True, text=True, timeout=30
+        )
+        assert ping.returncode == 0, ping.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, stderr = up.communicate(timeout=30)
+    assert up.returncode == 0
+    assert "Traceback" not in stderr
+
+
+PING_ACCOUNTS = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    for _ in range(100):  # the service reconnects by itself, within its 0.5-2 s wait
+        try:
+            await nc.request("$SRV.PING.accounts", b"", timeout=0.5)
+            break
+        except nats.errors.Error:
+            await asyncio.sleep(0.1)
+    else:
+        sys.exit("accounts never answered")
+    await nc.close()
+asyncio.run(main())
+"""
+
+
+def test_up_past_its_restart_intensity_for_nats_server_stops_the_mesh_and_exits_1(tmp_path: Path) -> None:
+    up, env = up_with_embedded_nats(tmp_path, restarts_max=1)
+    try:
+        wait_for_status(env)
+        children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(embedded_server_pid(up.pid), signal.SIGKILL)
+        wait_for_status(env)  # the first restart is within the intensity
+        os.kill(embedded_server_pid(up.pid), signal.SIGKILL)
+        _, stderr = up.communicate(timeout=60)
+    finally:
+        up.kill()
+    assert up.returncode == 1
+    assert "supervisor gave up: more than 1 restarts in 60.0 s" in stderr
+    assert "Traceback" not in stderr
+    assert not any(pid_alive(int(pid)) for pid in children)  # the forkserver, its services, nats-server
