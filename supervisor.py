@@ -23,7 +23,7 @@ import sys
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -461,6 +461,7 @@ async def up(config: MeshConfig) -> int:
     from bus.connection import Settings, connect
     from bus.service import Service
 
+    await migrations.upgrade_async()  # first: a database that takes no connection stops us before anything runs
     server = None
     if not os.environ.get("NATS_URL"):
         port = int(os.environ.get("BITNEXUS_NATS_PORT", config.nats.port))
@@ -468,7 +469,6 @@ async def up(config: MeshConfig) -> int:
     data_dir().mkdir(parents=True, exist_ok=True)
     (data_dir() / "nats.url").write_text(os.environ["NATS_URL"] + "\n")
     log.info("nats at %s", os.environ["NATS_URL"])
-    await migrations.upgrade_async()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
@@ -568,6 +568,28 @@ def nats_url_for_status() -> str:
     return saved.read_text().strip() if saved.exists() else "nats://127.0.0.1:4222"
 
 
+def run_database_command(options: argparse.Namespace) -> None:
+    """`up` or `migrate`: both begin by migrating the database."""
+    from bus import logs
+
+    if options.command == "up":
+        logs.configure("supervisor")
+        config = load_config(options.config) if options.config.exists() else MeshConfig()
+        sys.exit(asyncio.run(up(config)))
+    logs.configure("migrate")
+    migrations.downgrade() if options.down else migrations.upgrade()
+
+
+@contextlib.contextmanager
+def database_unreachable_said() -> Iterator[None]:
+    """A database that takes no connection is said in one line, exit 1, not a traceback."""
+    try:
+        yield
+    except migrations.DatabaseUnreachable as exc:
+        print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     from bus import logs
 
@@ -587,17 +609,13 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--as", dest="replica", default=None)
     options = parser.parse_args(argv)
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
-    if options.command == "up":
-        logs.configure("supervisor")
-        config = load_config(options.config) if options.config.exists() else MeshConfig()
-        sys.exit(asyncio.run(up(config)))
+    if options.command in ("up", "migrate"):
+        with database_unreachable_said():
+            run_database_command(options)
+        return
     if options.command == "supervise":
         logs.configure(os.environ.get("BITNEXUS_CHILD", "supervisor"))
         sys.exit(asyncio.run(supervise(load_config(options.config))))
-    if options.command == "migrate":
-        logs.configure("migrate")
-        migrations.downgrade() if options.down else migrations.upgrade()
-        return
     if options.command == "status":
         sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
     replica = options.replica or f"{options.service}.1"

@@ -19,6 +19,14 @@ from schemas.database import service_url
 SERVICES_WITH_TABLES = ("accounts", "products", "ledger", "transactions")
 
 
+class DatabaseUnreachable(Exception):
+    """The database takes no connection: a fault of the setting or the server, not of a migration."""
+
+    def __init__(self, url: URL, cause: BaseException) -> None:
+        reason = getattr(cause, "orig", None) or cause  # the driver's words, not SQLAlchemy's wrapping
+        super().__init__(f"cannot reach the database at {url.render_as_string(hide_password=True)}: {reason}")
+
+
 def target_metadata() -> MetaData:
     from schemas import accounts, ledger, products, transactions
     from schemas.common import metadata

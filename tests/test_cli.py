@@ -60,9 +60,9 @@ def test_up_on_a_taken_port_says_so_in_one_line_serves_status_and_stops_on_sigte
         up.send_signal(signal.SIGTERM)
         _, stderr = up.communicate(timeout=20)
     assert up.returncode == 0
-    first_line = stderr.splitlines()[0]
-    assert first_line.startswith(f"bitnexus: port {nats_server.port} is taken")
-    assert url in first_line and f"NATS_URL=nats://127.0.0.1:{nats_server.port}" in first_line
+    (said,) = [line for line in stderr.splitlines() if line.startswith("bitnexus:")]  # after the migrations' log
+    assert said.startswith(f"bitnexus: port {nats_server.port} is taken")
+    assert url in said and f"NATS_URL=nats://127.0.0.1:{nats_server.port}" in said
     assert "Traceback" not in stderr
     assert not pid_alive(server_pids[0])
 
@@ -185,3 +185,20 @@ def test_up_past_its_restart_intensity_for_nats_server_stops_the_mesh_and_exits_
     assert "supervisor gave up: more than 1 restarts in 60.0 s" in stderr
     assert "Traceback" not in stderr
     assert not any(pid_alive(int(pid)) for pid in children)  # the forkserver, its services, nats-server
+
+
+def test_up_and_migrate_say_in_one_line_that_the_database_takes_no_connection(tmp_path: Path) -> None:
+    port = free_port()  # nobody listens there
+    refused = f"postgresql+asyncpg://postgres:secret@127.0.0.1:{port}/mesh"
+    missing = "postgresql+asyncpg://postgres@127.0.0.1:5432/bitnexus_no_such_database"
+    env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "BITNEXUS_NATS_PORT": str(free_port())}
+    env.pop("NATS_URL", None)
+    for url, reason in [(refused, f"Connect call failed ('127.0.0.1', {port})"), (missing, "does not exist")]:
+        for command in ("up", "migrate"):
+            result = subprocess.run(bitnexus(command), env={**env, "DATABASE_URL": url}, capture_output=True, text=True)
+            assert result.returncode == 1
+            said = url.replace(":secret@", ":***@")
+            assert result.stderr.startswith(f"bitnexus: cannot reach the database at {said}: "), result.stderr
+            assert reason in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "nats").exists()  # up stopped before starting anything
