@@ -458,7 +458,8 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 async def up(config: MeshConfig) -> int:
     """Start everything, serve `mesh.status`, and on SIGTERM/Ctrl-C drain in reverse order."""
-    from bus.connection import Settings, connect
+    from bus.connection import Settings, connect, without_secrets
+    from bus.events import NoJetStream, require_jetstream
     from bus.service import Service
 
     await migrations.upgrade_async()  # first: a database that takes no connection stops us before anything runs
@@ -468,12 +469,17 @@ async def up(config: MeshConfig) -> int:
         server, os.environ["NATS_URL"] = start_embedded_nats(port)
     data_dir().mkdir(parents=True, exist_ok=True)
     (data_dir() / "nats.url").write_text(os.environ["NATS_URL"] + "\n")
-    log.info("nats at %s", os.environ["NATS_URL"])
+    log.info("nats at %s", without_secrets(os.environ["NATS_URL"]))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     supervisor = Supervisor(config.supervisor)
     nc = await connect(Settings.from_env(), name="mesh")
+    try:
+        await require_jetstream(nc.jetstream(), os.environ["NATS_URL"])
+    except NoJetStream:
+        await nc.close()
+        raise
     service = Service(nc, "mesh", package_version(), "the BitNexus Mesh supervisor")
     service.add_endpoint("mesh.status", mesh_status, supervisor)
     exit_code = 0
@@ -581,11 +587,14 @@ def run_database_command(options: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def database_unreachable_said() -> Iterator[None]:
-    """A database that takes no connection is said in one line, exit 1, not a traceback."""
+def setting_faults_said() -> Iterator[None]:
+    """A database that takes no connection, or a NATS without JetStream, is said in one line,
+    exit 1, not a traceback and not a restart storm of every service."""
+    from bus.events import NoJetStream
+
     try:
         yield
-    except migrations.DatabaseUnreachable as exc:
+    except (migrations.DatabaseUnreachable, NoJetStream) as exc:
         print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -610,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
     if options.command in ("up", "migrate"):
-        with database_unreachable_said():
+        with setting_faults_said():
             run_database_command(options)
         return
     if options.command == "supervise":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import ssl
 import time
 import weakref
@@ -60,6 +61,11 @@ class Settings:
         if self.tls_cert:
             context.load_cert_chain(self.tls_cert, self.tls_key)
         return context
+
+
+def without_secrets(urls: str) -> str:
+    """NATS URLs as they may be logged or said: any `user:password@` hidden."""
+    return re.sub(r"//[^/@,]*@", "//***@", urls)
 
 
 async def connect(settings: Settings, name: str) -> Client:

@@ -20,11 +20,12 @@ from typing import Any
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
+from bus.connection import without_secrets
 from bus.jetstream import BatchPublisher, Message, fast_ingest_supported
 from schemas.database import Database
 from schemas.events import Envelope
@@ -63,6 +64,24 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(relay_poll_interval_s):
                 await wake.wait()
+
+
+class NoJetStream(Exception):
+    """The NATS server (or the account) has no JetStream: a setting to fix, not a crash to restart."""
+
+
+async def require_jetstream(js: JetStreamContext, url: str) -> None:
+    """`NoJetStream` when JetStream does not answer for this connection's account (the server
+    runs without it, or the account is not given it). `url` is said with any user and
+    password in it hidden."""
+    try:
+        await js.account_info()
+    except ServiceUnavailableError as exc:  # nobody answers $JS.API for this account
+        raise NoJetStream(
+            f"the NATS server at {without_secrets(url)} offers no JetStream to this connection's account, and the "
+            "mesh's events and ingest are JetStream streams: start the server with -js (or "
+            "`jetstream {}` in its config), and give the account JetStream where accounts are set"
+        ) from exc
 
 
 async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bus.embedded import EmbeddedNats, free_port
+from bus.embedded import EmbeddedNats, free_port, server_binary
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -202,3 +203,35 @@ def test_up_and_migrate_say_in_one_line_that_the_database_takes_no_connection(tm
             assert reason in result.stderr and "Traceback" not in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "nats").exists()  # up stopped before starting anything
+
+
+def wait_for_listener(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_up_says_in_one_line_that_its_nats_server_has_no_jetstream_and_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    without_jetstream = subprocess.Popen(
+        [str(server_binary()), "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_listener(port)
+        url = f"nats://mesh:secret@127.0.0.1:{port}"
+        env = {**os.environ, "NATS_URL": url, "BITNEXUS_DATA_DIR": str(tmp_path)}
+        result = subprocess.run(bitnexus("up"), env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        without_jetstream.terminate()
+        without_jetstream.wait()
+    assert result.returncode == 1
+    (said,) = [line for line in result.stderr.splitlines() if line.startswith("bitnexus:")]
+    assert said.startswith(f"bitnexus: the NATS server at nats://***@127.0.0.1:{port} offers no JetStream")
+    assert "secret" not in result.stderr and "Traceback" not in result.stderr
+    assert "child started" not in result.stderr
