@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import logging
 import multiprocessing
@@ -581,20 +582,47 @@ def run_database_command(options: argparse.Namespace) -> None:
     if options.command == "up":
         logs.configure("supervisor")
         config = load_config(options.config) if options.config.exists() else MeshConfig()
-        sys.exit(asyncio.run(up(config)))
+        with one_mesh_per_data_dir():
+            sys.exit(asyncio.run(up(config)))
     logs.configure("migrate")
     migrations.downgrade() if options.down else migrations.upgrade()
 
 
+class MeshAlreadyRunning(Exception):
+    """Another `bitnexus up` holds the data directory."""
+
+
+@contextlib.contextmanager
+def one_mesh_per_data_dir() -> Iterator[None]:
+    """Hold `up.lock` in the data directory while the mesh runs. A second `up` there would start
+    a second embedded nats-server on the same JetStream store, run every service again on the
+    same SQLite files and take over `nats.url`. The lock is the kernel's (flock): it ends with
+    the process, however it ends, so a crash leaves nothing stale."""
+    data_dir().mkdir(parents=True, exist_ok=True)
+    with open(data_dir() / "up.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise MeshAlreadyRunning(
+                f"a mesh is already running from {data_dir()} (pid {lock.read().strip() or '?'}): "
+                "stop it first, or give this one its own BITNEXUS_DATA_DIR"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
-    """A database that takes no connection, or a NATS without JetStream, is said in one line,
-    exit 1, not a traceback and not a restart storm of every service."""
+    """A database that takes no connection, a NATS without JetStream or a mesh already running
+    is said in one line, exit 1, not a traceback and not a restart storm of every service."""
     from bus.events import NoJetStream
 
     try:
         yield
-    except (migrations.DatabaseUnreachable, NoJetStream) as exc:
+    except (migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
         print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -235,3 +235,30 @@ def test_up_says_in_one_line_that_its_nats_server_has_no_jetstream_and_starts_no
     assert said.startswith(f"bitnexus: the NATS server at nats://***@127.0.0.1:{port} offers no JetStream")
     assert "secret" not in result.stderr and "Traceback" not in result.stderr
     assert "child started" not in result.stderr
+
+
+def test_a_second_up_on_the_same_data_dir_says_which_mesh_runs_there_and_starts_nothing(tmp_path: Path) -> None:
+    first, env = up_with_embedded_nats(tmp_path, restarts_max=3)
+    try:
+        wait_for_status(env)
+        url = (tmp_path / "nats.url").read_text()
+        second = subprocess.run(bitnexus("up"), env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert second.stderr == (
+            f"bitnexus: a mesh is already running from {tmp_path} (pid {first.pid}): "
+            "stop it first, or give this one its own BITNEXUS_DATA_DIR\n"
+        )
+        assert (tmp_path / "nats.url").read_text() == url
+        assert wait_for_status(env)["supervisor"]["pid"] == first.pid
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    (tmp_path / "nats.url").unlink()  # the third's URL is awaited there
+    third, env = up_with_embedded_nats(tmp_path, restarts_max=3)  # the lock ended with the first
+    try:
+        assert wait_for_status(env)["supervisor"]["pid"] == third.pid
+    finally:
+        third.send_signal(signal.SIGTERM)
+        third.communicate(timeout=30)
+    assert third.returncode == 0
