@@ -616,13 +616,15 @@ def one_mesh_per_data_dir() -> Iterator[None]:
 
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
-    """A database that takes no connection, a NATS without JetStream or a mesh already running
-    is said in one line, exit 1, not a traceback and not a restart storm of every service."""
+    """A `DATABASE_URL` that names no usable database or takes no connection, a NATS without
+    JetStream or a mesh already running is said in one line, exit 1: not a traceback, and not
+    a restart storm of every service."""
     from bus.events import NoJetStream
+    from schemas.database import BadDatabaseUrl
 
     try:
         yield
-    except (migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
+    except (BadDatabaseUrl, migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
         print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

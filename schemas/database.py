@@ -24,6 +24,7 @@ import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -149,14 +150,41 @@ def default_url() -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'mesh.db'}"
 
 
+DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+"""The schemes `DATABASE_URL` may name, and the async driver each is served by: a plain
+`postgresql://` URL, as every Postgres tool takes it, means asyncpg."""
+URL_FORMS = "sqlite+aiosqlite:///path/mesh.db or postgresql+asyncpg://user@host/database"
+
+
+class BadDatabaseUrl(ValueError):
+    """`DATABASE_URL` names no database this mesh can use: a setting to fix, said in one line."""
+
+
 def service_url(service: str, url: str | None = None) -> URL:
     """The database of one service: the same Postgres database, or its own SQLite file beside the named one."""
-    parsed = make_url(url or os.environ.get("DATABASE_URL") or default_url())
+    try:
+        parsed = make_url(url or os.environ.get("DATABASE_URL") or default_url())
+    except ArgumentError:
+        raise BadDatabaseUrl(f"DATABASE_URL is not a URL; expected {URL_FORMS}") from None
+    if parsed.drivername not in DRIVERS:
+        raise BadDatabaseUrl(f"DATABASE_URL names {parsed.drivername!r}; expected {URL_FORMS}")
+    parsed = parsed.set(drivername=DRIVERS[parsed.drivername])
     if parsed.get_backend_name() != "sqlite":
         return parsed
-    assert parsed.database and parsed.database != ":memory:", "SQLite needs a file: one per service"
+    if not parsed.database or parsed.database == ":memory:":
+        raise BadDatabaseUrl(f"DATABASE_URL names no SQLite file, and each service keeps its own; expected {URL_FORMS}")
     path = Path(parsed.database)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = f"DATABASE_URL's SQLite files go in {path.parent}, which cannot be made: {exc.strerror}"
+        raise BadDatabaseUrl(reason) from None
     return parsed.set(database=str(path.with_name(f"{path.stem}.{service}{path.suffix or '.db'}")))
 
 

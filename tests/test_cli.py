@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bus.embedded import EmbeddedNats, free_port, server_binary
+from schemas.database import service_url
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -262,3 +263,28 @@ def test_a_second_up_on_the_same_data_dir_says_which_mesh_runs_there_and_starts_
         third.send_signal(signal.SIGTERM)
         third.communicate(timeout=30)
     assert third.returncode == 0
+
+
+def test_database_urls_take_the_plain_schemes_and_name_each_services_sqlite_file(tmp_path: Path) -> None:
+    postgres = service_url("ledger", "postgres://mesh:pw@db.example:5433/mesh")
+    assert postgres.render_as_string(hide_password=False) == "postgresql+asyncpg://mesh:pw@db.example:5433/mesh"
+    assert service_url("ledger", "postgresql://db.example/mesh").drivername == "postgresql+asyncpg"
+    sqlite = service_url("ledger", f"sqlite:///{tmp_path}/data/mesh.db")
+    assert (sqlite.drivername, sqlite.database) == ("sqlite+aiosqlite", f"{tmp_path}/data/mesh.ledger.db")
+    assert (tmp_path / "data").is_dir()
+
+
+def test_up_and_migrate_say_in_one_line_what_is_wrong_with_database_url(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for url, said in [
+        ("nonsense", "DATABASE_URL is not a URL; expected sqlite+aiosqlite:///path/mesh.db or postgresql+asyncpg:"),
+        ("mysql://mesh@db/mesh", "DATABASE_URL names 'mysql'; expected sqlite+aiosqlite:///path/mesh.db or "),
+        ("sqlite://", "DATABASE_URL names no SQLite file, and each service keeps its own; expected "),
+        (f"sqlite:///{not_a_dir}/mesh.db", f"DATABASE_URL's SQLite files go in {not_a_dir}, which cannot be made: "),
+    ]:
+        env = {**os.environ, "DATABASE_URL": url, "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
+        for command in ("up", "migrate"):
+            result = subprocess.run(bitnexus(command), env=env, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1
+            assert result.stderr.startswith(f"bitnexus: {said}") and len(result.stderr.splitlines()) == 1, result.stderr
