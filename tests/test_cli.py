@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bus.embedded import EmbeddedNats, free_port, server_binary
-from schemas.database import service_url
+from schemas.database import URL_FORMS, BadDatabaseUrl, service_url
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -274,7 +276,7 @@ def test_database_urls_take_the_plain_schemes_and_name_each_services_sqlite_file
     assert (tmp_path / "data").is_dir()
 
 
-def test_up_and_migrate_say_in_one_line_what_is_wrong_with_database_url(tmp_path: Path) -> None:
+def test_a_database_url_naming_nothing_usable_says_what_is_wrong(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     for url, said in [
@@ -283,8 +285,14 @@ def test_up_and_migrate_say_in_one_line_what_is_wrong_with_database_url(tmp_path
         ("sqlite://", "DATABASE_URL names no SQLite file, and each service keeps its own; expected "),
         (f"sqlite:///{not_a_dir}/mesh.db", f"DATABASE_URL's SQLite files go in {not_a_dir}, which cannot be made: "),
     ]:
-        env = {**os.environ, "DATABASE_URL": url, "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
-        for command in ("up", "migrate"):
-            result = subprocess.run(bitnexus(command), env=env, capture_output=True, text=True, timeout=60)
-            assert result.returncode == 1
-            assert result.stderr.startswith(f"bitnexus: {said}") and len(result.stderr.splitlines()) == 1, result.stderr
+        with pytest.raises(BadDatabaseUrl) as raised:
+            service_url("ledger", url)
+        assert str(raised.value).startswith(said)
+
+
+def test_up_and_migrate_say_in_one_line_what_is_wrong_with_database_url(tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": "mysql://mesh@db/mesh", "BITNEXUS_DATA_DIR": str(tmp_path)}
+    for command in ("up", "migrate"):
+        result = subprocess.run(bitnexus(command), env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr == f"bitnexus: DATABASE_URL names 'mysql'; expected {URL_FORMS}\n"
