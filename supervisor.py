@@ -460,7 +460,7 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 async def up(config: MeshConfig) -> int:
     """Start everything, serve `mesh.status`, and on SIGTERM/Ctrl-C drain in reverse order."""
     from bus.connection import Settings, connect, without_secrets
-    from bus.events import NoJetStream, require_jetstream
+    from bus.events import require_jetstream
     from bus.service import Service
 
     await migrations.upgrade_async()  # first: a database that takes no connection stops us before anything runs
@@ -468,7 +468,6 @@ async def up(config: MeshConfig) -> int:
     if not os.environ.get("NATS_URL"):
         port = int(os.environ.get("BITNEXUS_NATS_PORT", config.nats.port))
         server, os.environ["NATS_URL"] = start_embedded_nats(port)
-    data_dir().mkdir(parents=True, exist_ok=True)
     (data_dir() / "nats.url").write_text(os.environ["NATS_URL"] + "\n")
     log.info("nats at %s", without_secrets(os.environ["NATS_URL"]))
     stop = asyncio.Event()
@@ -476,15 +475,11 @@ async def up(config: MeshConfig) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     supervisor = Supervisor(config.supervisor)
     nc = await connect(Settings.from_env(), name="mesh")
-    try:
-        await require_jetstream(nc.jetstream(), os.environ["NATS_URL"])
-    except NoJetStream:
-        await nc.close()
-        raise
     service = Service(nc, "mesh", package_version(), "the BitNexus Mesh supervisor")
     service.add_endpoint("mesh.status", mesh_status, supervisor)
     exit_code = 0
     try:
+        await require_jetstream(nc.jetstream(), os.environ["NATS_URL"])
         async with service.serving(), asyncio.TaskGroup() as tasks:
             watcher = tasks.create_task(keep_nats_up(server, supervisor)) if server is not None else None
             await supervisor.run(stop)
@@ -575,19 +570,6 @@ def nats_url_for_status() -> str:
     return saved.read_text().strip() if saved.exists() else "nats://127.0.0.1:4222"
 
 
-def run_database_command(options: argparse.Namespace) -> None:
-    """`up` or `migrate`: both begin by migrating the database."""
-    from bus import logs
-
-    if options.command == "up":
-        logs.configure("supervisor")
-        config = load_config(options.config) if options.config.exists() else MeshConfig()
-        with one_mesh_per_data_dir():
-            sys.exit(asyncio.run(up(config)))
-    logs.configure("migrate")
-    migrations.downgrade() if options.down else migrations.upgrade()
-
-
 class MeshAlreadyRunning(Exception):
     """Another `bitnexus up` holds the data directory."""
 
@@ -648,9 +630,15 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--as", dest="replica", default=None)
     options = parser.parse_args(argv)
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
-    if options.command in ("up", "migrate"):
+    if options.command == "up":
+        logs.configure("supervisor")
+        config = load_config(options.config) if options.config.exists() else MeshConfig()
+        with setting_faults_said(), one_mesh_per_data_dir():
+            sys.exit(asyncio.run(up(config)))
+    if options.command == "migrate":
+        logs.configure("migrate")
         with setting_faults_said():
-            run_database_command(options)
+            migrations.downgrade() if options.down else migrations.upgrade()
         return
     if options.command == "supervise":
         logs.configure(os.environ.get("BITNEXUS_CHILD", "supervisor"))
