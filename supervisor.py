@@ -501,15 +501,30 @@ async def up(config: MeshConfig) -> int:
 async def status(url: str, json_output: bool) -> int:
     import nats
 
-    try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    from bus.connection import without_secrets
+
+    failures: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        failures.append(exc)
+
+    try:  # nats-py tries a server max_reconnect_attempts + 1 times even on the first connect
+        nc = await nats.connect(
+            url,
+            allow_reconnect=False,
+            connect_timeout=2,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.2,
+            error_cb=remember,
+        )
     except Exception as exc:
-        print(f"bitnexus: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+        reason = failures[-1] if failures else exc
+        print(f"bitnexus: cannot reach NATS at {without_secrets(url)}: {reason}", file=sys.stderr)
         return 1
     try:
         reply = await nc.request("mesh.status", b"{}", timeout=2)
     except Exception:
-        print(f"bitnexus: no mesh answers mesh.status at {url}", file=sys.stderr)
+        print(f"bitnexus: no mesh answers mesh.status at {without_secrets(url)}", file=sys.stderr)
         return 1
     finally:
         await nc.close()
@@ -564,10 +579,15 @@ def serve(service_name: str, replica_name: str) -> None:
 
 
 def nats_url_for_status() -> str:
-    if os.environ.get("NATS_URL"):
-        return os.environ["NATS_URL"].split(",")[0]
+    """The first of the mesh's NATS URLs: `NATS_URL`, else the one the last `up` here saved."""
     saved = data_dir() / "nats.url"
-    return saved.read_text().strip() if saved.exists() else "nats://127.0.0.1:4222"
+    if os.environ.get("NATS_URL"):
+        urls = os.environ["NATS_URL"]
+    elif saved.exists():
+        urls = saved.read_text().strip()
+    else:
+        urls = "nats://127.0.0.1:4222"
+    return urls.split(",")[0]
 
 
 class MeshAlreadyRunning(Exception):

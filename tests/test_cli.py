@@ -78,6 +78,18 @@ def test_status_without_a_mesh_says_so_without_a_traceback(tmp_path: Path, nats_
     assert result.stderr.strip() == f"bitnexus: no mesh answers mesh.status at {nats_server.url}"
 
 
+def test_status_says_in_one_line_and_seconds_that_nats_is_unreachable_never_saying_a_password(tmp_path: Path) -> None:
+    closed_port = free_port()
+    (tmp_path / "nats.url").write_text(f"nats://mesh:s3cret@127.0.0.1:{closed_port},nats://mesh:s3cret@127.0.0.1:1\n")
+    env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path)}
+    env.pop("NATS_URL", None)
+    result = subprocess.run(bitnexus("status"), env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 1
+    (said,) = result.stderr.splitlines()  # nats-py's own error log would add a traceback
+    assert said.startswith(f"bitnexus: cannot reach NATS at nats://***@127.0.0.1:{closed_port}: ")
+    assert "s3cret" not in said and "Connect call failed" in said
+
+
 def test_json_logs_are_one_object_per_line_tagged_with_child_and_pid(tmp_path: Path, nats_server: EmbeddedNats) -> None:
     env = {**os.environ, "NATS_URL": nats_server.url, "BITNEXUS_DATA_DIR": str(tmp_path)}
     env.pop("BITNEXUS_LOG_FORMAT", None)
