@@ -415,8 +415,9 @@ async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
     mine = [entry for entry in chain if entry["to"] == "user:0"]
     assert [entry["seq"] for entry in mine] == [1, 4, 7, 10, 13, 16, 19]  # 19: past the cursor
     for after in range(22):
-        page = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": after, "limit": 2})
-        assert page["items"] == [entry for entry in mine if entry["seq"] > after][:2], after
+        for limit in (2, 5):  # 5 from 0: all three runs and the tail
+            page = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": after, "limit": limit})
+            assert page["items"] == [entry for entry in mine if entry["seq"] > after][:limit], (after, limit)
     assert await whole_history(mesh, "world", limit=3) == chain
 
 
