@@ -1,4 +1,4 @@
-"""SQLite's history index (`ledger_postings`): written in runs, each run paced across batches.
+"""The history index (`ledger_postings`, both stores): written in runs, each run paced across batches.
 
 A run is the postings of `postings_run_entries` consecutive entries: per account, one row with
 the seqs of its entries in the run. Written by one batch, a run rewrote a page of the table per
@@ -18,13 +18,11 @@ still the stored head knows this state without reading it (`Index`).
 from __future__ import annotations
 
 import os
-import sqlite3
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 
 from bus.codec import encode
 from ledger.plan import Head
-from schemas.database import sqlite_insert_rows
 from schemas.ledger import Entry
 
 postings_run_entries = int(os.environ.get("BITNEXUS_LEDGER_POSTINGS_RUN", "8192"))
@@ -40,12 +38,6 @@ nothing either way."""
 
 CURSORS = ("postings", "postings_run", "postings_rows")
 READ_CURSORS = f"SELECT name, seq FROM ledger_cursors WHERE name IN {CURSORS}"
-WRITE_CURSORS = (
-    "UPDATE ledger_cursors SET seq = CASE name WHEN 'postings' THEN ?1 WHEN 'postings_run' THEN ?2 ELSE ?3 END "
-    f"WHERE name IN {CURSORS}"
-)
-INSERT_ROWS = "INSERT INTO ledger_postings (account, last_seq, seqs)"
-RUN_ENTRIES = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > ? AND seq <= ? ORDER BY seq"
 
 Postings = dict[str, list[int]]
 """Each account's seqs, ascending."""
@@ -97,9 +89,9 @@ class Index:
         return self.run.through if self.run else self.cursor
 
 
-def read_index(conn: sqlite3.Connection, head: Head) -> Index:
-    """The index's state from the database, for a writer that did not append the stored head."""
-    cursors = dict(conn.execute(READ_CURSORS).fetchall())
+def stored_index(cursors: dict[str, int], head: Head) -> Index:
+    """The index's state from its stored cursors (`READ_CURSORS`), for a writer that did not
+    append the stored head."""
     cursor, through, stored = (cursors[name] for name in CURSORS)
     assert 0 <= cursor <= through <= head.seq, (cursor, through, head.seq)
     run = Run(cursor, through, None, stored) if through > cursor else None
@@ -107,50 +99,93 @@ def read_index(conn: sqlite3.Connection, head: Head) -> Index:
     return Index(cursor, run, {} if through == head.seq else None)
 
 
-def index_appended(conn: sqlite3.Connection, index: Index, entries: list[Entry], pace: bool) -> None:
-    """After `entries` were appended in this transaction: their postings gathered, this batch's
-    share of the run stored, and a run started once `postings_run_entries` are past the last.
+Read = tuple[int, int]
+"""Entries (after, through] whose postings `index_appended` needs back from the chain."""
+Chained = list[tuple[str, str, int]]
+"""(from, to, seq) of the entries read, in seq order."""
 
-    `pace`: this writer appended the stored head before this batch too. One that read the index
-    instead (after a start, or another writer's batch) stores no share, which would cost it the
-    run's rows read back in every batch while writers take turns; only, once the next run is
-    due, the rest of this one. Updates `index` in place: after a rollback the writer forgets it."""
+
+@dataclass
+class IndexWrite:
+    """What a batch adds to the index in its transaction: rows, and the cursors (None: unchanged)."""
+
+    rows: list[Row]
+    cursors: tuple[int, int, int] | None
+
+
+def index_appended(index: Index, entries: list[Entry], pace: bool) -> Generator[Read, Chained, IndexWrite]:
+    """After `entries` are appended in this transaction: their postings gathered, this batch's
+    share of the run to store, and a run started once `postings_run_entries` are past the last.
+
+    Without I/O: yields the ranges of stored entries it needs read back (before `entries`, which it
+    adds itself) and returns what to write, so that SQLite's thread and Postgres' connection each
+    do the reading and writing (`drive`, `drive_async`). `pace`: this writer appended the stored
+    head before this batch too. One that read the index instead (after a start, or another
+    writer's batch) stores no share, which would cost it the run's rows read back in every batch
+    while writers take turns; only, once the next run is due, the rest of this one. Updates
+    `index` in place: if the transaction does not commit, the writer forgets it."""
     assert entries and entries[0].seq > index.through
     last = entries[-1].seq
+    write = IndexWrite([], None)
     if index.unindexed is not None:
         add_postings(index.unindexed, ((entry.from_, entry.to, entry.seq) for entry in entries))
     if index.run is not None and last - index.run.through >= postings_run_entries:
-        _store(conn, index, index.run, None)  # the next run is due: the rest of this one first
+        yield from _store(index, index.run, None, entries, write)  # the next run is due: the rest of this one first
     elif index.run is not None and pace:
-        _store(conn, index, index.run, len(entries))
+        yield from _store(index, index.run, len(entries), entries, write)
     if index.run is None and last - index.cursor >= postings_run_entries:
         gathered = index.unindexed
         run = Run(index.cursor, last, None if gathered is None else run_rows(gathered, index.cursor, last))
         index.run, index.unindexed = run, {}
         if pace:
-            _store(conn, index, run, len(entries))
+            yield from _store(index, run, len(entries), entries, write)
         else:
-            _write_cursors(conn, index)
+            write.cursors = _cursors(index)
+    return write
 
 
-def _store(conn: sqlite3.Connection, index: Index, run: Run, entries: int | None) -> None:
-    """The run's rows in proportion to `entries` appended (rounded up, so the whole run within a
-    run's entries), or all the rest (None); the cursor moved once they are all stored."""
+def _store(
+    index: Index, run: Run, share: int | None, entries: list[Entry], write: IndexWrite
+) -> Generator[Read, Chained, None]:
+    """The run's rows in proportion to `share` entries appended (rounded up, so the whole run
+    within a run's entries), or all the rest (None); the cursor moved once they are all stored."""
     if run.rows is None:
-        run.rows = _read_rows(conn, run.after, run.through)
-    count = len(run.rows) if entries is None else -(-len(run.rows) * entries // postings_run_entries)
-    sqlite_insert_rows(conn, INSERT_ROWS, 3, "", run.rows[run.stored : run.stored + count])
+        stored_through = min(run.through, entries[0].seq - 1)
+        chained = (yield (run.after, stored_through)) if stored_through > run.after else []
+        postings: Postings = {}
+        add_postings(postings, chained)
+        add_postings(postings, ((e.from_, e.to, e.seq) for e in entries if e.seq <= run.through))
+        run.rows = run_rows(postings, run.after, run.through)
+    count = len(run.rows) if share is None else -(-len(run.rows) * share // postings_run_entries)
+    write.rows += run.rows[run.stored : run.stored + count]
     run.stored = min(run.stored + count, len(run.rows))
     if run.stored == len(run.rows):
         index.cursor, index.run = run.through, None
-    _write_cursors(conn, index)
+    write.cursors = _cursors(index)
 
 
-def _write_cursors(conn: sqlite3.Connection, index: Index) -> None:
-    conn.execute(WRITE_CURSORS, (index.cursor, index.through, index.run.stored if index.run else 0))
+def _cursors(index: Index) -> tuple[int, int, int]:
+    """`postings`, `postings_run`, `postings_rows`, as `CURSORS` names them."""
+    return index.cursor, index.through, index.run.stored if index.run else 0
 
 
-def _read_rows(conn: sqlite3.Connection, after: int, through: int) -> list[Row]:
-    postings: Postings = {}
-    add_postings(postings, conn.execute(RUN_ENTRIES, (after, through)))
-    return run_rows(postings, after, through)
+def drive(steps: Generator[Read, Chained, IndexWrite], read: Callable[[int, int], Chained]) -> IndexWrite:
+    """Run `index_appended`, reading what it asks for with `read(after, through)`."""
+    try:
+        wanted = next(steps)
+        while True:
+            wanted = steps.send(read(*wanted))
+    except StopIteration as done:
+        return done.value
+
+
+async def drive_async(
+    steps: Generator[Read, Chained, IndexWrite], read: Callable[[int, int], Awaitable[Chained]]
+) -> IndexWrite:
+    """`drive`, for a driver whose reads are awaited."""
+    try:
+        wanted = next(steps)
+        while True:
+            wanted = steps.send(await read(*wanted))
+    except StopIteration as done:
+        return done.value

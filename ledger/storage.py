@@ -7,13 +7,12 @@ calls (`SqliteLedgerSql`, see `SqliteThread`), a few multi-row `INSERT`s per tab
 `PostgresThread`), the entries and balances in one `unnest` statement. Reads take a whole list
 as one parameter (`json_each` / `postgres_lookup`), so no statement is recompiled per batch size.
 
-History's index differs by store. Postgres keeps two indexes on (account, seq): a row costs
-it a tuple in each. SQLite's log takes whole pages, and a batch rewrote a page of each index
-per account it touched, so there the index is written in runs (`ledger_postings`, paced across
-batches by `ledger.postings`). A history read takes the account's complete runs and scans the
-chain past the `postings` cursor. On Postgres (a
-scratch test of the same statements) a run of 2,048 entries took a median 15-24 ms inside its
-batch and saved its backend ≈ 1-2 µs per transfer: not worth a spike in one batch of eight.
+History's index is written in runs on both stores (`ledger_postings`, paced across batches by
+`ledger.postings`): a history read takes the account's complete runs and scans the chain past
+the `postings` cursor. Two indexes on (account, seq) cost SQLite a page of each per account a
+batch touched; on Postgres, measured again in session 13 with runs paced, they took ≈ 40 % of
+its CPU per transfer at c512 (bench/RESULTS.md). An earlier scratch test had put the saving at
+1-2 µs per transfer, with each run written whole by one batch.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from bus.codec import timestamp
+from ledger import postings
 from ledger.plan import BalanceKey, Head
 from schemas.database import (
     postgres_int_array,
@@ -70,12 +70,35 @@ the `postings` cursor, in one snapshot (the rows of a run still being stored are
 cursor). Runs are taken in order until those after the first hold `?3` seqs (the first may hold
 seqs up to `?2`; every later one's are past it): a hot account's history costs the runs it
 needs, not `?3` whole runs (`world` in every entry, runs of 8,192: 39 ms for 50 entries)."""
-POSTGRES_HISTORY = f"""SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
-    (SELECT seq FROM ledger_entries WHERE from_account = $1 AND seq > $2 ORDER BY seq LIMIT $3)
+POSTGRES_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
+    (SELECT last_seq, 0::bigint FROM ledger_postings WHERE account = $1 AND last_seq > $2 ORDER BY last_seq LIMIT 1)
     UNION ALL
-    (SELECT seq FROM ledger_entries WHERE to_account = $1 AND seq > $2 ORDER BY seq LIMIT $3)
-) ORDER BY seq LIMIT $3"""
-"""Two index range scans of at most `$3` each, however many entries the account has."""
+    SELECT next.last_seq, runs.counted + json_array_length(next.seqs::json)
+    FROM runs, LATERAL (
+        SELECT last_seq, seqs FROM ledger_postings WHERE account = $1 AND last_seq > runs.last_seq
+        ORDER BY last_seq LIMIT 1
+    ) AS next
+    WHERE runs.counted < $3
+), bounds AS (
+    SELECT ({POSTINGS_CURSOR}) AS indexed, (SELECT max(seq) FROM ledger_entries) AS head
+)
+SELECT entry.* FROM (
+    SELECT seq FROM (
+        SELECT element::bigint AS seq
+        FROM runs JOIN ledger_postings AS run ON run.account = $1 AND run.last_seq = runs.last_seq,
+             json_array_elements_text(run.seqs::json) AS element
+        WHERE runs.last_seq <= (SELECT indexed FROM bounds) AND element::bigint > $2
+        UNION ALL
+        SELECT seq FROM ledger_entries
+        WHERE seq > greatest($2, (SELECT indexed FROM bounds)) AND seq <= (SELECT head FROM bounds)
+          AND (from_account = $1 OR to_account = $1)
+    ) AS found ORDER BY seq LIMIT $3
+) AS page CROSS JOIN LATERAL (
+    SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE ledger_entries.seq = page.seq LIMIT 1
+) AS entry ORDER BY entry.seq"""
+"""`SQLITE_HISTORY` on Postgres, shaped so that a table never analyzed is not scanned whole
+(`postgres_lookup` says why): the chain past the cursor as a range bounded on both sides, and
+the page's entries one key lookup each."""
 
 
 def _head(rows: Sequence[Sequence[Any]]) -> Head:
@@ -136,6 +159,12 @@ class SqliteLedgerSql:
     insert = f"INSERT INTO ledger_entries ({ENTRY_COLUMNS})"
     upsert = "INSERT INTO ledger_balances (account, currency, balance)"
     upsert_conflict = "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
+    insert_postings = "INSERT INTO ledger_postings (account, last_seq, seqs)"
+    write_cursors = (
+        "UPDATE ledger_cursors SET seq = CASE name WHEN 'postings' THEN ?1 WHEN 'postings_run' THEN ?2 ELSE ?3 END "
+        f"WHERE name IN {postings.CURSORS}"
+    )
+    run_entries = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > ? AND seq <= ? ORDER BY seq"
 
     def head(self, conn: sqlite3.Connection) -> Head:
         return _head(conn.execute(HEAD).fetchall())
@@ -154,6 +183,17 @@ class SqliteLedgerSql:
     def store_balances(self, conn: sqlite3.Connection, balances: Iterable[tuple[BalanceKey, int]]) -> None:
         sqlite_insert_rows(conn, self.upsert, 3, self.upsert_conflict, _balance_rows(balances))
 
+    def index(self, conn: sqlite3.Connection, head: Head) -> postings.Index:
+        return postings.stored_index(dict(conn.execute(postings.READ_CURSORS).fetchall()), head)
+
+    def chained(self, conn: sqlite3.Connection, after: int, through: int) -> postings.Chained:
+        return conn.execute(self.run_entries, (after, through)).fetchall()
+
+    def store_index(self, conn: sqlite3.Connection, write: postings.IndexWrite) -> None:
+        sqlite_insert_rows(conn, self.insert_postings, 3, "", write.rows)
+        if write.cursors is not None:
+            conn.execute(self.write_cursors, write.cursors)
+
 
 class PostgresLedgerSql:
     """Each statement is a network round trip. A batch the writer guesses (`Writer`) is one: the
@@ -161,6 +201,7 @@ class PostgresLedgerSql:
     the head with the batch's ids, the write, COMMIT. Balances not cached add a read."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
+    run_entries = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
     by_ids = postgres_lookup(ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
     head_and_ids = (
         f"(SELECT true, {ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
@@ -178,13 +219,21 @@ class PostgresLedgerSql:
         "FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::text[], $5::text::bigint[], "
         "$6::text::text[], $7::text::text[], $9::text::text[], $10::text::text[]) "
         "AS entry(seq, id, from_account, to_account, amount, currency, memo, prev_hash, hash) "
-        "WHERE (SELECT head FROM follows)) "
+        "WHERE (SELECT head FROM follows)), "
+        "postings AS (INSERT INTO ledger_postings (account, last_seq, seqs) "
+        "SELECT * FROM unnest($17::text::text[], $18::text::bigint[], $19::text::text[]) "
+        "WHERE (SELECT head FROM follows)), "
+        "cursors AS (UPDATE ledger_cursors "
+        "SET seq = CASE name WHEN 'postings' THEN $20::bigint WHEN 'postings_run' THEN $21::bigint "
+        "ELSE $22::bigint END "
+        f"WHERE name IN {postings.CURSORS} AND $23::boolean AND (SELECT head FROM follows)) "
         "INSERT INTO ledger_balances (account, currency, balance) "
         "SELECT * FROM unnest($11::text::text[], $12::text::text[], $13::text::bigint[]) "
         "WHERE (SELECT head FROM follows) "
         "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     )
     """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
+The history index's rows and cursors ($17-$23, `ledger.postings`) are written with the entries.
 
     Writes nothing unless it holds the ledger's lock ($16: taken at once, or already held by
     the transaction) and the entry before the first is the stored head ($14, $15: not so when
@@ -211,12 +260,19 @@ class PostgresLedgerSql:
         accounts, currencies = zip(*keys, strict=True)
         return _balances(await driver.fetch(self.balances_of, accounts, currencies), keys)
 
+    async def index(self, driver: Any, head: Head) -> postings.Index:
+        return postings.stored_index(dict(await driver.fetch(postings.READ_CURSORS)), head)
+
+    async def chained(self, driver: Any, after: int, through: int) -> postings.Chained:
+        return [tuple(row) for row in await driver.fetch(self.run_entries, after, through)]
+
     async def write_entries(
         self,
         driver: Any,
         entries: list[Entry],
         recorded_at: datetime,
         balances: Iterable[tuple[BalanceKey, int]],
+        index: postings.IndexWrite,
         lock_key: int,
     ) -> bool:
         """False when nothing was written: the lock was held elsewhere, or the entry before the
@@ -243,5 +299,10 @@ class PostgresLedgerSql:
             entries[0].seq - 1,
             entries[0].prev_hash,
             lock_key,
+            texts([row[0] for row in index.rows]),
+            numbers([row[1] for row in index.rows]),
+            texts([row[2] for row in index.rows]),
+            *(index.cursors or (0, 0, 0)),
+            index.cursors is not None,
         )
         return status != "INSERT 0 0"  # every entry changes two balances

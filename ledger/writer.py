@@ -11,7 +11,7 @@ A batch runs on the writer's own thread and connection (`SqliteThread`, `Postgre
 planned and written there in one go, it never waits for the service's busy event loop
 between statements. Only that thread touches the balance cache.
 
-On SQLite every batch that appends entries also stores its share of the history index
+Every batch that appends entries also stores its share of the history index
 (`ledger.postings`), in the same transaction.
 """
 
@@ -99,7 +99,7 @@ class Writer:
         """Postgres: the last batch read found no other writer's entries since this writer's own
         last commit (or it had none). With replicas writing in turn, a guess would fail every time."""
         self._index: postings.Index | None = None
-        """SQLite: the history index as this writer left it; valid while the stored head is `_cached_head`."""
+        """The history index as this writer left it; valid while the stored head is `_cached_head`."""
 
     async def close(self) -> None:
         if self.sqlite is not None:
@@ -208,11 +208,13 @@ class Writer:
             missing = self._missing_balances(head, keys)
             result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
             known = self._index if head == self._cached_head else None
-            index = known if known is not None else postings.read_index(conn, head)
+            index = known if known is not None else sql.index(conn, head)
+            self._index = None  # until committed: `index_appended` changes it
             if result.new_entries:
                 sql.insert_entries(conn, result.new_entries, now)
                 sql.store_balances(conn, result.balances.items())
-                postings.index_appended(conn, index, result.new_entries, pace=known is not None)
+                steps = postings.index_appended(index, result.new_entries, pace=known is not None)
+                sql.store_index(conn, postings.drive(steps, lambda after, through: sql.chained(conn, after, through)))
             conn.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the cache may hold this batch's balances: not stored
@@ -280,8 +282,14 @@ class Writer:
         if guessed and any(isinstance(outcome, ServiceError) for outcome in result.outcomes):
             return None
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
+        known = self._index if head == self._cached_head else None
+        index = known if known is not None else await sql.index(driver, head)
+        self._index = None  # until committed: `index_appended` changes it
         if result.new_entries:
-            written = await sql.write_entries(driver, result.new_entries, now, result.balances.items(), LEDGER_LOCK_KEY)
+            steps = postings.index_appended(index, result.new_entries, pace=known is not None)
+            index_write = await postings.drive_async(steps, lambda after, through: sql.chained(driver, after, through))
+            balances = result.balances.items()
+            written = await sql.write_entries(driver, result.new_entries, now, balances, index_write, LEDGER_LOCK_KEY)
             if not written:
                 assert guessed, "under the lock, the head read is the stored head"
                 return None
@@ -289,6 +297,7 @@ class Writer:
             await driver.execute("COMMIT")
         self._remember(result)
         self._remember_ids(result.new_entries)
+        self._index = index
         return result
 
     def _remember_ids(self, entries: list[Entry]) -> None:

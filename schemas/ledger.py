@@ -7,7 +7,7 @@ from typing import Annotated, get_type_hints
 
 import msgspec
 from msgspec import Meta
-from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
+from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 from sqlalchemy.types import TypeEngine
 
 from schemas.common import CURRENCY, INT64_MAX, LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Request, metadata
@@ -49,27 +49,26 @@ ledger_entries = Table(
     Column("hash", String(64), nullable=False),
     CheckConstraint("amount > 0", name="ledger_entries_amount_positive"),
     CheckConstraint("from_account <> to_account", name="ledger_entries_two_accounts"),
-    Index("ledger_entries_from_seq", "from_account", "seq").ddl_if(dialect="postgresql"),
-    Index("ledger_entries_to_seq", "to_account", "seq").ddl_if(dialect="postgresql"),
 )
 ledger_postings = Table(
     "ledger_postings",
     metadata,
-    Column("account", String(128), primary_key=True),
+    Column("account", key_text(128), primary_key=True),
     Column("last_seq", BigInteger, primary_key=True, autoincrement=False),
     Column("seqs", Text, nullable=False),
     sqlite_with_rowid=False,
 )
-"""SQLite only (Postgres indexes (account, seq), above): `ledger.history`'s index, written in
-runs: per account, the seqs of its entries in one run (a JSON array, ascending; `last_seq` its
-last), a run's rows stored over several batches (`ledger.postings`). Entries past the
-`postings` cursor are found by scanning the chain (`ledger.storage`).
+"""`ledger.history`'s index, written in runs: per account, the seqs of its entries in one run (a
+JSON array, ascending; `last_seq` its last), a run's rows stored over several batches
+(`ledger.postings`). Entries past the `postings` cursor are found by scanning the chain
+(`ledger.storage`).
 
-Why: with two indexes on (account, seq), every batch rewrote a page of each index per account
-it touched (≈ 1.5 pages of log per transfer); with runs, a page per account per run. At c512
-the ledger and relay's CPU per transfer fell from 45-48 to 38-41 µs (bench/RESULTS.md,
-session 4). Accounts that recur within a run (hot accounts) are what runs save on: with
-uniformly random accounts among millions each entry still dirties pages of its own."""
+Why: with two indexes on (account, seq), SQLite rewrote a page of each index per account a
+batch touched (≈ 1.5 pages of log per transfer); with runs, a page per account per run (c512:
+the ledger and relay's CPU per transfer 45-48 -> 38-41 µs, bench/RESULTS.md session 4). On
+Postgres the two indexes took ≈ 40 % of its CPU per transfer (session 13). Accounts that recur
+within a run (hot accounts) are what runs save on: with uniformly random accounts among
+millions each entry still dirties pages of its own."""
 ledger_balances = Table(
     "ledger_balances",
     metadata,

@@ -98,7 +98,7 @@ async def empty_tables(url: str) -> None:
         async with db.writer.begin() as conn:
             catalog = "SELECT name FROM sqlite_master" if db.is_sqlite else "SELECT tablename FROM pg_tables"
             existing = {row[0] for row in await conn.exec_driver_sql(catalog)}
-            tables = [name for name in all_tables if name in existing]  # ledger_postings: SQLite only
+            tables = [name for name in all_tables if name in existing]
             if db.is_sqlite:
                 for table in tables:
                     await conn.exec_driver_sql(f"DELETE FROM {table}")

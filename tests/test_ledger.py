@@ -403,14 +403,13 @@ async def postings_of(database: str, account: str) -> tuple[int, list[tuple[int,
 async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
     mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite reads history from runs and from the chain past them; Postgres from its indexes."""
+    """History is read from runs and from the chain past them, on both stores."""
     monkeypatch.setattr(postings, "postings_run_entries", 4)
     for n in range(7):  # a batch of 3 each: a run is written once 4 or more entries are past the cursor
         await mesh.ok(
             "ledger.record_batch", {"transfers": [transfer(f"h{n}-{k}", "world", f"user:{k}", 10) for k in range(3)]}
         )
-    if database.startswith("sqlite"):
-        assert await postings_of(database, "user:0") == (18, [(4, [1, 4]), (10, [7, 10]), (16, [13, 16])])
+    assert await postings_of(database, "user:0") == (18, [(4, [1, 4]), (10, [7, 10]), (16, [13, 16])])
     chain = await whole_chain(mesh)
     mine = [entry for entry in chain if entry["to"] == "user:0"]
     assert [entry["seq"] for entry in mine] == [1, 4, 7, 10, 13, 16, 19]  # 19: past the cursor
@@ -422,7 +421,7 @@ async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
 
 
 async def postings_state(database: str) -> tuple[int, int, int, int]:
-    """SQLite: the cursors `postings`, `postings_run`, `postings_rows`, and the rows past `postings`."""
+    """The cursors `postings`, `postings_run`, `postings_rows`, and the rows past `postings`."""
     db = open_database(service_url("ledger", database))
     async with db.reader.connect() as conn:
         cursors = dict((await conn.execute(select(ledger_cursors.c.name, ledger_cursors.c.seq))).all())
@@ -435,10 +434,9 @@ async def postings_state(database: str) -> tuple[int, int, int, int]:
 async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
     mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite, runs of 8 entries: each batch of 2 stores its share (2 of a run's 7 rows), history
-    reads a run only once all of it is stored, and a writer that finds another writer's entry on
-    its head reads the index, then the run being stored back from the chain, and stores the
-    rest. Postgres: the same history."""
+    """Runs of 8 entries: each batch of 2 stores its share (2 of a run's 7 rows), history reads a
+    run only once all of it is stored, and a writer that finds another writer's entry on its head
+    reads the index, then the run being stored back from the chain, and stores the rest."""
     monkeypatch.setattr(postings, "postings_run_entries", 8)
     accounts = ["world", *(f"user:{k}" for k in range(6)), "user:9"]
 
@@ -453,31 +451,27 @@ async def test_a_run_is_stored_a_share_per_batch_and_read_only_once_whole(
     states = []
     for n in range(8):
         await record_batch(n)
-        if database.startswith("sqlite"):
-            states.append(await postings_state(database))
-    if database.startswith("sqlite"):
-        assert states == [
-            *[(0, 0, 0, 0)] * 3,
-            (0, 8, 2, 2),  # seqs 7, 8: the run (0, 8] is due, its first 2 of 7 rows stored
-            (0, 8, 4, 4),
-            (0, 8, 6, 6),
-            (8, 8, 0, 0),  # whole: history reads it, and scans the chain past seq 8
-            (8, 16, 2, 2),
-        ]
+        states.append(await postings_state(database))
+    assert states == [
+        *[(0, 0, 0, 0)] * 3,
+        (0, 8, 2, 2),  # seqs 7, 8: the run (0, 8] is due, its first 2 of 7 rows stored
+        (0, 8, 4, 4),
+        (0, 8, 6, 6),
+        (8, 8, 0, 0),  # whole: history reads it, and scans the chain past seq 8
+        (8, 16, 2, 2),
+    ]
     head = (await whole_chain(mesh))[-1]
     await another_writer_records(database, 17, "theirs", "world", "user:9", 10, head["hash"])
     states = []
     for n in range(8, 12):
         await record_batch(n)  # seqs 18-25
-        if database.startswith("sqlite"):
-            states.append(await postings_state(database))
-    if database.startswith("sqlite"):
-        assert states == [
-            (8, 16, 2, 2),  # a writer that read the index stores no share
-            (8, 16, 4, 4),  # the next batch does: the run (8, 16] read back from the chain
-            (8, 16, 6, 6),
-            (16, 25, 2, 2),  # (8, 16] whole; the run (16, 25] of 9 entries (17 theirs): 8 rows, read from the chain
-        ]
+        states.append(await postings_state(database))
+    assert states == [
+        (8, 16, 2, 2),  # a writer that read the index stores no share
+        (8, 16, 4, 4),  # the next batch does: the run (8, 16] read back from the chain
+        (8, 16, 6, 6),
+        (16, 25, 2, 2),  # (8, 16] whole; the run (16, 25] of 9 entries (17 theirs): 8 rows, read from the chain
+    ]
     await assert_ledger_invariants(mesh)
 
 
@@ -488,8 +482,7 @@ async def test_the_migration_to_runs_indexes_the_chain_recorded_before_it(mesh: 
     chain = await whole_chain(mesh)
     config = migrations._config(service_url("ledger", database))
     await asyncio.to_thread(command.downgrade, config, "ledger_0001")  # two indexes on (account, seq), no runs
-    await migrations.upgrade_async(database)  # SQLite: runs; Postgres: its indexes, unchanged
-    if database.startswith("sqlite"):
-        assert await postings_of(database, "user:1") == (12, [(11, [2, 5, 8, 11])])
+    await migrations.upgrade_async(database)  # runs, on both stores
+    assert await postings_of(database, "user:1") == (12, [(11, [2, 5, 8, 11])])
     for account in ("world", "user:0", "user:1", "user:2"):
         assert await whole_history(mesh, account, limit=5) == [e for e in chain if account in (e["from"], e["to"])]

@@ -33,6 +33,8 @@ FILL = [
     """INSERT INTO ledger_entries SELECT n, 'transfer-' || n, 'user:' || n % 1000, 'user:' || (n + 1) % 1000,
            1, 'EUR', '', now(), repeat('0', 64), repeat('0', 64) FROM generate_series(1, $1::bigint) AS n""",
     """INSERT INTO ledger_balances SELECT 'user:' || n, 'EUR', 1 FROM generate_series(1, $1::bigint) AS n""",
+    """INSERT INTO ledger_postings SELECT 'user:' || n % 1000, n, '[' || n || ']'
+           FROM generate_series(1, $1::bigint) AS n""",
     """INSERT INTO transactions (idempotency_key, fingerprint, kind, status, from_account, memo, inserted_at,
            updated_at) SELECT 'key-' || n, '', 'transfer', 'pending', 'user:1', '', now(), now()
            FROM generate_series(1, $1::bigint) AS n""",
@@ -45,6 +47,7 @@ accounts = [f"user:{n}" for n in numbers]
 hashes = ["0" * 64] * KEYS
 WRITE_ARGS = [numbers, ids, accounts, accounts[1:] + accounts[:1], [1] * KEYS, ["EUR"] * KEYS, [""] * KEYS]
 WRITE_ARGS += ["2026-11-27 00:00:00+00", hashes, hashes, accounts, ["EUR"] * KEYS, [1] * KEYS, ROWS, "0" * 64, 1]
+WRITE_ARGS += [accounts, [ROWS + 1] * KEYS, ["[1]"] * KEYS, ROWS, ROWS + 1, 2, True]
 STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("ledger id check", PostgresLedgerSql.head_and_ids, [ids]),
     ("ledger write and its checks", PostgresLedgerSql.write, WRITE_ARGS),
@@ -150,6 +153,7 @@ BYTEWISE_KEYS = {
     ("ledger_entries", "from_account"),
     ("ledger_entries", "id"),
     ("ledger_entries", "to_account"),
+    ("ledger_postings", "account"),
 }
 COLLATED_COLUMNS = """SELECT table_name, column_name, collation_name FROM information_schema.columns
     WHERE table_schema = $1 AND table_name LIKE 'ledger%' AND collation_name IS NOT NULL"""
