@@ -231,8 +231,9 @@ class Writer:
         """The whole batch on the writer's own connection and thread; the ledger's advisory lock
         serializes every ledger writer on this database.
 
-        When this writer committed the stored head last, as far as it knows, and the batch holds
-        no id it committed recently (a client's retry), it guesses: the batch is planned on that
+        When this writer committed the stored head last, as far as it knows (the history index's
+        state included), and the batch holds no id it committed recently (a client's retry), it
+        guesses: the batch is planned on that
         head with none of its ids recorded, and written by one statement that commits on its
         own, one round trip where reading first takes four (bench/RESULTS.md, session 7). The
         statement checks the guess: it writes nothing unless it gets the lock at once and the
@@ -242,7 +243,12 @@ class Writer:
         falls back to reading: the lock held for a whole transaction, the head and the batch's
         ids read under it. It guesses again once a read finds no other writer's entries."""
         sql = PostgresLedgerSql()
-        if self._cached_head is not None and self._guessing and self._recent.isdisjoint(ids):
+        if (
+            self._cached_head is not None
+            and self._index is not None
+            and self._guessing
+            and self._recent.isdisjoint(ids)
+        ):
             try:
                 guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
             except asyncpg.UniqueViolationError:  # an id recorded, or a writer committed between checks and lock
@@ -283,6 +289,7 @@ class Writer:
             return None
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         known = self._index if head == self._cached_head else None
+        assert known is not None or not guessed, "a guess knows the index, so reads nothing outside the lock"
         index = known if known is not None else await sql.index(driver, head)
         self._index = None  # until committed: `index_appended` changes it
         if result.new_entries:
