@@ -233,15 +233,15 @@ class Writer:
 
         When this writer committed the stored head last, as far as it knows (the history index's
         state included), and the batch holds no id it committed recently (a client's retry), it
-        guesses: the batch is planned on that
-        head with none of its ids recorded, and written by one statement that commits on its
-        own, one round trip where reading first takes four (bench/RESULTS.md, session 7). The
-        statement checks the guess: it writes nothing unless it gets the lock at once and the
-        head it names is the last stored entry; the keys refuse a recorded id and what a writer
-        committing just before the lock adds. A wrong guess, or a plan refusing a
-        request (the table cannot check a refusal, and a recorded id's answer is its entry),
-        falls back to reading: the lock held for a whole transaction, the head and the batch's
-        ids read under it. It guesses again once a read finds no other writer's entries."""
+        guesses: the batch is planned on that head with none of its ids recorded, and written by
+        one statement that commits on its own, one round trip where reading first takes four
+        (bench/RESULTS.md, session 7). The statement checks the guess: it writes nothing unless
+        it gets the lock at once and the head it names is the last stored entry; the keys refuse
+        a recorded id and what a writer committing just before the lock adds. A wrong guess, or
+        a plan refusing a request (the table cannot check a refusal, and a recorded id's answer
+        is its entry), falls back to reading: the lock held for a whole transaction, the head,
+        the batch's ids and the history index read under it. It guesses again once a read finds
+        no other writer's entries."""
         sql = PostgresLedgerSql()
         if (
             self._cached_head is not None
