@@ -69,7 +69,8 @@ SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
 the `postings` cursor, in one snapshot (the rows of a run still being stored are past the
 cursor). Runs are taken in order until those after the first hold `?3` seqs (the first may hold
 seqs up to `?2`; every later one's are past it): a hot account's history costs the runs it
-needs, not `?3` whole runs (`world` in every entry, runs of 8,192: 39 ms for 50 entries)."""
+needs. Taking `?3` whole runs instead, 50 entries of `world` (in every entry, runs of 8,192)
+cost 39 ms; this way 2.8 ms (bench/RESULTS.md, session 13)."""
 POSTGRES_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
     (SELECT last_seq, 0::bigint FROM ledger_postings WHERE account = $1 AND last_seq > $2 ORDER BY last_seq LIMIT 1)
     UNION ALL
@@ -197,8 +198,10 @@ class SqliteLedgerSql:
 
 class PostgresLedgerSql:
     """Each statement is a network round trip. A batch the writer guesses (`Writer`) is one: the
-    entries with the balances, committing itself; read first, it is four: BEGIN with the lock,
-    the head with the batch's ids, the write, COMMIT. Balances not cached add a read."""
+    entries with the balances and the history index's share, committing itself; read first, it
+    is four: BEGIN with the lock, the head with the batch's ids, the write, COMMIT. Balances not
+    cached add a read, and so does the index's state when this writer did not leave it (its
+    cursors; a run's entries once per run, when it is due)."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
     run_entries = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
