@@ -26,6 +26,13 @@ was 90 ms with the defaults and 67 ms with these (13.4k transfers/s instead of 1
 Nothing here relies on cycles being freed quickly."""
 
 
+def freeze_start_up_objects() -> None:
+    """Leave what start-up made (modules, classes, the connection, the service) out of every
+    later collection: a full one in the ledger at c512 took 47-82 ms scanning it, 13 ms without
+    (bench/RESULTS.md, session 14), and each is a stall every request in flight waits through."""
+    gc.freeze()
+
+
 def notify_ready(fd: int | None) -> None:
     """Tell the supervisor this process serves: one line on the pipe it passed us, then close it."""
     if fd is not None:
@@ -49,6 +56,7 @@ async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None 
     nc = await connect(Settings.from_env(), name=name)
     try:
         async with serving(nc):
+            freeze_start_up_objects()
             notify_ready(ready_fd)
             log.info("serving")
             await stop.wait()
