@@ -36,7 +36,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.client import no_responders
-from bus.wire import framed, send_framed
+from bus.wire import send_framed
 
 log = logging.getLogger("bitnexus.jetstream")
 
@@ -150,19 +150,17 @@ class BatchPublisher:
 
     def _frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
         """One reply subject per message, `<prefix>.<batch>.<index>`."""
-        return [
-            framed(message.subject, f"{self._prefix}.{batch_id}.{index}", message.payload, _msg_id_header(message))
-            for index, message in enumerate(messages)
-        ]
+        reply = f"{self._prefix}.{batch_id}.".encode()
+        return [_frame(message, b"%s%d" % (reply, index)) for index, message in enumerate(messages)]
 
     def _fast_frames(self, batch_id: int, messages: Sequence[Message]) -> list[bytes]:
         """ADR-50's reply subjects, `<prefix>.<batch id>.<flow>.<gap mode>.<seq>.<operation>.$FI`;
         the batch id is unique on the server. The last message commits (a batch of one only that)."""
-        reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail."
+        reply = f"{self._prefix}.{self._token}{batch_id}.{len(messages)}.fail.".encode()
         operations = [FAST_START] + [FAST_APPEND] * (len(messages) - 1)
         operations[-1] = FAST_COMMIT
         return [
-            framed(message.subject, f"{reply}{seq}.{operation}.$FI", message.payload, _msg_id_header(message))
+            _frame(message, b"%s%d.%d.$FI" % (reply, seq, operation))
             for seq, (message, operation) in enumerate(zip(messages, operations, strict=True), 1)
         ]
 
@@ -192,9 +190,16 @@ class BatchPublisher:
             batch.done.set()
 
 
-def _msg_id_header(message: Message) -> bytes:
-    """`header_block({"Nats-Msg-Id": msg_id})` for an id that needs no cleaning, formatted at once:
-    one per event, 0.2 µs instead of 1.1."""
+_HPUB_WITH_MSG_ID = b"HPUB %s %s %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n"
+_MSG_ID_HEADERS_SIZE = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+
+
+def _frame(message: Message, reply: bytes) -> bytes:
+    """`framed(subject, reply, payload, header_block({"Nats-Msg-Id": msg_id}))` for an id that
+    needs no cleaning, formatted at once: one per event, 1.0 µs where the header and the frame
+    formatted apart took 1.3 (`timeit`, a batch of 256 events)."""
     msg_id = message.msg_id
     assert msg_id and msg_id.strip() == msg_id and "\r" not in msg_id and "\n" not in msg_id, msg_id
-    return b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id.encode()
+    headers_size = _MSG_ID_HEADERS_SIZE + len(msg_id)
+    size = headers_size + len(message.payload)
+    return _HPUB_WITH_MSG_ID % (message.subject.encode(), reply, headers_size, size, msg_id.encode(), message.payload)

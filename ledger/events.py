@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -39,7 +40,6 @@ from bus.tasks import stop, supervised
 from ledger.plan import Head
 from ledger.storage import entries_after
 from schemas.database import Database, open_database, service_url
-from schemas.events import Envelope
 from schemas.ledger import Entry, ledger_cursors
 
 COMMITTED_SUBJECT = "ledger.internal.committed"
@@ -49,7 +49,30 @@ cursor_store_interval_s = 0.5
 handed_batches_max = 16
 """Batches handed over and not yet published; older ones are dropped (and read back instead)."""
 
-_decode_entries = msgspec.json.Decoder(list[Entry]).decode
+
+class Link(msgspec.Struct, frozen=True):
+    """What the relay reads of an entry: where it sits in the chain, and when it was recorded."""
+
+    seq: int
+    recorded_at: str
+    prev_hash: str
+    hash: str
+
+
+class Committed(NamedTuple):
+    """An entry to publish: its link, and its JSON as the ledger encoded it (the event's `data`)."""
+
+    link: Link
+    body: bytes
+
+
+_decode_bodies = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_link = msgspec.json.Decoder(Link).decode
+EVENT_SUBJECT = "events.ledger.transfer.recorded"
+_EVENT = b'{"id":"%s","type":"ledger.transfer.recorded","source":"ledger","occurred_at":"%s","data":%s}'
+"""The envelope (contract §6) around an entry's JSON, as `encode(Envelope(...))` would write it.
+Decoding every handed-over entry whole and encoding it again in an envelope, then framing it,
+took 4.3 µs per event in Python; this way 3.1 (`timeit`, 256 entries; bench/RESULTS.md, session 14)."""
 
 
 def committed_message(entries: list[Entry], payload_max: int) -> bytes:
@@ -58,22 +81,26 @@ def committed_message(entries: list[Entry], payload_max: int) -> bytes:
     return body if len(body) <= payload_max else b""
 
 
-def event_message(entry: Entry) -> Message:
-    digest = entry.hash  # unique per entry and the same on every republish: the event id derives from it
-    envelope = Envelope(
-        id=f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}",
-        type="ledger.transfer.recorded",
-        source="ledger",
-        occurred_at=entry.recorded_at,
-        data=entry,
-    )
-    return Message("events.ledger.transfer.recorded", encode(envelope), envelope.id)
+def handed_over(body: bytes) -> list[Committed]:
+    """A nudge's entries, each with its JSON as it came (the ledger's `encode`)."""
+    return [Committed(_decode_link(entry), bytes(entry)) for entry in _decode_bodies(body)]
 
 
-def chained(head: Head, entries: list[Entry]) -> bool:
+def stored(entries: list[Entry]) -> list[Committed]:
+    """Entries read from the database, as `handed_over` gives them."""
+    return [Committed(Link(e.seq, e.recorded_at, e.prev_hash, e.hash), encode(e)) for e in entries]
+
+
+def event_message(entry: Committed) -> Message:
+    digest = entry.link.hash  # unique per entry and the same on every republish: the event id derives from it
+    event_id = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+    return Message(EVENT_SUBJECT, _EVENT % (event_id.encode(), entry.link.recorded_at.encode(), entry.body), event_id)
+
+
+def chained(head: Head, entries: list[Committed]) -> bool:
     """`entries` follow `head` and each other by seq and by hash (their hashes not recomputed)."""
     seq, prev = head
-    for entry in entries:
+    for entry, _ in entries:
         if entry.seq != seq + 1 or entry.prev_hash != prev:
             return False
         seq, prev = entry.seq, entry.hash
@@ -87,7 +114,7 @@ class ChainRelay:
         self.publisher = publisher
         self.db = db
         self.wake = asyncio.Event()
-        self.handed: collections.deque[list[Entry]] = collections.deque(maxlen=handed_batches_max)
+        self.handed: collections.deque[list[Committed]] = collections.deque(maxlen=handed_batches_max)
         self._published = Head()
         self._stored = 0
         self._stored_at = 0.0
@@ -101,7 +128,7 @@ class ChainRelay:
     def hand_over(self, body: bytes) -> None:
         """A committed batch from the ledger (`committed_message`); an empty one only wakes us."""
         if body:
-            self.handed.append(_decode_entries(body))
+            self.handed.append(handed_over(body))
         else:
             self._behind = True
         self.wake.set()
@@ -117,7 +144,8 @@ class ChainRelay:
             if not entries:
                 return
             await self.publisher.publish([event_message(entry) for entry in entries])
-            self._published = Head(entries[-1].seq, entries[-1].hash)
+            last = entries[-1].link
+            self._published = Head(last.seq, last.hash)
             if loop.time() - self._stored_at >= cursor_store_interval_s:
                 await self.store_cursor()
 
@@ -140,11 +168,11 @@ class ChainRelay:
         self._stored = self._published.seq
         self._stored_at = asyncio.get_running_loop().time()
 
-    def _next_handed(self) -> list[Entry]:
+    def _next_handed(self) -> list[Committed]:
         """The next handed-over entries if they continue the published ones, seq and hash; at a
         gap, none, and the rest dropped: the database has them."""
         while self.handed:
-            entries = [entry for entry in self.handed.popleft() if entry.seq > self._published.seq]
+            entries = [entry for entry in self.handed.popleft() if entry.link.seq > self._published.seq]
             if entries and chained(self._published, entries):
                 return entries
             if entries:
@@ -152,7 +180,7 @@ class ChainRelay:
                 self._behind = True
         return []
 
-    async def _next_entries(self) -> list[Entry]:
+    async def _next_entries(self) -> list[Committed]:
         async with self.db.reader.connect() as conn:
             query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
             cursor = max((await conn.execute(query)).scalar_one(), self._published.seq)
@@ -160,7 +188,7 @@ class ChainRelay:
             entries = await entries_after(driver, self.db.is_sqlite, cursor, relay_batch_max)
         self._read_at = asyncio.get_running_loop().time()
         self._behind = len(entries) == relay_batch_max
-        return entries
+        return stored(entries)
 
 
 @contextlib.asynccontextmanager

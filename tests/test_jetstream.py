@@ -13,7 +13,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import StreamConfig
 
 from bus.events import ensure_stream
-from bus.jetstream import BatchPublisher, Message, _msg_id_header, fast_ingest_supported
+from bus.jetstream import BatchPublisher, Message, _frame, fast_ingest_supported
 from bus.wire import framed, header_block
 
 
@@ -103,19 +103,19 @@ async def test_a_batch_no_stream_listens_to_fails(nc: Client) -> None:
         await BatchPublisher(nc).publish(messages("nostream", [1, 2, 3]))
 
 
-def test_the_msg_id_header_and_frame_are_the_general_ones() -> None:
+def test_an_event_frame_is_the_general_one() -> None:
     message = Message("events.x", '{"memo":"é"}'.encode(), "3f2a9c1e-0b7d-4e5f-8a6b-1c2d3e4f5a6b")
-    header = _msg_id_header(message)
-    assert header == header_block({"Nats-Msg-Id": message.msg_id})
-    general = b"HPUB events.x _INBOX.x.1.$FI %d %d\r\n%s%s\r\n" % (
+    header = header_block({"Nats-Msg-Id": message.msg_id})
+    general = framed(message.subject, "_INBOX.x.1.$FI", message.payload, header)
+    assert general == b"HPUB events.x _INBOX.x.1.$FI %d %d\r\n%s%s\r\n" % (
         len(header),
         len(header) + len(message.payload),
         header,
         message.payload,
     )
-    assert framed(message.subject, "_INBOX.x.1.$FI", message.payload, header) == general
+    assert _frame(message, b"_INBOX.x.1.$FI") == general
     with pytest.raises(AssertionError):
-        _msg_id_header(Message("events.x", b"{}", "forged\r\nNats-Expected-Stream: X"))
+        _frame(Message("events.x", b"{}", "forged\r\nNats-Expected-Stream: X"), b"_INBOX.x.1")
 
 
 async def test_a_message_over_the_servers_payload_limit_fails_the_batch_before_sending(nc: Client) -> None:

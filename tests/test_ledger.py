@@ -12,13 +12,15 @@ from alembic import command
 from sqlalchemy import Executable, func, insert, select, update
 
 import migrations
-from bus.codec import timestamp
+from bus.codec import encode, timestamp
 from bus.events import relay_poll_interval_s
+from bus.jetstream import Message
 from ledger import postings, writer
 from ledger.chain import make_entry
-from ledger.events import COMMITTED_SUBJECT, committed_message
+from ledger.events import COMMITTED_SUBJECT, committed_message, event_message, handed_over, stored
 from ledger.writer import LEDGER_LOCK_KEY
 from schemas.database import open_database, service_url
+from schemas.events import Envelope
 from schemas.ledger import Entry, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh
 from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
@@ -387,6 +389,28 @@ async def test_a_batch_too_large_to_hand_over_is_published_from_the_database(mes
     assert [envelope["data"]["seq"] for _, _, envelope in events] == list(range(1, 1001))
     await asyncio.sleep(0.3)
     assert await mesh.event_count() == 1000
+
+
+def test_an_event_is_the_envelope_around_the_entry_handed_over_or_read_back() -> None:
+    """The relay wraps the entry's JSON as it came in the envelope: byte for byte what encoding
+    the envelope would give, whether the entry was handed over or read from the database."""
+    entry = make_entry(
+        7, "id-7", "world", "user:1", 5, "EUR", 'é "quoted" \\ \u2028', "2026-01-01T00:00:00.000001Z", GENESIS
+    )
+    digest = entry.hash
+    envelope = Envelope(
+        id=f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}",
+        type="ledger.transfer.recorded",
+        source="ledger",
+        occurred_at=entry.recorded_at,
+        data=entry,
+    )
+    expected = Message("events.ledger.transfer.recorded", encode(envelope), envelope.id)
+    (handed,) = handed_over(committed_message([entry], 2048))
+    (read_back,) = stored([entry])
+    assert event_message(handed) == event_message(read_back) == expected
+    assert handed.link == read_back.link
+    assert json.loads(expected.payload)["data"]["memo"] == entry.memo
 
 
 async def postings_of(database: str, account: str) -> tuple[int, list[tuple[int, list[int]]]]:
