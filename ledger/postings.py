@@ -90,8 +90,8 @@ class Index:
 
 
 def stored_index(cursors: dict[str, int], head: Head) -> Index:
-    """The index's state from its stored cursors (`READ_CURSORS`), for a writer that did not
-    append the stored head."""
+    """The index's state from its stored cursors (`READ_CURSORS` on SQLite; on Postgres read with
+    the head), for a writer that did not append the stored head."""
     cursor, through, stored = (cursors[name] for name in CURSORS)
     assert 0 <= cursor <= through <= head.seq, (cursor, through, head.seq)
     run = Run(cursor, through, None, stored) if through > cursor else None

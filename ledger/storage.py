@@ -199,17 +199,21 @@ class SqliteLedgerSql:
 class PostgresLedgerSql:
     """Each statement is a network round trip. A batch the writer guesses (`Writer`) is one: the
     entries with the balances and the history index's share, committing itself; read first, it
-    is four: BEGIN with the lock, the head with the batch's ids, the write, COMMIT. Balances not
-    cached add a read, and so does the index's state when this writer did not leave it (its
-    cursors; a run's entries once per run, when it is due)."""
+    is four: BEGIN with the lock, the head with the batch's ids and the history index's cursors,
+    the write, COMMIT. Balances not cached add a read, and so does a run's entries once per run,
+    when it is due and this writer did not leave the index."""
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
     run_entries = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
     by_ids = postgres_lookup(ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
     head_and_ids = (
         f"(SELECT true, {ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
-        f"UNION ALL SELECT false, * FROM ({by_ids}) AS recorded"
+        f"UNION ALL SELECT false, * FROM ({by_ids}) AS recorded "
+        "UNION ALL SELECT NULL, seq, name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
+        f"FROM ledger_cursors WHERE name IN {postings.CURSORS}"
     )
+    """The head (first column true), the entries recorded for the ids (false) and the history
+    index's cursors (null: seq and name), in one round trip."""
     balances_of = postgres_lookup(
         "account, currency, balance", "ledger_balances", {"account": "text", "currency": "text"}
     )
@@ -254,17 +258,18 @@ The history index's rows and cursors ($17-$23, `ledger.postings`) are written wi
         """One round trip: the transaction and the ledger's lock, held until COMMIT or ROLLBACK."""
         await driver.execute(self.begin_and_lock.format(key=int(key)))
 
-    async def head_and_entries(self, driver: Any, ids: list[str]) -> tuple[Head, dict[str, Entry]]:
+    async def head_and_entries(self, driver: Any, ids: list[str]) -> tuple[Head, dict[str, Entry], postings.Index]:
+        """The stored head, the entries recorded for `ids`, and the history index as stored."""
         rows = await driver.fetch(self.head_and_ids, ids)
         heads = [Head(row[1], row[10]) for row in rows if row[0]]  # seq and hash of ENTRY_COLUMNS
-        return (heads[0] if heads else Head()), _entries((row[1:] for row in rows if not row[0]), timestamp)
+        head = heads[0] if heads else Head()
+        recorded = _entries((row[1:] for row in rows if row[0] is False), timestamp)
+        cursors = {row[2]: row[1] for row in rows if row[0] is None}
+        return head, recorded, postings.stored_index(cursors, head)
 
     async def balances(self, driver: Any, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
         accounts, currencies = zip(*keys, strict=True)
         return _balances(await driver.fetch(self.balances_of, accounts, currencies), keys)
-
-    async def index(self, driver: Any, head: Head) -> postings.Index:
-        return postings.stored_index(dict(await driver.fetch(postings.READ_CURSORS)), head)
 
     async def chained(self, driver: Any, after: int, through: int) -> postings.Chained:
         return [tuple(row) for row in await driver.fetch(self.run_entries, after, through)]

@@ -250,7 +250,7 @@ class Writer:
             and self._recent.isdisjoint(ids)
         ):
             try:
-                guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, True)
+                guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, None)
             except asyncpg.UniqueViolationError:  # an id recorded, or a writer committed between checks and lock
                 guessed = None  # nothing written: the cache still holds as of its head
             except BaseException:
@@ -260,9 +260,9 @@ class Writer:
                 return guessed
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
-            head, recorded = await sql.head_and_entries(driver, ids)
+            head, recorded, stored_index = await sql.head_and_entries(driver, ids)
             self._guessing = self._cached_head is None or head == self._cached_head
-            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, False)
+            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, stored_index)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
@@ -278,19 +278,21 @@ class Writer:
         keys: set[BalanceKey],
         now: datetime,
         decide: Decide,
-        guessed: bool,
+        stored_index: postings.Index | None,
     ) -> Plan | None:
         """Plan on `head`, write and commit (a guess's statement commits itself, the reading
         path's transaction is committed here); the cache follows. None, and nothing written,
-        when a guess does not hold or its plan refused a request."""
+        when a guess does not hold or its plan refused a request. `stored_index`: the history
+        index as read under the lock, None for a guess."""
+        guessed = stored_index is None
         missing = self._missing_balances(head, keys)
         result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
         if guessed and any(isinstance(outcome, ServiceError) for outcome in result.outcomes):
             return None
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         known = self._index if head == self._cached_head else None
-        assert known is not None or not guessed, "a guess knows the index, so reads nothing outside the lock"
-        index = known if known is not None else await sql.index(driver, head)
+        index = known if known is not None else stored_index
+        assert index is not None, "a guess knows the index: it reads nothing outside the lock"
         self._index = None  # until committed: `index_appended` changes it
         if result.new_entries:
             steps = postings.index_appended(index, result.new_entries, pace=known is not None)
