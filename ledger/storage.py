@@ -233,14 +233,15 @@ class PostgresLedgerSql:
         "cursors AS (UPDATE ledger_cursors "
         "SET seq = CASE name WHEN 'postings' THEN $20::bigint WHEN 'postings_run' THEN $21::bigint "
         "ELSE $22::bigint END "
-        f"WHERE name IN {postings.CURSORS} AND $23::boolean AND (SELECT head FROM follows)) "
+        f"WHERE name IN {postings.CURSORS} AND $20::bigint IS NOT NULL AND (SELECT head FROM follows)) "
         "INSERT INTO ledger_balances (account, currency, balance) "
         "SELECT * FROM unnest($11::text::text[], $12::text::text[], $13::text::bigint[]) "
         "WHERE (SELECT head FROM follows) "
         "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     )
     """Each column one array literal (`postgres_text_array`); `recorded_at` once: a batch shares it.
-The history index's rows and cursors ($17-$23, `ledger.postings`) are written with the entries.
+The history index's rows and cursors ($17-$22, `ledger.postings`; cursors null when unchanged)
+are written with the entries.
 
     Writes nothing unless it holds the ledger's lock ($16: taken at once, or already held by
     the transaction) and the entry before the first is the stored head ($14, $15: not so when
@@ -310,7 +311,6 @@ The history index's rows and cursors ($17-$23, `ledger.postings`) are written wi
             texts([row[0] for row in index.rows]),
             numbers([row[1] for row in index.rows]),
             texts([row[2] for row in index.rows]),
-            *(index.cursors or (0, 0, 0)),
-            index.cursors is not None,
+            *(index.cursors or (None, None, None)),
         )
         return status != "INSERT 0 0"  # every entry changes two balances

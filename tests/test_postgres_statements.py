@@ -47,7 +47,7 @@ accounts = [f"user:{n}" for n in numbers]
 hashes = ["0" * 64] * KEYS
 WRITE_ARGS = [numbers, ids, accounts, accounts[1:] + accounts[:1], [1] * KEYS, ["EUR"] * KEYS, [""] * KEYS]
 WRITE_ARGS += ["2026-11-27 00:00:00+00", hashes, hashes, accounts, ["EUR"] * KEYS, [1] * KEYS, ROWS, "0" * 64, 1]
-WRITE_ARGS += [accounts, [ROWS + 1] * KEYS, ["[1]"] * KEYS, ROWS, ROWS + 1, 2, True]
+WRITE_ARGS += [accounts, [ROWS + 1] * KEYS, ["[1]"] * KEYS, ROWS, ROWS + 1, 2]
 STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("ledger id check", PostgresLedgerSql.head_and_ids, [ids]),
     ("ledger write and its checks", PostgresLedgerSql.write, WRITE_ARGS),

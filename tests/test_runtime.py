@@ -92,13 +92,16 @@ async def test_a_served_process_leaves_its_start_up_objects_out_of_later_collect
         yield
 
     read_end, write_end = os.pipe()
+    served = asyncio.create_task(serve_until_stopped("runner-test", serving, write_end))
     try:
-        served = asyncio.create_task(serve_until_stopped("runner-test", serving, write_end))
         ready = await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 64), timeout=10)
         assert ready == b"ready\n"
         assert gc.get_freeze_count() > 0
         os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler stops it
         await asyncio.wait_for(served, timeout=10)
     finally:
+        served.cancel()  # when an assertion failed before the stop: no runner left behind
+        with contextlib.suppress(asyncio.CancelledError):
+            await served
         gc.unfreeze()
         os.close(read_end)
