@@ -44,9 +44,9 @@ ack_timeout_s = 5.0
 batch_messages_max = 4096
 FAST_INGEST_SINCE = (2, 14)
 BATCH_PUBLISH_DISABLED = 10205
+"""The stream's answer to a fast batch when it was not created with `allow_batched`."""
 FAST_START, FAST_APPEND, FAST_COMMIT = 0, 1, 2
 """ADR-50 fast-ingest operations, in a message's reply subject; a commit is stored and commits."""
-"""The stream's answer to a fast batch when it was not created with `allow_batched`."""
 
 
 class PubAck(msgspec.Struct):

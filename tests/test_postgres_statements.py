@@ -135,6 +135,7 @@ async def test_array_literals_read_back_exactly(young_tables: Any) -> None:
     assert await young_tables.fetchval("SELECT $1::text::text[]", postgres_text_array([])) == []
     numbers = [0, -1, 2**63 - 1, -(2**63)]
     assert await young_tables.fetchval("SELECT $1::text::bigint[]", postgres_int_array(numbers)) == numbers
+    assert await young_tables.fetchval("SELECT $1::text::bigint[]", postgres_int_array(())) == []
     loop = asyncio.get_running_loop()
 
     @settings(max_examples=200, deadline=None)
