@@ -89,7 +89,7 @@ def main() -> None:
     variant = f" retrying 1/{options.retry_every}" if options.retry_every else ""
     variant += f" x{options.ledgers} ledgers" if options.ledgers > 1 else ""
     rows: list[tuple[Result, Result]] = []
-    ratios: dict[str, list[float]] = {}
+    rounds: dict[str, list[tuple[Result, Result]]] = {}
     with nats_and_raw_echo() as (data_dir, url, raw, nats_pid):
         for store in options.stores:
             asyncio.run(purge_events(url))  # each store starts with an empty EVENTS stream on disk
@@ -118,7 +118,7 @@ def main() -> None:
                         pairs.append((echo, record))
                     rows.append(median_pair(pairs))
                     label = f"ledger.record {store}{variant} c{concurrency}"
-                    ratios[label] = [measured.rate / echo.rate for echo, measured in pairs]
+                    rounds[label] = pairs
                 if not options.no_batch:
                     batch = run_requester(
                         "bench.ledger",
@@ -139,8 +139,9 @@ def main() -> None:
     print(cpu_table(rows))
     if options.rounds > 1:
         print()
-        for label, each in ratios.items():
-            print(f"{label} ratios by round: {', '.join(f'{ratio:.2f}' for ratio in each)}")
+        for label, pairs in rounds.items():
+            each = ", ".join(f"{measured.rate / echo.rate:.2f} (p99 {measured.p99_ms:.1f})" for echo, measured in pairs)
+            print(f"{label} ratios by round: {each}")
 
 
 if __name__ == "__main__":
