@@ -100,10 +100,10 @@ def event_message(entry: Committed) -> Message:
 def chained(head: Head, entries: list[Committed]) -> bool:
     """`entries` follow `head` and each other by seq and by hash (their hashes not recomputed)."""
     seq, prev = head
-    for entry, _ in entries:
-        if entry.seq != seq + 1 or entry.prev_hash != prev:
+    for link, _ in entries:
+        if link.seq != seq + 1 or link.prev_hash != prev:
             return False
-        seq, prev = entry.seq, entry.hash
+        seq, prev = link.seq, link.hash
     return True
 
 
