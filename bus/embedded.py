@@ -9,7 +9,8 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bus.parent_death import die_with_parent
@@ -60,6 +61,12 @@ class EmbeddedNats:
     data_dir: Path
     port: int = 4222
     host: str = "127.0.0.1"
+    config: Path | None = None
+    """A config file (`deploy/nats/*.conf`) instead of plain JetStream: its `$NATS_STORE_DIR` is
+    `data_dir`, and `environment` gives the other variables it reads."""
+    environment: Mapping[str, str] = field(default_factory=dict)
+    arguments: Sequence[str] = ()
+    """More command-line options (a cluster node's `--cluster` URL, say), which override the config's."""
     process: subprocess.Popen | None = None
 
     @property
@@ -71,20 +78,14 @@ class EmbeddedNats:
         if not port_is_free(self.host, self.port):
             raise PortTaken(f"{self.host}:{self.port} is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(server_binary()),
-            "-a",
-            self.host,
-            "-p",
-            str(self.port),
-            "-js",
-            "-sd",
-            str(self.data_dir),
-        ]
+        store = ["-c", str(self.config)] if self.config else ["-js", "-sd", str(self.data_dir)]
+        command = [str(server_binary()), "-a", self.host, "-p", str(self.port), *store, *self.arguments]
+        environment = {**os.environ, "NATS_STORE_DIR": str(self.data_dir), **self.environment}
         log_file = open(self.data_dir / "nats-server.log", "ab")
         with log_file:
             self.process = subprocess.Popen(
                 command,
+                env=environment,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,

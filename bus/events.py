@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -37,6 +38,9 @@ duplicate_window_s = 120.0
 relay_batch_max = 256
 relay_poll_interval_s = 0.5
 relay_retry_wait_s_max = 5.0
+STREAM_REPLICAS_ENV = "BITNEXUS_STREAM_REPLICAS"
+stream_replicas_max = 5
+"""JetStream's own limit on a stream's replicas."""
 
 
 async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: asyncio.Event) -> None:
@@ -84,12 +88,27 @@ async def require_jetstream(js: JetStreamContext, url: str) -> None:
         ) from exc
 
 
+def stream_replicas() -> int:
+    """How many servers keep a stream the mesh creates: `BITNEXUS_STREAM_REPLICAS`, 1 when unset
+    or empty (one server); 3 on a cluster, so that events and ingest outlive a server."""
+    text = os.environ.get(STREAM_REPLICAS_ENV) or "1"
+    if not (text.isdigit() and 1 <= int(text) <= stream_replicas_max):
+        raise ValueError(f"{STREAM_REPLICAS_ENV} must be a whole number from 1 to {stream_replicas_max}, not {text!r}")
+    return int(text)
+
+
 async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
     """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is.
 
     A new stream allows fast-ingest batches (`bus.jetstream`) where the server has them."""
     batched = True if fast_ingest_supported(js._nc) else None  # older servers: the field left out
-    config = StreamConfig(name=name, subjects=subjects, duplicate_window=duplicate_window_s, allow_batched=batched)
+    config = StreamConfig(
+        name=name,
+        subjects=subjects,
+        duplicate_window=duplicate_window_s,
+        allow_batched=batched,
+        num_replicas=stream_replicas(),
+    )
     try:
         await js.add_stream(config)
     except BadRequestError as exc:

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import StreamConfig
 
-from bus.events import ensure_stream
+from bus.events import STREAM_REPLICAS_ENV, ensure_stream
 from bus.jetstream import BatchPublisher, Message, _frame, fast_ingest_supported
 from bus.wire import framed, header_block
 
@@ -124,3 +124,14 @@ async def test_a_message_over_the_servers_payload_limit_fails_the_batch_before_s
     with pytest.raises(MaxPayloadError):
         await BatchPublisher(nc).publish([Message("events.x", b"{}", "small"), too_large])
     assert nc.stats["out_msgs"] == sent
+
+
+@pytest.mark.parametrize("setting", ["0", "6", "three", "-1"])
+async def test_a_stream_replicas_setting_out_of_range_is_refused_before_anything_is_created(
+    nc: Client, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STREAM_REPLICAS_ENV, setting)
+    name = f"T{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ValueError, match=STREAM_REPLICAS_ENV):
+        await ensure_stream(nc.jetstream(), name, [f"{name}.>"])
+    assert name not in {stream.config.name for stream in await nc.jetstream().streams_info()}

@@ -1,0 +1,295 @@
+"""deploy/nats: the configs start the wheel's nats-server, the mesh runs under their permissions,
+the contract's clients reach everything the contract offers and nothing of the mesh's own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+
+from bus.connection import Settings, connect
+from bus.embedded import EmbeddedNats, free_port, server_binary
+from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
+
+CONFIGS = Path(__file__).resolve().parent.parent / "deploy" / "nats"
+PASSWORDS = {"MESH_PASSWORD": "mesh secret", "CLIENT_PASSWORD": "client secret", "SYS_PASSWORD": "sys secret"}
+reply_timeout_s = 10.0
+refusal_wait_s = 0.5
+discovery_wait_s = 0.5
+cluster_ready_timeout_s = 30.0
+
+FORBIDDEN_TO_CLIENTS = [
+    "events.ledger.transfer.recorded",  # a forged event
+    "events.transactions.transaction.committed",
+    "ledger.internal.committed",  # the ledger's hand-over to its relay
+    "products.internal.stock.reserve",  # only the transactions saga reserves stock (and, as announced, releases it)
+    "$JS.API.STREAM.DELETE.EVENTS",
+    "$JS.API.STREAM.PURGE.EVENTS",
+    "$JS.API.STREAM.UPDATE.EVENTS",
+    "$JS.API.STREAM.CREATE.OTHER",
+    "$JS.API.CONSUMER.DELETE.INGEST.transactions",  # the mesh's own ingest consumer
+]
+
+
+def configs_with_passwords(tmp_path: Path) -> Path:
+    """deploy/nats as an operator installs it: copied, with a passwords.conf from the example."""
+    installed = tmp_path / "nats-configs"
+    shutil.copytree(CONFIGS, installed)
+    example = (installed / "passwords.conf.example").read_text()
+    assert set(re.findall(r"^(\w+):", example, re.MULTILINE)) == set(PASSWORDS)
+    (installed / "passwords.conf").write_text("".join(f'{name}: "{value}"\n' for name, value in PASSWORDS.items()))
+    return installed
+
+
+def node(config: Path, store: Path, arguments: Sequence[str] = (), environment: Mapping[str, str] = {}) -> EmbeddedNats:
+    """A server of `config` on free ports (its monitor too), keeping its JetStream data in `store`."""
+    return EmbeddedNats(
+        data_dir=store,
+        port=free_port(),
+        config=config,
+        environment=environment,
+        arguments=["-m", str(free_port()), *arguments],
+    )
+
+
+@contextlib.contextmanager
+def running(*servers: EmbeddedNats) -> Iterator[None]:
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+class Refusals:
+    """The server's `-ERR 'Permissions Violation ...'` reports, as nats-py hands them to `error_cb`."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def record(self, exc: Exception) -> None:
+        self.seen.append(str(exc))
+
+    def of_publish(self, subject: str) -> bool:
+        report = f'permissions violation for publish to "{subject}"'.lower()
+        return any(report in text.lower() for text in self.seen)
+
+
+async def client(url: str, refusals: Refusals) -> Client:
+    return await nats.connect(
+        url, user="client", password=PASSWORDS["CLIENT_PASSWORD"], error_cb=refusals.record, name="client"
+    )
+
+
+async def mesh_connection(url: str) -> Client:
+    """The way every mesh process connects: `NATS_USER` and `NATS_PASSWORD` (bus.connection.Settings)."""
+    settings = Settings.from_env({"NATS_URL": url, "NATS_USER": "mesh", "NATS_PASSWORD": PASSWORDS["MESH_PASSWORD"]})
+    return await connect(settings, name="mesh")
+
+
+@contextlib.asynccontextmanager
+async def ledger_serving(nc: Client) -> AsyncIterator[None]:
+    import ledger.events as ledger_events
+    import ledger.service as ledger
+
+    async with ledger_events.serving(nc), ledger.serving(nc):
+        yield
+
+
+async def request(nc: Client, subject: str, body: object) -> tuple[str | None, dict]:
+    reply = await nc.request(subject, json.dumps(body).encode(), timeout=reply_timeout_s)
+    code = reply.headers.get("Nats-Service-Error-Code") if reply.headers else None
+    return code, json.loads(reply.data)
+
+
+async def endpoints(nc: Client) -> list[str]:
+    """Every endpoint subject the running services announce (`$SRV.INFO`), as a client finds them."""
+    inbox = nc.new_inbox()
+    infos = await nc.subscribe(inbox)
+    await nc.publish("$SRV.INFO", b"", reply=inbox)
+    subjects = []
+    with contextlib.suppress(nats.errors.TimeoutError):
+        while True:
+            info = json.loads((await infos.next_msg(timeout=discovery_wait_s)).data)
+            subjects += [endpoint["subject"] for endpoint in info["endpoints"]]
+    await infos.unsubscribe()
+    return subjects
+
+
+def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
+    def check(configs: Path) -> subprocess.CompletedProcess:
+        command = [str(server_binary()), "-c", str(configs / "nats-server.conf"), "-t"]
+        environment = {"NATS_STORE_DIR": str(tmp_path / "store")}
+        return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=10)
+
+    unconfigured = check(CONFIGS)
+    assert unconfigured.returncode != 0 and "passwords.conf" in unconfigured.stderr
+    assert check(configs_with_passwords(tmp_path)).returncode == 0
+
+
+async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path, database: str) -> None:
+    from handlers import accounts, products, transactions
+
+    server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
+    with running(server):
+        mesh_nc = await mesh_connection(server.url)
+        refusals = Refusals()
+        client_nc = await client(server.url, refusals)
+        watched: list[Msg] = []
+
+        async def watch(msg: Msg) -> None:
+            watched.append(msg)
+
+        await mesh_nc.subscribe("events.>", cb=watch)  # where a forged event would go
+        try:
+            async with (
+                ledger_serving(mesh_nc),
+                accounts.serving(mesh_nc),
+                products.serving(mesh_nc),
+                transactions.serving(mesh_nc),
+            ):
+                announced = await endpoints(client_nc)
+                assert "ledger.record" in announced and "products.internal.stock.reserve" in announced
+                for subject in announced:
+                    if ".internal." in subject:
+                        continue
+                    code, _ = await request(client_nc, subject, {"unknown field": 1})
+                    assert code == "400", subject  # the service itself answered
+                with pytest.raises(nats.errors.NoRespondersError):  # let through; no supervisor here
+                    await client_nc.request("mesh.status", b"{}", timeout=reply_timeout_s)
+
+                observed = await client_nc.subscribe("events.>")  # `nats sub 'events.>'`
+                user = (await request(client_nc, "accounts.users.create", ADA))[1]
+                code, deposit = await request(client_nc, "transactions.deposits.create", deposit_of(user["id"], "d1"))
+                assert code is None and deposit["status"] == "committed", deposit
+                js = client_nc.jetstream()
+                ack = await js.publish(
+                    "ingest.transactions.deposits", json.dumps(deposit_of(user["id"], "d2")).encode()
+                )
+                assert ack.stream == "INGEST"
+                seen = await events_read_by_a_client(client_nc, count=len(EXPECTED_EVENTS))
+                assert sorted(seen) == EXPECTED_EVENTS
+                assert sorted([(await observed.next_msg(reply_timeout_s)).subject for _ in seen]) == EXPECTED_EVENTS
+
+                forbidden = FORBIDDEN_TO_CLIENTS + [subject for subject in announced if ".internal." in subject]
+                for subject in forbidden:
+                    await client_nc.publish(subject, b"{}")
+                await client_nc.flush()
+                await asyncio.sleep(refusal_wait_s)
+                assert [subject for subject in forbidden if not refusals.of_publish(subject)] == [], refusals.seen
+                stream = await mesh_nc.jetstream().stream_info(EVENTS_STREAM)
+                assert stream.state.messages == len(seen)  # neither purged nor added to
+                assert await mesh_nc.jetstream().consumer_info("INGEST", "transactions")
+                assert [msg.subject for msg in watched if msg.data == b"{}"] == []  # nothing forged got through
+                await client_nc.subscribe("ledger.internal.>")
+                await client_nc.flush()
+                await asyncio.sleep(refusal_wait_s)
+                assert any('subscription to "ledger.internal.>"' in text.lower() for text in refusals.seen)
+        finally:
+            await client_nc.close()
+            await mesh_nc.close()
+
+
+EXPECTED_EVENTS = sorted(
+    ["events.accounts.user.created"]
+    + ["events.ledger.transfer.recorded", "events.transactions.transaction.committed"] * 2  # two deposits
+)
+ADA = {"email": "ada@example.com", "name": "Ada", "password": "correct horse"}
+
+
+def deposit_of(user_id: int, key: str) -> dict:
+    return {"idempotency_key": key, "user_id": user_id, "amount": 500, "currency": "EUR"}
+
+
+async def events_read_by_a_client(nc: Client, count: int) -> list[str]:
+    """Subjects of the first `count` events, read as integrations do: a durable pull consumer of
+    their own (created, looked at, fetched, acknowledged, deleted), a named one with a filter, an
+    ordered push consumer; and the streams looked at."""
+    js = nc.jetstream()
+    assert (await js.account_info()).streams == 2
+    assert {stream.config.name for stream in await js.streams_info()} == {EVENTS_STREAM, "INGEST"}
+    assert (await js.stream_info("INGEST")).config.subjects == ["ingest.>"]
+    await js.add_consumer(EVENTS_STREAM, ConsumerConfig(durable_name="integration"))  # the older API
+    assert (await js.consumer_info(EVENTS_STREAM, "integration")).config.durable_name == "integration"
+    assert "integration" in {consumer.name for consumer in await js.consumers_info(EVENTS_STREAM)}
+    pull = await js.pull_subscribe_bind("integration", stream=EVENTS_STREAM)
+    pulled: list[str] = []
+    while len(pulled) < count:
+        for msg in await pull.fetch(count - len(pulled), timeout=reply_timeout_s):
+            pulled.append(msg.subject)
+            await msg.ack()
+    await js.delete_consumer(EVENTS_STREAM, "integration")
+    ledger_only = ConsumerConfig(name="ledger-only", filter_subject="events.ledger.>")
+    await js.add_consumer(EVENTS_STREAM, ledger_only)
+    filtered = await js.pull_subscribe_bind("ledger-only", stream=EVENTS_STREAM)
+    ledger_events = [msg.subject for msg in await filtered.fetch(count, timeout=refusal_wait_s)]
+    assert ledger_events == [subject for subject in pulled if subject.startswith("events.ledger.")]
+    ordered = await js.subscribe("events.>", ordered_consumer=True)
+    pushed = [(await ordered.next_msg(timeout=reply_timeout_s)).subject for _ in range(count)]
+    await ordered.unsubscribe()
+    assert pushed == pulled
+    assert (await js.get_msg(EVENTS_STREAM, 1)).subject == pulled[0]
+    return pulled
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster_ports = [free_port() for _ in range(3)]
+    routes = {f"NATS_ROUTE_{n}": f"nats://127.0.0.1:{port}" for n, port in enumerate(cluster_ports, 1)}
+    config = configs_with_passwords(tmp_path) / "cluster.conf"
+    nodes = [
+        node(
+            config,
+            tmp_path / f"n{n}",
+            ["--cluster", f"nats://127.0.0.1:{port}"],
+            {**routes, "NATS_SERVER_NAME": f"n{n}"},
+        )
+        for n, port in enumerate(cluster_ports, 1)
+    ]
+    monkeypatch.setenv(STREAM_REPLICAS_ENV, "3")
+    with running(*nodes):
+        mesh_nc = await mesh_connection(nodes[0].url)
+        client_nc = await client(nodes[2].url, Refusals())
+        try:
+            await jetstream_ready(mesh_nc)
+            async with ledger_serving(mesh_nc):
+                transfer = {"id": "t1", "from": "world", "to": "user:1", "amount": 5, "currency": "EUR"}
+                code, entry = await request(client_nc, "ledger.record", transfer)
+                assert code is None and entry["seq"] == 1, entry
+                ordered = await client_nc.jetstream().subscribe("events.>", ordered_consumer=True)
+                event = json.loads((await ordered.next_msg(timeout=reply_timeout_s)).data)
+                assert event["data"] == entry
+            stream = await client_nc.jetstream().stream_info(EVENTS_STREAM)
+            assert stream.config.num_replicas == 3
+            assert stream.cluster is not None and len(stream.cluster.replicas or []) == 2
+        finally:
+            await client_nc.close()
+            await mesh_nc.close()
+
+
+async def jetstream_ready(nc: Client) -> None:
+    """Until the cluster has elected its JetStream meta leader, the account's JetStream answers 503."""
+    async with asyncio.timeout(cluster_ready_timeout_s):
+        while True:
+            try:
+                await nc.jetstream().account_info()
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
+                await asyncio.sleep(0.2)
