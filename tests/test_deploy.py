@@ -1,15 +1,19 @@
-"""deploy/nats: the configs start the wheel's nats-server, the mesh runs under their permissions,
-the contract's clients reach everything the contract offers and nothing of the mesh's own."""
+"""deploy/: the nats-server configs start the wheel's nats-server, the mesh runs under their
+permissions, the contract's clients reach everything the contract offers and nothing of the
+mesh's own; the systemd units are valid and give the supervisor time to drain in order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from configparser import ConfigParser
 from pathlib import Path
 
 import nats
@@ -23,8 +27,12 @@ from nats.js.api import ConsumerConfig
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port, server_binary
 from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
+from supervisor import load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "deploy" / "nats"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+CONFIGS = DEPLOY / "nats"
+UNITS = DEPLOY / "systemd"
+INSTALLED_VENV = "/opt/bitnexus/.venv"
 PASSWORDS = {"MESH_PASSWORD": "mesh secret", "CLIENT_PASSWORD": "client secret", "SYS_PASSWORD": "sys secret"}
 reply_timeout_s = 10.0
 refusal_wait_s = 0.5
@@ -293,3 +301,31 @@ async def jetstream_ready(nc: Client) -> None:
                 return
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
                 await asyncio.sleep(0.2)
+
+
+def test_the_systemd_units_are_valid_and_give_the_supervisor_its_ordered_drain(tmp_path: Path) -> None:
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is required on CI")
+        pytest.skip("systemd-analyze is not installed")
+    units = []
+    for unit in sorted(UNITS.glob("*.service")):  # as installed, with this virtualenv's binaries
+        units.append(tmp_path / unit.name)
+        units[-1].write_text(unit.read_text().replace(INSTALLED_VENV, sys.prefix))
+    checked = subprocess.run([verify, "verify", *map(str, units)], capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+    mesh = ConfigParser(strict=False, interpolation=None)
+    mesh.read_string((UNITS / "bitnexus.service").read_text())
+    service = mesh["Service"]
+    assert service["ExecStart"] == f"{INSTALLED_VENV}/bin/bitnexus up --config /etc/bitnexus/mesh.toml"
+    assert (service["KillMode"], service["KillSignal"]) == ("mixed", "SIGTERM")  # the supervisor alone
+    children = load_config(DEPLOY / "mesh.toml").supervisor.children
+    slowest_drain_s = sum(child.shutdown_s * child.replicas for child in children)  # one child after another
+    assert float(service["TimeoutStopSec"]) > slowest_drain_s
+
+    nats_unit = ConfigParser(strict=False, interpolation=None)
+    nats_unit.read_string((UNITS / "bitnexus-nats.service").read_text())
+    assert nats_unit["Service"]["ExecStart"].endswith("-c /etc/bitnexus/nats/nats-server.conf")
+    assert "NATS_STORE_DIR=" in nats_unit["Service"]["Environment"]  # nats-server.conf reads it
