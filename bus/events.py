@@ -92,7 +92,7 @@ def stream_replicas() -> int:
     """How many servers keep a stream the mesh creates: `BITNEXUS_STREAM_REPLICAS`, 1 when unset
     or empty (one server); 3 on a cluster, so that events and ingest outlive a server."""
     text = os.environ.get(STREAM_REPLICAS_ENV) or "1"
-    if not (text.isdigit() and 1 <= int(text) <= stream_replicas_max):
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= stream_replicas_max):
         raise ValueError(f"{STREAM_REPLICAS_ENV} must be a whole number from 1 to {stream_replicas_max}, not {text!r}")
     return int(text)
 

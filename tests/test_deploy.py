@@ -62,13 +62,15 @@ def configs_with_passwords(tmp_path: Path) -> Path:
     return installed
 
 
-def node(config: Path, store: Path, arguments: Sequence[str] = (), environment: Mapping[str, str] = {}) -> EmbeddedNats:
+def node(
+    config: Path, store: Path, arguments: Sequence[str] = (), environment: Mapping[str, str] | None = None
+) -> EmbeddedNats:
     """A server of `config` on free ports (its monitor too), keeping its JetStream data in `store`."""
     return EmbeddedNats(
         data_dir=store,
         port=free_port(),
         config=config,
-        environment=environment,
+        environment=environment or {},
         arguments=["-m", str(free_port()), *arguments],
     )
 
