@@ -1,18 +1,24 @@
-"""Connection settings, the request helper, slow consumers and the embedded server."""
+"""Connection settings (TLS included, against a real server), the request helper, slow consumers
+and the embedded server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
+from nats.errors import NoServersError
 
 from bus.client import call
-from bus.connection import Settings
+from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, PortTaken, free_port, port_is_free, server_binary
 from bus.errors import NotFound, RemoteError, Unavailable
 from bus.service import Service
@@ -146,3 +152,63 @@ def test_embedded_server_starts_with_jetstream_and_stops_cleanly(tmp_path: Path)
     assert asyncio.run(jetstream_account_info()) != 0
     server.stop()
     assert server.process is not None and server.process.returncode == 0
+
+
+def openssl(*arguments: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=30)
+
+
+def certificate(directory: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A P-256 key and a certificate for `name` (an IP address names a server), signed by `ca`;
+    without one, a self-signed CA."""
+    pem, key = directory / f"{name}.pem", directory / f"{name}.key"
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key]
+    if ca is None:
+        openssl("req", "-x509", *new_key, "-subj", f"/CN={name}", "-days", "1", "-out", pem)
+        return pem, key
+    request, extensions = directory / f"{name}.csr", directory / f"{name}.ext"
+    extensions.write_text(f"subjectAltName=IP:{name}\n" if name[0].isdigit() else "basicConstraints=CA:FALSE\n")
+    openssl("req", "-new", *new_key, "-subj", f"/CN={name}", "-out", request)
+    ca_pem, ca_key = ca
+    signing = ["-CA", ca_pem, "-CAkey", ca_key, "-CAcreateserial", "-days", "1", "-extfile", extensions]
+    openssl("x509", "-req", "-in", request, *signing, "-out", pem)
+    return pem, key
+
+
+async def test_the_tls_settings_connect_to_a_server_that_verifies_both_sides(tmp_path: Path) -> None:
+    """`NATS_TLS_CA`, `NATS_TLS_CERT` and `NATS_TLS_KEY` (README, Configuration) against a server
+    that requires TLS and a client certificate signed by its CA."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is required on CI")
+        pytest.skip("openssl is not installed")
+    ca = certificate(tmp_path, "ca")
+    server_pem, server_key = certificate(tmp_path, "127.0.0.1", ca)
+    client_pem, client_key = certificate(tmp_path, "mesh", ca)
+    config = tmp_path / "tls.conf"
+    config.write_text(
+        f'tls {{cert_file: "{server_pem}", key_file: "{server_key}", ca_file: "{ca[0]}", verify: true}}\n'
+        "jetstream {store_dir: $NATS_STORE_DIR}\n"
+    )
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=free_port(), config=config)
+    server.start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        environment = {"NATS_URL": url, "NATS_TLS_CA": str(ca[0])}
+        certified = Settings.from_env(
+            {**environment, "NATS_TLS_CERT": str(client_pem), "NATS_TLS_KEY": str(client_key)}
+        )
+        async with asyncio.timeout(10):  # `connect` retries forever
+            nc = await connect(certified, name="test")
+        try:
+            service = Service(nc, "lookup", "0.1.0")
+            service.add_endpoint("lookup.find", find)
+            async with service.serving():
+                assert await call(nc, "lookup.find", Key(1), Key) == Key(1)
+        finally:
+            await nc.close()
+        for refused in (Settings.from_env(environment), Settings.from_env({"NATS_URL": url})):
+            with pytest.raises((NoServersError, OSError)):  # no client certificate; then the server's CA unknown
+                await nats.connect(url, tls=refused.tls_context(), allow_reconnect=False, connect_timeout=2)
+    finally:
+        server.stop()
