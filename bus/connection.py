@@ -10,6 +10,7 @@ import ssl
 import time
 import weakref
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
@@ -26,6 +27,13 @@ connect_timeout_s = 2
 slow_consumer_log_interval_s = 5.0
 
 _drops: weakref.WeakKeyDictionary[Client, Counter[int]] = weakref.WeakKeyDictionary()
+_refused: weakref.WeakKeyDictionary[Client, set[str]] = weakref.WeakKeyDictionary()
+_SUBSCRIPTION_REFUSED = re.compile(r'permissions violation for subscription to "([^"]*)"', re.IGNORECASE)
+"""The server's `-ERR` for a refused SUB, as nats-py hands it on (lower-cased)."""
+
+
+class SubscriptionRefused(Exception):
+    """The server does not let this connection's user subscribe where it must: a setting to fix."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ async def connect(settings: Settings, name: str) -> Client:
     after a server restart the mesh's clients come back spread out, not as one herd.
     """
     drops: Counter[int] = Counter()
+    refused: set[str] = set()
     last_logged: dict[str, float] = {}
 
     async def on_error(exc: Exception) -> None:
@@ -85,6 +94,8 @@ async def connect(settings: Settings, name: str) -> Client:
                 last_logged[exc.subject] = now
                 log.warning("slow consumer: dropping messages on %s (%d so far)", exc.subject, drops[exc.sid])
             return
+        if match := _SUBSCRIPTION_REFUSED.search(str(exc)):
+            refused.add(match[1].lower())
         log.error("nats error: %r", exc)
 
     async def on_disconnected() -> None:
@@ -120,7 +131,21 @@ async def connect(settings: Settings, name: str) -> Client:
     nc._ps = MessageParser(nc)  # read by the client from its first read on
     await nc.connect(**options)
     _drops[nc] = drops
+    _refused[nc] = refused
     return nc
+
+
+async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:
+    """`SubscriptionRefused` if the server refused any of these subscriptions, made before this
+    call: it answers a SUB it refuses with `-ERR` before the PONG that ends the flush. Without it
+    a service whose user may not read its subjects would run, say it serves, and answer nothing."""
+    await nc.flush()
+    refused = sorted(subject for subject in subjects if subject.lower() in _refused.get(nc, ()))
+    if refused:
+        raise SubscriptionRefused(
+            f"the NATS server does not let user {nc.options.get('user')!r} subscribe to {', '.join(refused)}: "
+            "the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
+        )
 
 
 def slow_consumer_drops(nc: Client, sid: int) -> int:

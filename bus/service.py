@@ -26,7 +26,7 @@ from nats.nuid import NUID
 
 from bus import discovery
 from bus.codec import bad_request_from, decoder, encode, timestamp
-from bus.connection import slow_consumer_drops
+from bus.connection import require_subscriptions, slow_consumer_drops
 from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
 from bus.wire import Frame, header_block, publish_all
 
@@ -204,7 +204,8 @@ class Service:
                 workers += [
                     group.create_task(work(endpoint, endpoint.subscription)) for _ in range(endpoint.concurrency_max)
                 ]
-            await self.nc.flush()
+            subjects = [sub.subject for sub in discovery_subs] + [endpoint.subject for endpoint in self.endpoints]
+            await require_subscriptions(self.nc, subjects)
             self.started = timestamp()
             try:
                 yield self

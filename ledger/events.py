@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from sqlalchemy import select, update
 
 from bus.codec import encode
+from bus.connection import require_subscriptions
 from bus.events import EVENTS_STREAM, ensure_stream, relay_forever, relay_poll_interval_s
 from bus.jetstream import BatchPublisher, Message
 from bus.tasks import stop, supervised
@@ -203,6 +204,7 @@ async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
 
     nudges = await nc.subscribe(COMMITTED_SUBJECT, cb=nudged)
     try:
+        await require_subscriptions(nc, [COMMITTED_SUBJECT])
         async with asyncio.TaskGroup() as group:
             task = group.create_task(supervised("ledger_events.relay", relay.run))
             yield relay

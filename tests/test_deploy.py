@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from bus.connection import Settings, connect
+from bus.connection import Settings, SubscriptionRefused, connect
 from bus.embedded import EmbeddedNats, free_port, server_binary
 from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
 from supervisor import load_config
@@ -331,3 +331,33 @@ def test_the_systemd_units_are_valid_and_give_the_supervisor_its_ordered_drain(t
     nats_unit.read_string((UNITS / "bitnexus-nats.service").read_text())
     assert nats_unit["Service"]["ExecStart"].endswith("-c /etc/bitnexus/nats/nats-server.conf")
     assert "NATS_STORE_DIR=" in nats_unit["Service"]["Environment"]  # nats-server.conf reads it
+
+
+async def test_a_service_whose_user_may_not_read_its_subjects_stops_instead_of_serving_nothing(
+    tmp_path: Path, database: str
+) -> None:
+    """The mesh started with the client's user (a wrong NATS_USER): the ledger's subscriptions are
+    refused, and it says so and stops instead of running, announced, deaf."""
+    import ledger.service as ledger
+
+    server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
+    with running(server):
+        settings = Settings.from_env(
+            {"NATS_URL": server.url, "NATS_USER": "client", "NATS_PASSWORD": PASSWORDS["CLIENT_PASSWORD"]}
+        )
+        nc = await connect(settings, name="ledger")
+        try:
+            with pytest.raises(ExceptionGroup) as raised:
+                async with ledger.serving(nc):
+                    pytest.fail("the ledger served")
+        finally:
+            await nc.close()
+    (refusal,) = leaves(raised.value)
+    assert isinstance(refusal, SubscriptionRefused)
+    assert "user 'client' subscribe to" in str(refusal) and "ledger.record," in str(refusal)
+
+
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [
+        leaf for exc in group.exceptions for leaf in (leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
