@@ -142,9 +142,10 @@ async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:
     await nc.flush()
     refused = sorted(subject for subject in subjects if subject.lower() in _refused.get(nc, ()))
     if refused:
+        user = nc.options.get("user")
         raise SubscriptionRefused(
-            f"the NATS server does not let user {nc.options.get('user')!r} subscribe to {', '.join(refused)}: "
-            "the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
+            f"the NATS server does not let {f'user {user!r}' if user else 'this connection'} subscribe to "
+            f"{', '.join(refused)}: the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
         )
 
 
