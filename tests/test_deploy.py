@@ -52,10 +52,16 @@ FORBIDDEN_TO_CLIENTS = [
 ]
 
 
+def installed_configs(tmp_path: Path) -> Path:
+    """deploy/nats as an operator copies it, without a passwords.conf (a developer's own is left out)."""
+    installed = tmp_path / "nats-configs"
+    shutil.copytree(CONFIGS, installed, ignore=shutil.ignore_patterns("passwords.conf"))
+    return installed
+
+
 def configs_with_passwords(tmp_path: Path) -> Path:
     """deploy/nats as an operator installs it: copied, with a passwords.conf from the example."""
-    installed = tmp_path / "nats-configs"
-    shutil.copytree(CONFIGS, installed)
+    installed = installed_configs(tmp_path)
     example = (installed / "passwords.conf.example").read_text()
     assert set(re.findall(r"^(\w+):", example, re.MULTILINE)) == set(PASSWORDS)
     (installed / "passwords.conf").write_text("".join(f'{name}: "{value}"\n' for name, value in PASSWORDS.items()))
@@ -147,9 +153,9 @@ def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
         environment = {"NATS_STORE_DIR": str(tmp_path / "store")}
         return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=10)
 
-    unconfigured = check(CONFIGS)
+    unconfigured = check(installed_configs(tmp_path / "without"))
     assert unconfigured.returncode != 0 and "passwords.conf" in unconfigured.stderr
-    assert check(configs_with_passwords(tmp_path)).returncode == 0
+    assert check(configs_with_passwords(tmp_path / "with")).returncode == 0
 
 
 async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path, database: str) -> None:
