@@ -27,6 +27,7 @@ from bus.connection import Settings, SubscriptionRefused, connect
 from bus.embedded import EmbeddedNats, free_port, server_binary
 from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
 from supervisor import load_config
+from tests.conftest import Mesh
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CONFIGS = DEPLOY / "nats"
@@ -125,12 +126,6 @@ async def ledger_serving(nc: Client) -> AsyncIterator[None]:
         yield
 
 
-async def request(nc: Client, subject: str, body: object) -> tuple[str | None, dict]:
-    reply = await nc.request(subject, json.dumps(body).encode(), timeout=reply_timeout_s)
-    code = reply.headers.get("Nats-Service-Error-Code") if reply.headers else None
-    return code, json.loads(reply.data)
-
-
 async def endpoints(nc: Client, services: set[str]) -> list[str]:
     """Every endpoint subject the named services announce (`$SRV.INFO`), as a client finds them."""
     inbox = nc.new_inbox()
@@ -164,6 +159,7 @@ async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path
         mesh_nc = await mesh_connection(server.url)
         refusals = Refusals()
         client_nc = await client(server.url, refusals)
+        as_client = Mesh(client_nc)
         watched: list[Msg] = []
 
         async def watch(msg: Msg) -> None:
@@ -182,14 +178,14 @@ async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path
                 for subject in announced:
                     if ".internal." in subject:
                         continue
-                    code, _ = await request(client_nc, subject, {"unknown field": 1})
-                    assert code == "400", subject  # the service itself answered
+                    code, _ = await as_client.request(subject, {"unknown field": 1})
+                    assert code == 400, subject  # the service itself answered
                 with pytest.raises(nats.errors.NoRespondersError):  # let through; no supervisor here
                     await client_nc.request("mesh.status", b"{}", timeout=reply_timeout_s)
 
                 observed = await client_nc.subscribe("events.>")  # `nats sub 'events.>'`
-                user = (await request(client_nc, "accounts.users.create", ADA))[1]
-                code, deposit = await request(client_nc, "transactions.deposits.create", deposit_of(user["id"], "d1"))
+                user = (await as_client.request("accounts.users.create", ADA))[1]
+                code, deposit = await as_client.request("transactions.deposits.create", deposit_of(user["id"], "d1"))
                 assert code is None and deposit["status"] == "committed", deposit
                 js = client_nc.jetstream()
                 ack = await js.publish(
@@ -253,9 +249,7 @@ async def events_read_by_a_client(nc: Client, count: int) -> list[str]:
     filtered = await js.pull_subscribe_bind("ledger-only", stream=EVENTS_STREAM)
     ledger_events = [msg.subject for msg in await filtered.fetch(count, timeout=refusal_wait_s)]
     assert ledger_events == [subject for subject in pulled if subject.startswith("events.ledger.")]
-    ordered = await js.subscribe("events.>", ordered_consumer=True)
-    pushed = [(await ordered.next_msg(timeout=reply_timeout_s)).subject for _ in range(count)]
-    await ordered.unsubscribe()
+    pushed = [subject for subject, _, _ in await Mesh(nc).events(count)]  # an ordered consumer
     assert pushed == pulled
     assert (await js.get_msg(EVENTS_STREAM, 1)).subject == pulled[0]
     return pulled
@@ -285,10 +279,9 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
             await jetstream_ready(mesh_nc)
             async with ledger_serving(mesh_nc):
                 transfer = {"id": "t1", "from": "world", "to": "user:1", "amount": 5, "currency": "EUR"}
-                code, entry = await request(client_nc, "ledger.record", transfer)
+                code, entry = await Mesh(client_nc).request("ledger.record", transfer)
                 assert code is None and entry["seq"] == 1, entry
-                ordered = await client_nc.jetstream().subscribe("events.>", ordered_consumer=True)
-                event = json.loads((await ordered.next_msg(timeout=reply_timeout_s)).data)
+                [(_, _, event)] = await Mesh(client_nc).events(1)
                 assert event["data"] == entry
             stream = await client_nc.jetstream().stream_info(EVENTS_STREAM)
             assert stream.config.num_replicas == 3
