@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -10,10 +11,10 @@ import ssl
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.errors import SlowConsumerError
 
 from bus.parser import MessageParser
@@ -34,6 +35,27 @@ _SUBSCRIPTION_REFUSED = re.compile(r'permissions violation for subscription to "
 
 class SubscriptionRefused(Exception):
     """The server does not let this connection's user subscribe where it must: a setting to fix."""
+
+
+class MeshClient(Client):
+    """nats-py's client, parsing with `MessageParser`, and with a `flush` that means what NATS
+    says it means: every command written before it has reached the server when it returns.
+
+    nats-py 2.16 writes a flush's PING straight to the socket, ahead of the commands still
+    queued for its flusher task, such as the SUB just made: the server answers the PONG before
+    it has seen the SUB. Measured: a message published from another connection right after
+    `subscribe(); flush()` was lost 239 times in 2,000 (tests/test_bus.py), and a refused SUB's
+    `-ERR` could come after the flush had returned. Here the PING queues behind them, as
+    nats-py's Tornado client has done since 2017 (nats-io/nats.py2#24)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = MessageParser(self)
+
+    async def _send_ping(self, future: asyncio.Future | None = None) -> None:
+        self._pongs.append(future if future is not None else asyncio.get_running_loop().create_future())
+        await self._send_command(PING_PROTO)
+        await self._flush_pending()
 
 
 @dataclass(frozen=True)
@@ -76,11 +98,14 @@ def without_secrets(urls: str) -> str:
     return re.sub(r"//[^/@,]*@", "//***@", urls)
 
 
-async def connect(settings: Settings, name: str) -> Client:
+async def connect(settings: Settings, name: str, on_subscription_refused: Callable[[], object] | None = None) -> Client:
     """Connect, reconnecting forever; each process waits its own random 0.5-2 s between attempts.
 
     nats-py has no jitter option, so the spread comes from drawing the fixed wait per client:
     after a server restart the mesh's clients come back spread out, not as one herd.
+    `on_subscription_refused` is called each time the server refuses or takes away one of the
+    connection's subscriptions: at a SUB, or at a reload of its permissions (it then sends the
+    same `-ERR` and drops the subscription).
     """
     drops: Counter[int] = Counter()
     refused: set[str] = set()
@@ -96,6 +121,8 @@ async def connect(settings: Settings, name: str) -> Client:
             return
         if match := _SUBSCRIPTION_REFUSED.search(str(exc)):
             refused.add(match[1].lower())
+            if on_subscription_refused is not None:
+                on_subscription_refused()
         log.error("nats error: %r", exc)
 
     async def on_disconnected() -> None:
@@ -127,8 +154,7 @@ async def connect(settings: Settings, name: str) -> Client:
         options["user"], options["password"] = settings.user, settings.password
     if settings.token:
         options["token"] = settings.token
-    nc = Client()
-    nc._ps = MessageParser(nc)  # read by the client from its first read on
+    nc = MeshClient()
     await nc.connect(**options)
     _drops[nc] = drops
     _refused[nc] = refused
@@ -142,11 +168,20 @@ async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:
     await nc.flush()
     refused = sorted(subject for subject in subjects if subject.lower() in _refused.get(nc, ()))
     if refused:
-        user = nc.options.get("user")
-        raise SubscriptionRefused(
-            f"the NATS server does not let {f'user {user!r}' if user else 'this connection'} subscribe to "
-            f"{', '.join(refused)}: the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
-        )
+        raise subscription_refused(nc, refused)
+
+
+def refused_subscriptions(nc: Client) -> list[str]:
+    """Every subject the server refused this connection a subscription to, so far (lower-cased)."""
+    return sorted(_refused.get(nc, ()))
+
+
+def subscription_refused(nc: Client, subjects: list[str]) -> SubscriptionRefused:
+    user = nc.options.get("user")
+    return SubscriptionRefused(
+        f"the NATS server does not let {f'user {user!r}' if user else 'this connection'} subscribe to "
+        f"{', '.join(subjects)}: the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
+    )
 
 
 def slow_consumer_drops(nc: Client, sid: int) -> int:

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 
 from nats.aio.client import Client
 
-from bus.connection import Settings, connect
+from bus.connection import Settings, connect, refused_subscriptions, subscription_refused
 
 log = logging.getLogger("bitnexus.runner")
 
@@ -47,13 +47,17 @@ def ready_fd_from_env() -> int | None:
 
 
 async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; leaving `serving` drains the work in flight."""
+    """Serve until SIGTERM or SIGINT; leaving `serving` drains the work in flight.
+
+    A subscription the server refuses, at any time, stops the process too, and it ends with
+    `SubscriptionRefused`: a service deaf to some of its subjects (say, after a reload of the
+    server's permissions) is ended and restarted by its supervisor, not left running."""
     gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    nc = await connect(Settings.from_env(), name=name)
+    nc = await connect(Settings.from_env(), name=name, on_subscription_refused=stop.set)
     try:
         async with serving(nc):
             freeze_start_up_objects()
@@ -66,4 +70,6 @@ async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None 
             await nc.drain()  # flushes our last replies and publishes
         else:
             await nc.close()  # NATS is gone (say, it died with the supervisor): nothing to flush to
+    if refused := refused_subscriptions(nc):
+        raise subscription_refused(nc, refused)
     log.info("stopped")

@@ -88,6 +88,42 @@ async def test_concurrent_calls_answered_out_of_order_each_get_their_own_reply(n
     assert [reply.seconds for reply in replies] == delays
 
 
+async def test_a_flush_returns_only_once_the_server_has_the_subscriptions_made_before_it(
+    nc: Client, nats_url: str
+) -> None:
+    """What a service saying it serves rests on. nats-py's own `flush` writes its PING to the
+    socket ahead of a SUB still queued for its flusher, so the server could answer the PONG
+    before it had the subscription: a publish from elsewhere right after it was then lost."""
+    written: list[bytes] = []
+    transport = nc._transport
+    write, writelines = transport.write, transport.writelines
+    transport.write = lambda data: (written.append(bytes(data)), write(data))[1]
+    transport.writelines = lambda lines: (written.extend(map(bytes, lines)), writelines(lines))[1]
+    try:
+        first = await nc.subscribe("flushed.first")
+        await nc.flush()
+    finally:
+        transport.write, transport.writelines = write, writelines
+    commands = [line.split(b" ")[0] for line in b"".join(written).splitlines()]
+    assert commands == [b"SUB", b"PING"]
+    await first.unsubscribe()
+
+    publisher = await connect(Settings(servers=[nats_url]), name="publisher")
+    lost = 0
+    try:
+        for n in range(300):
+            sub = await nc.subscribe(f"flushed.{n}")
+            await nc.flush()
+            await publisher.publish(f"flushed.{n}", b"x")
+            await publisher.flush()  # the server has routed it, to `sub` if it had the SUB
+            await nc.flush()  # and `nc` has read what the server sent it before this PONG
+            lost += sub.pending_msgs == 0
+            await sub.unsubscribe()
+    finally:
+        await publisher.close()
+    assert lost == 0
+
+
 async def test_slow_consumer_drops_are_counted_in_endpoint_stats(nc: Client) -> None:
     service = Service(nc, "tiny", "0.1.0")
     service.add_endpoint("tiny.slow", slow, concurrency_max=1, pending_msgs_max=2)

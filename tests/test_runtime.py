@@ -9,11 +9,16 @@ import gc
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
+import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
 
+from bus.connection import SubscriptionRefused
+from bus.embedded import EmbeddedNats, free_port
 from bus.events import relay_forever, relay_poll_interval_s, write_event
 from bus.runner import serve_until_stopped
 from bus.service import Service
@@ -105,3 +110,57 @@ async def test_a_served_process_leaves_its_start_up_objects_out_of_later_collect
             await served
         gc.unfreeze()
         os.close(read_end)
+
+
+class Ping(msgspec.Struct, frozen=True):
+    n: int
+
+
+async def pong(request: Ping) -> Ping:
+    return request
+
+
+PERMISSIONS = """authorization {{ users = [ {{ user: svc, password: pw,
+  permissions: {{ subscribe: {{ allow: [{allowed}] }} }} }} ] }}
+"""
+
+
+async def test_a_served_process_whose_subscription_the_server_takes_away_stops_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator reloads the server with permissions that no longer let the service read its
+    subject: the server drops the subscription and says so. The process must end, with the
+    reason, for its supervisor to see; before, it ran on, said to serve, and answered nothing."""
+    config = tmp_path / "nats-server.conf"
+    config.write_text(PERMISSIONS.format(allowed='"probe.>", "$SRV.>", "_INBOX.>"'))
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=free_port(), config=config)
+    server.start()
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_USER", "svc")
+    monkeypatch.setenv("NATS_PASSWORD", "pw")
+
+    @contextlib.asynccontextmanager
+    async def serving(nc: Client) -> AsyncIterator[None]:
+        service = Service(nc, "probe", "0.1.0")
+        service.add_endpoint("probe.pong", pong)
+        async with service.serving():
+            yield
+
+    read_end, write_end = os.pipe()
+    served = asyncio.create_task(serve_until_stopped("probe", serving, write_end))
+    requester = await nats.connect(server.url, user="svc", password="pw")
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(os.read, read_end, 64), timeout=10) == b"ready\n"
+        assert (await requester.request("probe.pong", b'{"n": 1}', timeout=5)).data == b'{"n":1}'
+        config.write_text(PERMISSIONS.format(allowed='"$SRV.>", "_INBOX.>"'))
+        server.process.send_signal(signal.SIGHUP)  # nats-server reloads its config
+        with pytest.raises(SubscriptionRefused, match=r"user 'svc' subscribe to probe\.pong"):
+            await asyncio.wait_for(served, timeout=10)
+    finally:
+        served.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SubscriptionRefused):
+            await served
+        gc.unfreeze()
+        os.close(read_end)
+        await requester.close()
+        server.stop()
