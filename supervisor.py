@@ -344,7 +344,7 @@ def run_forked_child(service_name: str, replica_name: str, ready: multiprocessin
     module_name, function_name = SERVICES[service_name].split(":")
     serving = getattr(importlib.import_module(module_name), function_name)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_until_stopped(replica_name, serving, ready_fd=os.dup(ready.fileno())))
+        asyncio.run(serve_until_stopped(replica_name, serving, os.dup(ready.fileno()), service_name))
 
 
 async def _read_ready(read_fd: int, exited: asyncio.Future[int]) -> None:
@@ -501,8 +501,9 @@ async def up(config: MeshConfig) -> int:
 async def status(url: str, json_output: bool) -> int:
     import nats
 
-    from bus.connection import without_secrets
+    from bus.connection import Settings, without_secrets
 
+    settings = Settings.from_env()  # the supervisor's own credentials: the server may require them
     failures: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -516,6 +517,11 @@ async def status(url: str, json_output: bool) -> int:
             max_reconnect_attempts=1,
             reconnect_time_wait=0.2,
             error_cb=remember,
+            user=settings.user,
+            password=settings.password,
+            token=settings.token,
+            user_credentials=settings.creds,
+            tls=settings.tls_context(),
         )
     except Exception as exc:
         reason = failures[-1] if failures else exc
@@ -575,7 +581,7 @@ def serve(service_name: str, replica_name: str) -> None:
 
     module_name, function_name = SERVICES[service_name].split(":")
     serving = getattr(importlib.import_module(module_name), function_name)
-    asyncio.run(serve_until_stopped(replica_name, serving, ready_fd_from_env()))
+    asyncio.run(serve_until_stopped(replica_name, serving, ready_fd_from_env(), service_name))
 
 
 def nats_url_for_status() -> str:

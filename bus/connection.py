@@ -58,6 +58,9 @@ class MeshClient(Client):
         await self._flush_pending()
 
 
+CREDENTIALS = ("NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")
+
+
 @dataclass(frozen=True)
 class Settings:
     servers: list[str]
@@ -70,15 +73,21 @@ class Settings:
     tls_key: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None, service: str | None = None) -> Settings:
+        """`service`'s own credentials (`NATS_USER_LEDGER`, `NATS_PASSWORD_LEDGER`, ...), when any
+        is set, replace the shared ones (`NATS_USER`, ...) as a whole: each service can have a
+        NATS user allowed only what it does (deploy/nats/accounts.conf)."""
         env = dict(os.environ if env is None else env)
         urls = env.get("NATS_URL") or DEFAULT_URL
+        own = [f"{name}_{service.upper()}" for name in CREDENTIALS] if service else []
+        names = own if any(env.get(name) for name in own) else list(CREDENTIALS)
+        creds, user, password, token = (env.get(name) or None for name in names)
         return cls(
             servers=[url.strip() for url in urls.split(",") if url.strip()],
-            creds=env.get("NATS_CREDS") or None,
-            user=env.get("NATS_USER") or None,
-            password=env.get("NATS_PASSWORD") or None,
-            token=env.get("NATS_TOKEN") or None,
+            creds=creds,
+            user=user,
+            password=password,
+            token=token,
             tls_ca=env.get("NATS_TLS_CA") or None,
             tls_cert=env.get("NATS_TLS_CERT") or None,
             tls_key=env.get("NATS_TLS_KEY") or None,

@@ -46,18 +46,21 @@ def ready_fd_from_env() -> int | None:
     return int(fd) if fd is not None else None
 
 
-async def serve_until_stopped(name: str, serving: Serving, ready_fd: int | None = None) -> None:
+async def serve_until_stopped(
+    name: str, serving: Serving, ready_fd: int | None = None, service: str | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT; leaving `serving` drains the work in flight.
 
     A subscription the server refuses, at any time, stops the process too, and it ends with
     `SubscriptionRefused`: a service deaf to some of its subjects (say, after a reload of the
-    server's permissions) is ended and restarted by its supervisor, not left running."""
+    server's permissions) is ended and restarted by its supervisor, not left running.
+    `service` names the NATS credentials to use (`Settings.from_env`)."""
     gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    nc = await connect(Settings.from_env(), name=name, on_subscription_refused=stop.set)
+    nc = await connect(Settings.from_env(service=service), name=name, on_subscription_refused=stop.set)
     try:
         async with serving(nc):
             freeze_start_up_objects()

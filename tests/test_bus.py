@@ -51,6 +51,16 @@ def test_settings_read_servers_credentials_and_tls_from_the_environment() -> Non
     assert Settings.from_env({}).servers == ["nats://127.0.0.1:4222"]
 
 
+def test_a_services_own_credentials_replace_the_shared_ones_as_a_whole() -> None:
+    env = {"NATS_USER": "supervisor", "NATS_PASSWORD": "s", "NATS_USER_LEDGER_EVENTS": "ledger_events"}
+    env["NATS_PASSWORD_LEDGER_EVENTS"] = "le"
+    own = Settings.from_env(env, service="ledger_events")
+    assert (own.user, own.password) == ("ledger_events", "le")
+    assert (Settings.from_env(env, service="ledger").user, Settings.from_env(env).user) == ("supervisor", "supervisor")
+    creds_only = Settings.from_env({**env, "NATS_CREDS_LEDGER": "/etc/ledger.creds"}, service="ledger")
+    assert (creds_only.creds, creds_only.user, creds_only.password) == ("/etc/ledger.creds", None, None)
+
+
 async def test_call_decodes_the_reply_and_raises_error_replies_as_remote_errors(nc: Client) -> None:
     service = Service(nc, "lookup", "0.1.0")
     service.add_endpoint("lookup.find", find)

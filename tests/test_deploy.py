@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -28,12 +30,15 @@ from bus.embedded import EmbeddedNats, free_port, server_binary
 from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
 from supervisor import load_config
 from tests.conftest import Mesh
+from tests.test_cli import bitnexus, wait_for_status
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CONFIGS = DEPLOY / "nats"
 UNITS = DEPLOY / "systemd"
 INSTALLED_VENV = "/opt/bitnexus/.venv"
-PASSWORDS = {"MESH_PASSWORD": "mesh secret", "CLIENT_PASSWORD": "client secret", "SYS_PASSWORD": "sys secret"}
+SERVICES = ["ledger_events", "ledger", "accounts", "products", "transactions"]
+USERS = ["supervisor", *SERVICES, "client", "sys"]
+PASSWORDS = {f"{user.upper()}_PASSWORD": f"{user} secret" for user in USERS}
 reply_timeout_s = 10.0
 refusal_wait_s = 0.5
 cluster_ready_timeout_s = 30.0
@@ -111,19 +116,43 @@ async def client(url: str, refusals: Refusals) -> Client:
     )
 
 
-async def mesh_connection(url: str) -> Client:
-    """The way every mesh process connects: `NATS_USER` and `NATS_PASSWORD` (bus.connection.Settings)."""
-    settings = Settings.from_env({"NATS_URL": url, "NATS_USER": "mesh", "NATS_PASSWORD": PASSWORDS["MESH_PASSWORD"]})
-    return await connect(settings, name="mesh")
+def mesh_environment(url: str) -> dict[str, str]:
+    """What /etc/bitnexus/env holds: the supervisor's credentials, and each service's own."""
+    environment = {"NATS_URL": url, "NATS_USER": "supervisor", "NATS_PASSWORD": PASSWORDS["SUPERVISOR_PASSWORD"]}
+    for service in SERVICES:
+        environment[f"NATS_USER_{service.upper()}"] = service
+        environment[f"NATS_PASSWORD_{service.upper()}"] = PASSWORDS[f"{service.upper()}_PASSWORD"]
+    return environment
+
+
+async def service_connection(url: str, service: str | None) -> Client:
+    """The way a mesh process connects: its service's credentials (None: the supervisor's)."""
+    return await connect(Settings.from_env(mesh_environment(url), service=service), name=service or "supervisor")
 
 
 @contextlib.asynccontextmanager
-async def ledger_serving(nc: Client) -> AsyncIterator[None]:
-    import ledger.events as ledger_events
-    import ledger.service as ledger
+async def mesh_serving(url: str, services: Sequence[str] = SERVICES) -> AsyncIterator[dict[str, Client]]:
+    """The services in start order, each on a connection of its own user, as `bitnexus up` runs them."""
+    from handlers import accounts, products, transactions
+    from ledger import events, service
 
-    async with ledger_events.serving(nc), ledger.serving(nc):
-        yield
+    servings = {
+        "ledger_events": events.serving,
+        "ledger": service.serving,
+        "accounts": accounts.serving,
+        "products": products.serving,
+        "transactions": transactions.serving,
+    }
+    connections: dict[str, Client] = {}
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for name in services:
+                connections[name] = await service_connection(url, name)
+                await stack.enter_async_context(servings[name](connections[name]))
+            yield connections
+    finally:
+        for nc in connections.values():
+            await nc.close()
 
 
 async def endpoints(nc: Client, services: set[str]) -> list[str]:
@@ -152,27 +181,20 @@ def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
 
 
 async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path, database: str) -> None:
-    from handlers import accounts, products, transactions
-
     server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
     with running(server):
-        mesh_nc = await mesh_connection(server.url)
         refusals = Refusals()
         client_nc = await client(server.url, refusals)
+        watcher_nc = await client(server.url, Refusals())
         as_client = Mesh(client_nc)
         watched: list[Msg] = []
 
         async def watch(msg: Msg) -> None:
             watched.append(msg)
 
-        await mesh_nc.subscribe("events.>", cb=watch)  # where a forged event would go
+        await watcher_nc.subscribe("events.>", cb=watch)  # where a forged event would go
         try:
-            async with (
-                ledger_serving(mesh_nc),
-                accounts.serving(mesh_nc),
-                products.serving(mesh_nc),
-                transactions.serving(mesh_nc),
-            ):
+            async with mesh_serving(server.url) as connections:
                 announced = await endpoints(client_nc, {"ledger", "accounts", "products", "transactions"})
                 assert "ledger.record" in announced and "products.internal.stock.reserve" in announced
                 for subject in announced:
@@ -202,9 +224,9 @@ async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path
                 await client_nc.flush()
                 await asyncio.sleep(refusal_wait_s)
                 assert [subject for subject in forbidden if not refusals.of_publish(subject)] == [], refusals.seen
-                stream = await mesh_nc.jetstream().stream_info(EVENTS_STREAM)
+                stream = await client_nc.jetstream().stream_info(EVENTS_STREAM)
                 assert stream.state.messages == len(seen)  # neither purged nor added to
-                assert await mesh_nc.jetstream().consumer_info("INGEST", "transactions")
+                assert await connections["transactions"].jetstream().consumer_info("INGEST", "transactions")
                 assert [msg.subject for msg in watched if msg.data == b"{}"] == []  # nothing forged got through
                 await client_nc.subscribe("ledger.internal.>")
                 await client_nc.flush()
@@ -212,7 +234,88 @@ async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path
                 assert any('subscription to "ledger.internal.>"' in text.lower() for text in refusals.seen)
         finally:
             await client_nc.close()
-            await mesh_nc.close()
+            await watcher_nc.close()
+
+
+FORBIDDEN_TO_SERVICES = {
+    # what belongs to another service: its events, its hand-over, its internal calls, its subjects
+    "supervisor": ["ledger.record", "events.accounts.user.created", "$JS.API.STREAM.DELETE.EVENTS"],
+    "ledger": ["events.ledger.transfer.recorded", "accounts.users.delete", "$JS.API.STREAM.CREATE.EVENTS"],
+    "ledger_events": ["ledger.record", "events.accounts.user.created", "$JS.API.STREAM.PURGE.EVENTS"],
+    "accounts": ["events.ledger.transfer.recorded", "products.internal.stock.reserve", "ledger.record"],
+    "products": ["events.accounts.user.created", "ledger.internal.committed", "products.products.create"],
+    "transactions": ["events.ledger.transfer.recorded", "accounts.users.delete", "$JS.API.STREAM.DELETE.INGEST"],
+}
+NOT_TO_BE_READ_BY_SERVICES = {
+    "supervisor": "ledger.record",
+    "ledger": "ledger.internal.committed",
+    "ledger_events": "events.>",
+    "accounts": "ledger.record",
+    "products": "transactions.deposits.create",
+    "transactions": "products.internal.stock.reserve",
+}
+
+
+async def test_each_service_user_is_refused_what_belongs_to_another(tmp_path: Path) -> None:
+    """A service broken into can forge no other service's events or hand-overs, call nothing it
+    does not call, and read no other service's requests."""
+    server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
+    with running(server):
+        for user, subjects in FORBIDDEN_TO_SERVICES.items():
+            refusals = Refusals()
+            nc = await nats.connect(
+                server.url, user=user, password=PASSWORDS[f"{user.upper()}_PASSWORD"], error_cb=refusals.record
+            )
+            try:
+                for subject in subjects:
+                    await nc.publish(subject, b"{}")
+                await nc.subscribe(NOT_TO_BE_READ_BY_SERVICES[user])
+                await nc.flush()
+                await asyncio.sleep(refusal_wait_s)
+            finally:
+                await nc.close()
+            assert [subject for subject in subjects if not refusals.of_publish(subject)] == [], (user, refusals.seen)
+            read = f'subscription to "{NOT_TO_BE_READ_BY_SERVICES[user]}"'
+            assert any(read in text.lower() for text in refusals.seen), (user, refusals.seen)
+
+
+def test_bitnexus_up_runs_each_service_as_its_own_user_and_status_logs_in(tmp_path: Path) -> None:
+    """`bitnexus up` as the systemd unit runs it, against the configs as installed: the
+    supervisor logs in as `supervisor`, each service it starts as its own user (its own
+    variables in the shared environment), a client's deposit and ingest go through every
+    service, and not one permission is refused on the way."""
+    server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
+    with running(server):
+        env = {**os.environ, **mesh_environment(server.url), "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
+        up = subprocess.Popen(
+            bitnexus("up", "--config", str(DEPLOY / "mesh.toml")), env=env, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            status = wait_for_status(env, timeout_s=60)
+            assert [child["name"] for child in status["children"]] == [f"{name}.1" for name in SERVICES]
+
+            async def as_a_client() -> list[str]:
+                client_nc = await client(server.url, Refusals())
+                try:
+                    as_client = Mesh(client_nc)
+                    user = (await as_client.request("accounts.users.create", ADA))[1]
+                    code, deposit = await as_client.request(
+                        "transactions.deposits.create", deposit_of(user["id"], "d1")
+                    )
+                    assert code is None and deposit["status"] == "committed", deposit
+                    ingest = json.dumps(deposit_of(user["id"], "d2")).encode()
+                    await client_nc.jetstream().publish("ingest.transactions.deposits", ingest)
+                    return sorted(subject for subject, _, _ in await as_client.events(len(EXPECTED_EVENTS)))
+                finally:
+                    await client_nc.close()
+
+            assert asyncio.run(as_a_client()) == EXPECTED_EVENTS
+        finally:
+            up.send_signal(signal.SIGTERM)
+            _, stderr = up.communicate(timeout=90)
+    assert up.returncode == 0, stderr
+    assert "permissions violation" not in stderr.lower(), stderr
+    assert "Traceback" not in stderr
 
 
 EXPECTED_EVENTS = sorted(
@@ -273,11 +376,11 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
     ]
     monkeypatch.setenv(STREAM_REPLICAS_ENV, "3")
     with running(*nodes):
-        mesh_nc = await mesh_connection(nodes[0].url)
+        supervisor_nc = await service_connection(nodes[0].url, None)
         client_nc = await client(nodes[2].url, Refusals())
         try:
-            await jetstream_ready(mesh_nc)
-            async with ledger_serving(mesh_nc):
+            await jetstream_ready(supervisor_nc)
+            async with mesh_serving(nodes[0].url, ["ledger_events", "ledger"]):
                 transfer = {"id": "t1", "from": "world", "to": "user:1", "amount": 5, "currency": "EUR"}
                 code, entry = await Mesh(client_nc).request("ledger.record", transfer)
                 assert code is None and entry["seq"] == 1, entry
@@ -288,7 +391,7 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
             assert stream.cluster is not None and len(stream.cluster.replicas or []) == 2
         finally:
             await client_nc.close()
-            await mesh_nc.close()
+            await supervisor_nc.close()
 
 
 async def jetstream_ready(nc: Client) -> None:
