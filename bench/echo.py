@@ -22,7 +22,16 @@ from typing import Annotated
 import msgspec
 import nats
 
-from bench.harness import closed_loop, median_result, raw_echo, run_requester, table, warmup_s
+from bench.harness import (
+    add_requester_option,
+    closed_loop,
+    median_result,
+    raw_echo,
+    run_requester,
+    table,
+    use_requester,
+    warmup_s,
+)
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.service import Service
@@ -96,7 +105,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 512])
+    add_requester_option(parser)
     options = parser.parse_args()
+    use_requester(options.requester)
     with tempfile.TemporaryDirectory() as data_dir:
         server = EmbeddedNats(data_dir=Path(data_dir), port=free_port())
         url = server.start()
@@ -120,7 +131,7 @@ def main() -> None:
                 rows.append((median_result(raws), median_result(frameworks)))
             print(
                 f"nats-server {url}, body {len(BODY)} bytes, median of {options.rounds} rounds "
-                f"of {options.duration:g} s, cpus {os.cpu_count()}"
+                f"of {options.duration:g} s, cpus {os.cpu_count()}, requester {options.requester}"
             )
             print(table(rows))
         finally:

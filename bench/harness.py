@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -18,9 +19,29 @@ from pathlib import Path
 
 import nats
 import nats.errors
+from nats.aio.msg import Msg
+
+from bus.client import Requests
 
 request_timeout_s = 30.0
 warmup_s = 1.0
+REQUESTER_ENV = "BENCH_REQUESTER"
+REQUESTERS = ("nats-py", "mesh")
+"""How the requester process asks, read from `BENCH_REQUESTER` (`--requester`): `nats-py`, its
+`request` (what a load-test script would use; the default), or `mesh`, `bus.client.Requests`
+(how the mesh's services call each other), which costs the requester about half the CPU per
+request (bench/RESULTS.md, session 17). The requester shares the two cores with what it
+measures, so the choice moves throughput against the ratio: the echo is bound by the
+requester's one core, the path by both."""
+
+
+def add_requester_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requester", choices=REQUESTERS, default=REQUESTERS[0], help="how requests are sent")
+
+
+def use_requester(requester: str) -> None:
+    """Every requester process started from now on (they inherit the environment) asks this way."""
+    os.environ[REQUESTER_ENV] = requester
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,17 @@ async def closed_loop(
     (a full collection visited every element; with both, one took 30-40 ms every 2 s at c512).
     """
     nc = await nats.connect(url)
+    if os.environ.get(REQUESTER_ENV, REQUESTERS[0]) == "mesh":
+        requests = Requests(nc)
+        await requests.subscribe()
+
+        async def request(body: bytes) -> Msg:
+            return await requests.request(subject, body, request_timeout_s)
+    else:
+
+        async def request(body: bytes) -> Msg:
+            return await nc.request(subject, body, timeout=request_timeout_s)
+
     gc.freeze()
     latencies = array("d")
     errors = 0
@@ -72,8 +104,8 @@ async def closed_loop(
             body = make_body(counter)
             started = time.perf_counter()
             try:
-                reply = await nc.request(subject, body, timeout=request_timeout_s)
-            except nats.errors.TimeoutError:
+                reply = await request(body)
+            except (nats.errors.TimeoutError, TimeoutError):
                 errors += measuring
                 continue
             if measuring:

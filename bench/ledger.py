@@ -23,7 +23,18 @@ import nats.js.errors
 
 import migrations
 from bench.echo import BODY
-from bench.harness import Result, closed_loop, cpu_table, median_pair, raw_echo, run_requester, table, warmup_s
+from bench.harness import (
+    Result,
+    add_requester_option,
+    closed_loop,
+    cpu_table,
+    median_pair,
+    raw_echo,
+    run_requester,
+    table,
+    use_requester,
+    warmup_s,
+)
 from bench.services import database_for, nats_and_raw_echo, postgres_pids, services_running
 
 ACCOUNTS = 1_000
@@ -85,7 +96,9 @@ def main() -> None:
     parser.add_argument("--no-batch", action="store_true", help="skip ledger.record_batch")
     parser.add_argument("--retry-every", type=int, default=0, help="every Nth ledger.record a retry of an earlier one")
     parser.add_argument("--ledgers", type=int, default=1, help="ledger processes on the one database")
+    add_requester_option(parser)
     options = parser.parse_args()
+    use_requester(options.requester)
     variant = f" retrying 1/{options.retry_every}" if options.retry_every else ""
     variant += f" x{options.ledgers} ledgers" if options.ledgers > 1 else ""
     rows: list[tuple[Result, Result]] = []
@@ -130,7 +143,8 @@ def main() -> None:
                     )
                     rows.append((rows[-1][0], batch))
     print(
-        f"{options.duration:g} s per measurement, cpus {os.cpu_count()}, echo body {len(BODY)} bytes; "
+        f"{options.duration:g} s per measurement, cpus {os.cpu_count()}, echo body {len(BODY)} bytes, "
+        f"requester {options.requester}; "
         f"ledger.record rows: the pair with the median ratio of {options.rounds} echo-then-record rounds; "
         f"record_batch rows count requests (x{BATCH_TRANSFERS} transfers each)"
     )
