@@ -189,7 +189,7 @@ def subscription_refused(nc: Client, subjects: list[str]) -> SubscriptionRefused
     user = nc.options.get("user")
     return SubscriptionRefused(
         f"the NATS server does not let {f'user {user!r}' if user else 'this connection'} subscribe to "
-        f"{', '.join(subjects)}: the mesh's processes need a user that may (deploy/nats/accounts.conf: mesh)"
+        f"{', '.join(subjects)}: each service needs its own user, which may (deploy/nats/accounts.conf)"
     )
 
 
