@@ -52,6 +52,8 @@ SERVICES: dict[str, str] = {
     "transactions": "handlers.transactions:serving",
 }
 """Service name -> "module:function" returning its serving context manager."""
+SUPERVISOR = "supervisor"
+"""The supervisor's name on NATS: its user and its inbox (`_MESH_INBOX.supervisor`), as a service's."""
 
 start_timeout_s = 30.0
 nats_check_interval_s = 0.2
@@ -474,7 +476,7 @@ async def up(config: MeshConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     supervisor = Supervisor(config.supervisor)
-    nc = await connect(Settings.from_env(), name="mesh")
+    nc = await connect(Settings.from_env(service=SUPERVISOR), name="mesh")
     service = Service(nc, "mesh", package_version(), "the BitNexus Mesh supervisor")
     service.add_endpoint("mesh.status", mesh_status, supervisor)
     exit_code = 0
@@ -503,7 +505,7 @@ async def status(url: str, json_output: bool) -> int:
 
     from bus.connection import Settings, without_secrets
 
-    settings = Settings.from_env()  # the supervisor's own credentials: the server may require them
+    settings = Settings.from_env(service=SUPERVISOR)  # the server may require the supervisor's credentials
     failures: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -522,6 +524,7 @@ async def status(url: str, json_output: bool) -> int:
             token=settings.token,
             user_credentials=settings.creds,
             tls=settings.tls_context(),
+            inbox_prefix=settings.inbox_prefix,
         )
     except Exception as exc:
         reason = failures[-1] if failures else exc

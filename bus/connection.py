@@ -59,6 +59,11 @@ class MeshClient(Client):
 
 
 CREDENTIALS = ("NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")
+CLIENT_INBOX = "_INBOX"
+"""nats-py's inbox prefix, which clients keep."""
+MESH_INBOX = "_MESH_INBOX"
+"""Where a mesh process gets its replies: `_MESH_INBOX.<service>.>`, outside the clients'
+`_INBOX.>`, so that neither a client nor another service may read them (accounts.conf)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,14 @@ class Settings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    inbox_prefix: str = CLIENT_INBOX
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, service: str | None = None) -> Settings:
         """`service`'s own credentials (`NATS_USER_LEDGER`, `NATS_PASSWORD_LEDGER`, ...), when any
         is set, replace the shared ones (`NATS_USER`, ...) as a whole: each service can have a
-        NATS user allowed only what it does (deploy/nats/accounts.conf)."""
+        NATS user allowed only what it does (deploy/nats/accounts.conf). A service's replies
+        come to an inbox of its own, `_MESH_INBOX.<service>`."""
         env = dict(os.environ if env is None else env)
         urls = env.get("NATS_URL") or DEFAULT_URL
         own = [f"{name}_{service.upper()}" for name in CREDENTIALS] if service else []
@@ -91,6 +98,7 @@ class Settings:
             tls_ca=env.get("NATS_TLS_CA") or None,
             tls_cert=env.get("NATS_TLS_CERT") or None,
             tls_key=env.get("NATS_TLS_KEY") or None,
+            inbox_prefix=f"{MESH_INBOX}.{service}" if service else CLIENT_INBOX,
         )
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -156,6 +164,7 @@ async def connect(settings: Settings, name: str, on_subscription_refused: Callab
         "reconnect_time_wait": random.uniform(reconnect_wait_s_min, reconnect_wait_s_max),
         "connect_timeout": connect_timeout_s,
         "tls": settings.tls_context(),
+        "inbox_prefix": settings.inbox_prefix,
     }
     if settings.creds:
         options["user_credentials"] = settings.creds

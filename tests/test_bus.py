@@ -55,7 +55,8 @@ def test_a_services_own_credentials_replace_the_shared_ones_as_a_whole() -> None
     env = {"NATS_USER": "supervisor", "NATS_PASSWORD": "s", "NATS_USER_LEDGER_EVENTS": "ledger_events"}
     env["NATS_PASSWORD_LEDGER_EVENTS"] = "le"
     own = Settings.from_env(env, service="ledger_events")
-    assert (own.user, own.password) == ("ledger_events", "le")
+    assert (own.user, own.password, own.inbox_prefix) == ("ledger_events", "le", "_MESH_INBOX.ledger_events")
+    assert Settings.from_env(env).inbox_prefix == "_INBOX"  # a process that is no service: nats-py's
     assert (Settings.from_env(env, service="ledger").user, Settings.from_env(env).user) == ("supervisor", "supervisor")
     creds_only = Settings.from_env({**env, "NATS_CREDS_LEDGER": "/etc/ledger.creds"}, service="ledger")
     assert (creds_only.creds, creds_only.user, creds_only.password) == ("/etc/ledger.creds", None, None)

@@ -125,9 +125,9 @@ def mesh_environment(url: str) -> dict[str, str]:
     return environment
 
 
-async def service_connection(url: str, service: str | None) -> Client:
-    """The way a mesh process connects: its service's credentials (None: the supervisor's)."""
-    return await connect(Settings.from_env(mesh_environment(url), service=service), name=service or "supervisor")
+async def service_connection(url: str, service: str) -> Client:
+    """The way a mesh process connects: its service's credentials, and its own inbox."""
+    return await connect(Settings.from_env(mesh_environment(url), service=service), name=service)
 
 
 @contextlib.asynccontextmanager
@@ -228,10 +228,12 @@ async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path
                 assert stream.state.messages == len(seen)  # neither purged nor added to
                 assert await connections["transactions"].jetstream().consumer_info("INGEST", "transactions")
                 assert [msg.subject for msg in watched if msg.data == b"{}"] == []  # nothing forged got through
-                await client_nc.subscribe("ledger.internal.>")
+                for subject in ("ledger.internal.>", "_MESH_INBOX.>"):  # the hand-over; the mesh's replies
+                    await client_nc.subscribe(subject)
                 await client_nc.flush()
                 await asyncio.sleep(refusal_wait_s)
                 assert any('subscription to "ledger.internal.>"' in text.lower() for text in refusals.seen)
+                assert any('subscription to "_mesh_inbox.>"' in text.lower() for text in refusals.seen)
         finally:
             await client_nc.close()
             await watcher_nc.close()
@@ -246,13 +248,13 @@ FORBIDDEN_TO_SERVICES = {
     "products": ["events.accounts.user.created", "ledger.internal.committed", "products.products.create"],
     "transactions": ["events.ledger.transfer.recorded", "accounts.users.delete", "$JS.API.STREAM.DELETE.INGEST"],
 }
-NOT_TO_BE_READ_BY_SERVICES = {
-    "supervisor": "ledger.record",
-    "ledger": "ledger.internal.committed",
-    "ledger_events": "events.>",
-    "accounts": "ledger.record",
-    "products": "transactions.deposits.create",
-    "transactions": "products.internal.stock.reserve",
+NOT_TO_BE_READ_BY_SERVICES = {  # another's requests, hand-over, events or replies
+    "supervisor": ["ledger.record", "_MESH_INBOX.transactions.>"],
+    "ledger": ["ledger.internal.committed", "_INBOX.>"],
+    "ledger_events": ["events.>", "_MESH_INBOX.ledger.>"],
+    "accounts": ["ledger.record", "_MESH_INBOX.>"],
+    "products": ["transactions.deposits.create", "_MESH_INBOX.transactions.>"],
+    "transactions": ["products.internal.stock.reserve", "_MESH_INBOX.products.>"],
 }
 
 
@@ -269,14 +271,15 @@ async def test_each_service_user_is_refused_what_belongs_to_another(tmp_path: Pa
             try:
                 for subject in subjects:
                     await nc.publish(subject, b"{}")
-                await nc.subscribe(NOT_TO_BE_READ_BY_SERVICES[user])
+                for subject in NOT_TO_BE_READ_BY_SERVICES[user]:
+                    await nc.subscribe(subject)
                 await nc.flush()
                 await asyncio.sleep(refusal_wait_s)
             finally:
                 await nc.close()
             assert [subject for subject in subjects if not refusals.of_publish(subject)] == [], (user, refusals.seen)
-            read = f'subscription to "{NOT_TO_BE_READ_BY_SERVICES[user]}"'
-            assert any(read in text.lower() for text in refusals.seen), (user, refusals.seen)
+            unread = [f'subscription to "{subject.lower()}"' for subject in NOT_TO_BE_READ_BY_SERVICES[user]]
+            assert all(any(read in text.lower() for text in refusals.seen) for read in unread), (user, refusals.seen)
 
 
 def test_bitnexus_up_runs_each_service_as_its_own_user_and_status_logs_in(tmp_path: Path) -> None:
@@ -376,7 +379,7 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
     ]
     monkeypatch.setenv(STREAM_REPLICAS_ENV, "3")
     with running(*nodes):
-        supervisor_nc = await service_connection(nodes[0].url, None)
+        supervisor_nc = await service_connection(nodes[0].url, "supervisor")
         client_nc = await client(nodes[2].url, Refusals())
         try:
             await jetstream_ready(supervisor_nc)
