@@ -9,7 +9,6 @@ import random
 import re
 import ssl
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ reconnect_wait_s_max = 2.0
 connect_timeout_s = 2
 slow_consumer_log_interval_s = 5.0
 
-_drops: weakref.WeakKeyDictionary[Client, Counter[int]] = weakref.WeakKeyDictionary()
-_refused: weakref.WeakKeyDictionary[Client, set[str]] = weakref.WeakKeyDictionary()
 _SUBSCRIPTION_REFUSED = re.compile(r'permissions violation for subscription to "([^"]*)"', re.IGNORECASE)
 """The server's `-ERR` for a refused SUB, as nats-py hands it on (lower-cased)."""
 
@@ -46,11 +43,18 @@ class MeshClient(Client):
     it has seen the SUB. Measured: a message published from another connection right after
     `subscribe(); flush()` was lost 239 times in 2,000 (tests/test_bus.py), and a refused SUB's
     `-ERR` could come after the flush had returned. Here the PING queues behind them, as
-    nats-py's Tornado client has done since 2017 (nats-io/nats.py2#24)."""
+    nats-py's Tornado client has done since 2017 (nats-io/nats.py2#24).
+
+    It also keeps what its error callback (`connect`) learns: messages dropped per
+    subscription, and the subjects the server refused it."""
 
     def __init__(self) -> None:
         super().__init__()
         self._ps = MessageParser(self)
+        self.dropped: Counter[int] = Counter()
+        """Messages dropped per subscription id because its pending queue was full."""
+        self.refused: set[str] = set()
+        """Subjects the server refused this connection a subscription to (lower-cased)."""
 
     async def _send_ping(self, future: asyncio.Future | None = None) -> None:
         self._pongs.append(future if future is not None else asyncio.get_running_loop().create_future())
@@ -115,7 +119,9 @@ def without_secrets(urls: str) -> str:
     return re.sub(r"//[^/@,]*@", "//***@", urls)
 
 
-async def connect(settings: Settings, name: str, on_subscription_refused: Callable[[], object] | None = None) -> Client:
+async def connect(
+    settings: Settings, name: str, on_subscription_refused: Callable[[], object] | None = None
+) -> MeshClient:
     """Connect, reconnecting forever; each process waits its own random 0.5-2 s between attempts.
 
     nats-py has no jitter option, so the spread comes from drawing the fixed wait per client:
@@ -124,20 +130,19 @@ async def connect(settings: Settings, name: str, on_subscription_refused: Callab
     connection's subscriptions: at a SUB, or at a reload of its permissions (it then sends the
     same `-ERR` and drops the subscription).
     """
-    drops: Counter[int] = Counter()
-    refused: set[str] = set()
+    nc = MeshClient()
     last_logged: dict[str, float] = {}
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
-            drops[exc.sid] += 1
+            nc.dropped[exc.sid] += 1
             now = time.monotonic()
             if now - last_logged.get(exc.subject, 0.0) >= slow_consumer_log_interval_s:
                 last_logged[exc.subject] = now
-                log.warning("slow consumer: dropping messages on %s (%d so far)", exc.subject, drops[exc.sid])
+                log.warning("slow consumer: dropping messages on %s (%d so far)", exc.subject, nc.dropped[exc.sid])
             return
         if match := _SUBSCRIPTION_REFUSED.search(str(exc)):
-            refused.add(match[1].lower())
+            nc.refused.add(match[1].lower())
             if on_subscription_refused is not None:
                 on_subscription_refused()
         log.error("nats error: %r", exc)
@@ -172,26 +177,20 @@ async def connect(settings: Settings, name: str, on_subscription_refused: Callab
         options["user"], options["password"] = settings.user, settings.password
     if settings.token:
         options["token"] = settings.token
-    nc = MeshClient()
     await nc.connect(**options)
-    _drops[nc] = drops
-    _refused[nc] = refused
     return nc
 
 
 async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:
     """`SubscriptionRefused` if the server refused any of these subscriptions, made before this
-    call: it answers a SUB it refuses with `-ERR` before the PONG that ends the flush. Without it
+    call: it answers a SUB it refuses with `-ERR` before the PONG that ends the flush (which, on a
+    `MeshClient`, goes out after the SUBs). Without it
     a service whose user may not read its subjects would run, say it serves, and answer nothing."""
     await nc.flush()
-    refused = sorted(subject for subject in subjects if subject.lower() in _refused.get(nc, ()))
+    known = nc.refused if isinstance(nc, MeshClient) else set()  # what a mesh connection's callback saw
+    refused = sorted(subject for subject in subjects if subject.lower() in known)
     if refused:
         raise subscription_refused(nc, refused)
-
-
-def refused_subscriptions(nc: Client) -> list[str]:
-    """Every subject the server refused this connection a subscription to, so far (lower-cased)."""
-    return sorted(_refused.get(nc, ()))
 
 
 def subscription_refused(nc: Client, subjects: list[str]) -> SubscriptionRefused:
@@ -203,6 +202,6 @@ def subscription_refused(nc: Client, subjects: list[str]) -> SubscriptionRefused
 
 
 def slow_consumer_drops(nc: Client, sid: int) -> int:
-    """Messages the client dropped for subscription `sid` because its pending queue was full."""
-    counts = _drops.get(nc)
-    return counts[sid] if counts else 0
+    """Messages the client dropped for subscription `sid` because its pending queue was full
+    (counted by mesh connections only)."""
+    return nc.dropped[sid] if isinstance(nc, MeshClient) else 0

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 
 from nats.aio.client import Client
 
-from bus.connection import Settings, connect, refused_subscriptions, subscription_refused
+from bus.connection import Settings, connect, subscription_refused
 
 log = logging.getLogger("bitnexus.runner")
 
@@ -73,6 +73,6 @@ async def serve_until_stopped(
             await nc.drain()  # flushes our last replies and publishes
         else:
             await nc.close()  # NATS is gone (say, it died with the supervisor): nothing to flush to
-    if refused := refused_subscriptions(nc):
-        raise subscription_refused(nc, refused)
+    if nc.refused:
+        raise subscription_refused(nc, sorted(nc.refused))
     log.info("stopped")
