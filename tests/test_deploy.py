@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ INSTALLED_VENV = "/opt/bitnexus/.venv"
 SERVICES = ["ledger_events", "ledger", "accounts", "products", "transactions"]
 USERS = ["supervisor", *SERVICES, "client", "sys"]
 PASSWORDS = {f"{user.upper()}_PASSWORD": f"{user} secret" for user in USERS}
+ROUTE_PASSWORD = "route-secret"  # also in each route's URL: a password without spaces or `@:/%`
 reply_timeout_s = 10.0
 refusal_wait_s = 0.5
 cluster_ready_timeout_s = 30.0
@@ -57,18 +59,22 @@ FORBIDDEN_TO_CLIENTS = [
 
 
 def installed_configs(tmp_path: Path) -> Path:
-    """deploy/nats as an operator copies it, without a passwords.conf (a developer's own is left out)."""
+    """deploy/nats as an operator copies it, without its password files (a developer's own are left out)."""
     installed = tmp_path / "nats-configs"
-    shutil.copytree(CONFIGS, installed, ignore=shutil.ignore_patterns("passwords.conf"))
+    shutil.copytree(CONFIGS, installed, ignore=shutil.ignore_patterns("passwords.conf", "cluster-password.conf"))
     return installed
 
 
 def configs_with_passwords(tmp_path: Path) -> Path:
-    """deploy/nats as an operator installs it: copied, with a passwords.conf from the example."""
+    """deploy/nats as an operator installs it: copied, with the password files made from their examples."""
     installed = installed_configs(tmp_path)
-    example = (installed / "passwords.conf.example").read_text()
-    assert set(re.findall(r"^(\w+):", example, re.MULTILINE)) == set(PASSWORDS)
-    (installed / "passwords.conf").write_text("".join(f'{name}: "{value}"\n' for name, value in PASSWORDS.items()))
+    for name, passwords in (
+        ("passwords.conf", PASSWORDS),
+        ("cluster-password.conf", {"ROUTE_PASSWORD": ROUTE_PASSWORD}),
+    ):
+        example = (installed / f"{name}.example").read_text()
+        assert set(re.findall(r"^(\w+):", example, re.MULTILINE)) == set(passwords)
+        (installed / name).write_text("".join(f'{variable}: "{value}"\n' for variable, value in passwords.items()))
     return installed
 
 
@@ -366,15 +372,12 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
     tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster_ports = [free_port() for _ in range(3)]
-    routes = {f"NATS_ROUTE_{n}": f"nats://127.0.0.1:{port}" for n, port in enumerate(cluster_ports, 1)}
-    config = configs_with_passwords(tmp_path) / "cluster.conf"
+    routes = {
+        f"NATS_ROUTE_{n}": f"nats://route:{ROUTE_PASSWORD}@127.0.0.1:{port}" for n, port in enumerate(cluster_ports, 1)
+    }
+    configs = configs_with_passwords(tmp_path)
     nodes = [
-        node(
-            config,
-            tmp_path / f"n{n}",
-            ["--cluster", f"nats://127.0.0.1:{port}"],
-            {**routes, "NATS_SERVER_NAME": f"n{n}"},
-        )
+        node(node_config(configs, n, port), tmp_path / f"n{n}", environment={**routes, "NATS_SERVER_NAME": f"n{n}"})
         for n, port in enumerate(cluster_ports, 1)
     ]
     monkeypatch.setenv(STREAM_REPLICAS_ENV, "3")
@@ -395,6 +398,30 @@ async def test_a_three_node_cluster_keeps_the_ledger_events_on_three(
         finally:
             await client_nc.close()
             await supervisor_nc.close()
+        assert route_login(cluster_ports[0], ROUTE_PASSWORD).startswith("PONG")  # what the nodes do
+        assert "authorization violation" in route_login(cluster_ports[0], "guess").lower()
+        assert "authorization violation" in route_login(cluster_ports[0], None).lower()
+
+
+def node_config(configs: Path, n: int, port: int) -> Path:
+    """cluster.conf with its route port moved to `port`, three nodes sharing one host. Not with
+    `--cluster`: that flag drops the `cluster` block's authorization (nats-server 2.15.1)."""
+    config = configs / f"cluster-n{n}.conf"
+    listen = "listen: 0.0.0.0:6222"
+    assert listen in (configs / "cluster.conf").read_text()
+    config.write_text((configs / "cluster.conf").read_text().replace(listen, f"listen: 127.0.0.1:{port}"))
+    return config
+
+
+def route_login(port: int, password: str | None) -> str:
+    """What a node's route port answers a server that says CONNECT (as `route`, with `password`;
+    None: no credentials) and PING."""
+    credentials = {"user": "route", "pass": password} if password is not None else {}
+    connect = {"verbose": False, "pedantic": False, "name": "probe", "cluster": "bitnexus", **credentials}
+    with socket.create_connection(("127.0.0.1", port), timeout=reply_timeout_s) as route:
+        route.makefile("rb").readline()  # INFO
+        route.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+        return route.makefile("rb").readline().decode()
 
 
 async def jetstream_ready(nc: Client) -> None:
