@@ -55,7 +55,6 @@ SERVICES: dict[str, str] = {
 SUPERVISOR = "supervisor"
 """The supervisor's name on NATS: its user and its inbox (`_MESH_INBOX.supervisor`), as a service's."""
 
-start_timeout_s = 30.0
 nats_check_interval_s = 0.2
 DEFAULT_CONFIG = Path("deploy/mesh.toml")
 
@@ -71,6 +70,8 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     argv: tuple[str, ...] = ()
     """A command to run, e.g. a nested supervisor (`bitnexus supervise --config sub.toml`); empty
     means service `name` of this package, forked from the forkserver."""
+    start_timeout_s: float = 30.0
+    """Seconds to say it serves; past that it is killed and counts as a crash (OTP's start timeout)."""
 
 
 class SupervisorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -209,7 +210,14 @@ class Supervisor:
             extra={"context": "child_started", "offender": child.name, "offender_pid": child.process.pid},
         )
         try:
-            await asyncio.wait_for(_read_ready(read_fd, child.exited), start_timeout_s)
+            await asyncio.wait_for(_read_ready(read_fd, child.exited), child.spec.start_timeout_s)
+        except TimeoutError:  # hung (say, NATS unreachable): a crash, restarted within the intensity
+            log.error(
+                "child did not say it serves in time; killing",
+                extra={"offender": child.name, "start_timeout_s": child.spec.start_timeout_s},
+            )
+            child.process.kill()
+            await asyncio.shield(child.exited)
         finally:
             os.close(read_fd)
         if child.process.returncode is None:

@@ -246,3 +246,24 @@ async def wait_for_new_products_pid(mesh: RunningMesh, old: int) -> int:
             pass
         await asyncio.sleep(0.05)
     raise TimeoutError("products never came back")
+
+
+def test_a_child_that_never_says_it_serves_is_killed_restarted_and_counted(nats_url: str, tmp_path: Path) -> None:
+    """A hung start (NATS unreachable, a wrong password retried) is a crash, as in OTP: killed
+    after its start timeout, restarted within the intensity; past it the mesh stops and says
+    so, instead of the supervisor dying of a timeout with a traceback."""
+    (tmp_path / "mesh.toml").write_text(
+        '[supervisor]\nrestarts_max = 1\nrestart_period_s = 60\n\n[[supervisor.children]]\nname = "mute"\n'
+        'argv = ["sleep", "3600"]\nstart_timeout_s = 0.5\n'
+    )
+    env = {**os.environ, "NATS_URL": nats_url, "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
+    up = subprocess.run(
+        [sys.executable, "-m", "supervisor", "up", "--config", str(tmp_path / "mesh.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert up.returncode == 1, up.stderr
+    assert up.stderr.count("child did not say it serves in time; killing") == 2, up.stderr  # started, restarted
+    assert "supervisor gave up" in up.stderr and "Traceback" not in up.stderr
