@@ -91,8 +91,17 @@ class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nats: NatsSpec = NatsSpec()
 
 
+class BadConfig(Exception):
+    """A mesh.toml that is missing or is not the supervisor's config: said in one line."""
+
+
 def load_config(path: Path) -> MeshConfig:
-    return msgspec.convert(tomllib.loads(path.read_text()), MeshConfig)
+    try:
+        return msgspec.convert(tomllib.loads(path.read_text()), MeshConfig)
+    except FileNotFoundError:
+        raise BadConfig(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise BadConfig(f"{path}: {exc}") from None
 
 
 @dataclass
@@ -635,15 +644,15 @@ def one_mesh_per_data_dir() -> Iterator[None]:
 
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
-    """A `DATABASE_URL` that names no usable database or takes no connection, a NATS without
-    JetStream or a mesh already running is said in one line, exit 1: not a traceback, and not
-    a restart storm of every service."""
+    """A config that cannot be read, a `DATABASE_URL` that names no usable database or takes no
+    connection, a NATS without JetStream or a mesh already running is said in one line, exit 1:
+    not a traceback, and not a restart storm of every service."""
     from bus.events import NoJetStream
     from schemas.database import BadDatabaseUrl
 
     try:
         yield
-    except (BadDatabaseUrl, migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
+    except (BadConfig, BadDatabaseUrl, migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
         print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -655,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="start the whole mesh under the supervisor")
-    up_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    up_parser.add_argument("--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG} when it exists")
     supervise_parser = commands.add_parser("supervise", help="run a nested supervisor (a child of another)")
     supervise_parser.add_argument("--config", type=Path, required=True)
     status_parser = commands.add_parser("status", help="print the process tree of a running mesh")
@@ -669,7 +678,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
     if options.command == "up":
         logs.configure("supervisor")
-        config = load_config(options.config) if options.config.exists() else MeshConfig()
+        with setting_faults_said():
+            config = (
+                load_config(options.config or DEFAULT_CONFIG)
+                if options.config or DEFAULT_CONFIG.exists()
+                else MeshConfig()
+            )
         with setting_faults_said(), one_mesh_per_data_dir():
             sys.exit(asyncio.run(up(config)))
     if options.command == "migrate":
@@ -679,7 +693,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if options.command == "supervise":
         logs.configure(os.environ.get("BITNEXUS_CHILD", "supervisor"))
-        sys.exit(asyncio.run(supervise(load_config(options.config))))
+        with setting_faults_said():
+            config = load_config(options.config)
+        sys.exit(asyncio.run(supervise(config)))
     if options.command == "status":
         sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
     replica = options.replica or f"{options.service}.1"

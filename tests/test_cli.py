@@ -308,3 +308,20 @@ def test_up_and_migrate_say_in_one_line_what_is_wrong_with_database_url(tmp_path
         result = subprocess.run(bitnexus(command), env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 1
         assert result.stderr == f"bitnexus: DATABASE_URL names 'mysql'; expected {URL_FORMS}\n"
+
+
+def test_up_and_supervise_say_in_one_line_what_is_wrong_with_their_config(tmp_path: Path) -> None:
+    """A typo in mesh.toml, or a --config naming no file, must not start a mesh of defaults."""
+    env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "NATS_URL": "nats://127.0.0.1:1"}
+    misspelled = tmp_path / "mesh.toml"
+    misspelled.write_text("[supervisor]\nrestarts_maxx = 1\n")
+    expected = {
+        misspelled: f"bitnexus: {misspelled}: Object contains unknown field `restarts_maxx` - at `$.supervisor`\n",
+        tmp_path / "nope.toml": f"bitnexus: {tmp_path / 'nope.toml'}: no such file\n",
+    }
+    for config, said in expected.items():
+        for command in ("up", "supervise"):
+            result = subprocess.run(
+                bitnexus(command, "--config", str(config)), env=env, capture_output=True, text=True, timeout=60
+            )
+            assert (result.returncode, result.stderr) == (1, said), command
