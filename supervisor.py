@@ -354,16 +354,13 @@ def _launch_forked(child: Child) -> tuple[ForkedProcess, int]:
 def run_forked_child(service_name: str, replica_name: str, ready: multiprocessing.connection.Connection) -> None:
     """The body of a forked replica: die with the forkserver (which dies with the supervisor), serve."""
     from bus import logs
-    from bus.runner import serve_until_stopped
 
     die_with_parent()
     os.environ["BITNEXUS_CHILD"] = replica_name
     os.setpgid(0, 0)  # Ctrl-C reaches the supervisor alone; it drains children in order
     logs.configure(replica_name)
-    module_name, function_name = SERVICES[service_name].split(":")
-    serving = getattr(importlib.import_module(module_name), function_name)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_until_stopped(replica_name, serving, os.dup(ready.fileno()), service_name))
+        serve(service_name, replica_name, os.dup(ready.fileno()))
 
 
 async def _read_ready(read_fd: int, exited: asyncio.Future[int]) -> None:
@@ -596,12 +593,19 @@ async def supervise(config: MeshConfig) -> int:
     return 0
 
 
-def serve(service_name: str, replica_name: str) -> None:
-    from bus.runner import ready_fd_from_env, serve_until_stopped
+def serve(service_name: str, replica_name: str, ready_fd: int | None) -> None:
+    """Serve one replica until stopped. Credentials or permissions the NATS server refuses end
+    it with one line and exit 1 (its supervisor counts it as a crash), not a traceback."""
+    from bus.connection import LoginRefused, SubscriptionRefused
+    from bus.runner import serve_until_stopped
 
     module_name, function_name = SERVICES[service_name].split(":")
     serving = getattr(importlib.import_module(module_name), function_name)
-    asyncio.run(serve_until_stopped(replica_name, serving, ready_fd_from_env(), service_name))
+    try:
+        asyncio.run(serve_until_stopped(replica_name, serving, ready_fd, service_name))
+    except (LoginRefused, SubscriptionRefused) as exc:
+        log.error("%s", exc)
+        sys.exit(1)
 
 
 def nats_url_for_status() -> str:
@@ -700,8 +704,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
     replica = options.replica or f"{options.service}.1"
     logs.configure(replica)
+    from bus.runner import ready_fd_from_env
+
     with contextlib.suppress(KeyboardInterrupt):
-        serve(options.service, replica)
+        serve(options.service, replica, ready_fd_from_env())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -30,8 +31,16 @@ _SUBSCRIPTION_REFUSED = re.compile(r'permissions violation for subscription to "
 """The server's `-ERR` for a refused SUB, as nats-py hands it on (lower-cased)."""
 
 
+_LOGIN_REFUSED = re.compile(r"authorization violation|authentication", re.IGNORECASE)
+"""What the server answers a CONNECT whose credentials it refuses, as nats-py hands it on."""
+
+
 class SubscriptionRefused(Exception):
     """The server does not let this connection's user subscribe where it must: a setting to fix."""
+
+
+class LoginRefused(Exception):
+    """The server refused this connection's credentials at its first connect: a setting to fix."""
 
 
 class MeshClient(Client):
@@ -129,9 +138,15 @@ async def connect(
     `on_subscription_refused` is called each time the server refuses or takes away one of the
     connection's subscriptions: at a SUB, or at a reload of its permissions (it then sends the
     same `-ERR` and drops the subscription).
+
+    Credentials the server refuses at the first connect raise `LoginRefused` at once: nats-py
+    would try them again forever, and the process would hang unready, saying only
+    "Authorization Violation" every 1.5 s. Once connected, a refusal at a reconnect (a password
+    changed on the server) is retried like any other failure.
     """
     nc = MeshClient()
     last_logged: dict[str, float] = {}
+    login_refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
@@ -145,6 +160,9 @@ async def connect(
             nc.refused.add(match[1].lower())
             if on_subscription_refused is not None:
                 on_subscription_refused()
+        elif not login_refused.done() and _LOGIN_REFUSED.search(str(exc)):
+            login_refused.set_result(exc)
+            return  # said by `LoginRefused`
         log.error("nats error: %r", exc)
 
     async def on_disconnected() -> None:
@@ -177,8 +195,22 @@ async def connect(
         options["user"], options["password"] = settings.user, settings.password
     if settings.token:
         options["token"] = settings.token
-    await nc.connect(**options)
-    return nc
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    try:
+        await asyncio.wait({connecting, login_refused}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        connecting.cancel()  # refused, or the caller cancelled: nothing left trying
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting  # connected: its own outcome; refused: ended here
+    if not connecting.cancelled():
+        connecting.result()  # raises what the connect raised
+        login_refused.cancel()  # later refusals (at a reconnect) are only logged
+        return nc
+    await nc.close()
+    who = f"user {settings.user!r}" if settings.user else "these credentials"
+    raise LoginRefused(
+        f"the NATS server at {without_secrets(','.join(settings.servers))} refused {who}: {login_refused.result()}"
+    )
 
 
 async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:

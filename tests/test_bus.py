@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.errors import NoServersError
 
 from bus.client import call
-from bus.connection import Settings, connect
+from bus.connection import LoginRefused, Settings, connect
 from bus.embedded import EmbeddedNats, PortTaken, free_port, port_is_free, server_binary
 from bus.errors import NotFound, RemoteError, Unavailable
 from bus.service import Service
@@ -133,6 +133,28 @@ async def test_a_flush_returns_only_once_the_server_has_the_subscriptions_made_b
     finally:
         await publisher.close()
     assert lost == 0
+
+
+async def test_credentials_refused_at_the_first_connect_raise_at_once_instead_of_retrying_forever(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "nats-server.conf"
+    config.write_text('authorization { users = [ { user: svc, password: "right" } ] }\n')
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=free_port(), config=config)
+    server.start()
+    try:
+        for wrong in ({"NATS_PASSWORD": "wrong"}, {}):
+            settings = Settings.from_env({"NATS_URL": server.url, "NATS_USER": "svc", **wrong})
+            async with asyncio.timeout(10):  # nats-py alone tried again every 0.5-2 s, forever
+                with pytest.raises(LoginRefused, match=r"refused user 'svc': nats: 'Authorization Violation'"):
+                    await connect(settings, name="wrong")
+        right = await connect(
+            Settings.from_env({"NATS_URL": server.url, "NATS_USER": "svc", "NATS_PASSWORD": "right"}), "right"
+        )
+        assert right.is_connected
+        await right.close()
+    finally:
+        server.stop()
 
 
 async def test_slow_consumer_drops_are_counted_in_endpoint_stats(nc: Client) -> None:

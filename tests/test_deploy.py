@@ -327,6 +327,22 @@ def test_bitnexus_up_runs_each_service_as_its_own_user_and_status_logs_in(tmp_pa
     assert "Traceback" not in stderr
 
 
+def test_a_service_with_a_wrong_password_makes_the_mesh_stop_at_once_and_say_whose(tmp_path: Path) -> None:
+    """nats-py tries refused credentials again forever: the service hung unready until the
+    supervisor's start timeout, and the supervisor died of it with a traceback (44 s)."""
+    server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
+    with running(server):
+        env = {**os.environ, **mesh_environment(server.url), "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
+        env["NATS_PASSWORD_ACCOUNTS"] = "a guess"
+        up = subprocess.run(
+            bitnexus("up", "--config", str(DEPLOY / "mesh.toml")), env=env, capture_output=True, text=True, timeout=60
+        )
+    assert up.returncode == 1, up.stderr
+    assert "accounts.1[" in up.stderr and "refused user 'accounts': nats: 'Authorization Violation'" in up.stderr
+    assert "supervisor gave up" in up.stderr and "Traceback" not in up.stderr
+    assert "ledger.1[" in up.stderr  # started before accounts, and stopped again
+
+
 EXPECTED_EVENTS = sorted(
     ["events.accounts.user.created"]
     + ["events.ledger.transfer.recorded", "events.transactions.transaction.committed"] * 2  # two deposits
