@@ -31,8 +31,9 @@ _SUBSCRIPTION_REFUSED = re.compile(r'permissions violation for subscription to "
 """The server's `-ERR` for a refused SUB, as nats-py hands it on (lower-cased)."""
 
 
-_LOGIN_REFUSED = re.compile(r"authorization violation|authentication", re.IGNORECASE)
-"""What the server answers a CONNECT whose credentials it refuses, as nats-py hands it on."""
+_LOGIN_REFUSED = re.compile(r"authorization violation", re.IGNORECASE)
+"""What the server answers a CONNECT whose credentials it refuses, as nats-py hands it on (not
+"Authentication Timeout": a CONNECT that came late, say on a busy machine, is worth retrying)."""
 
 
 class SubscriptionRefused(Exception):
@@ -139,7 +140,7 @@ async def connect(
     connection's subscriptions: at a SUB, or at a reload of its permissions (it then sends the
     same `-ERR` and drops the subscription).
 
-    Credentials the server refuses at the first connect raise `LoginRefused` at once: nats-py
+    Credentials any server of the list refuses at the first connect raise `LoginRefused` at once: nats-py
     would try them again forever, and the process would hang unready, saying only
     "Authorization Violation" every 1.5 s. Once connected, a refusal at a reconnect (a password
     changed on the server) is retried like any other failure.
