@@ -649,14 +649,16 @@ def one_mesh_per_data_dir() -> Iterator[None]:
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
     """A config that cannot be read, a `DATABASE_URL` that names no usable database or takes no
-    connection, a NATS without JetStream or a mesh already running is said in one line, exit 1:
-    not a traceback, and not a restart storm of every service."""
+    connection, credentials NATS refuses, a NATS without JetStream or a mesh already running is
+    said in one line, exit 1: not a traceback, and not a restart storm of every service."""
+    from bus.connection import LoginRefused
     from bus.events import NoJetStream
     from schemas.database import BadDatabaseUrl
 
+    faults = (BadConfig, BadDatabaseUrl, migrations.DatabaseUnreachable, LoginRefused, NoJetStream, MeshAlreadyRunning)
     try:
         yield
-    except (BadConfig, BadDatabaseUrl, migrations.DatabaseUnreachable, NoJetStream, MeshAlreadyRunning) as exc:
+    except faults as exc:
         print(f"bitnexus: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

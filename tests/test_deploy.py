@@ -342,6 +342,17 @@ def test_a_service_with_a_wrong_password_makes_the_mesh_stop_at_once_and_say_who
     assert "supervisor gave up" in up.stderr and "Traceback" not in up.stderr
     assert "ledger.1[" in up.stderr  # started before accounts, and stopped again
 
+    with running(server):  # the supervisor's own password wrong: it starts nothing
+        env = {**os.environ, **mesh_environment(server.url), "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
+        env["NATS_PASSWORD"] = "a guess"
+        up = subprocess.run(
+            bitnexus("up", "--config", str(DEPLOY / "mesh.toml")), env=env, capture_output=True, text=True, timeout=60
+        )
+    assert up.returncode == 1, up.stderr
+    said = f"bitnexus: the NATS server at {server.url} refused user 'supervisor': nats: 'Authorization Violation'"
+    assert up.stderr.splitlines()[-1] == said, up.stderr
+    assert "child started" not in up.stderr and "Traceback" not in up.stderr
+
 
 EXPECTED_EVENTS = sorted(
     ["events.accounts.user.created"]
