@@ -37,6 +37,7 @@ from bus.parent_death import die_with_parent
 
 if TYPE_CHECKING:
     from bus.embedded import EmbeddedNats
+    from bus.runner import Serving
 
 log = logging.getLogger("bitnexus.supervisor")
 
@@ -533,12 +534,7 @@ async def status(url: str, json_output: bool) -> int:
             max_reconnect_attempts=1,
             reconnect_time_wait=0.2,
             error_cb=remember,
-            user=settings.user,
-            password=settings.password,
-            token=settings.token,
-            user_credentials=settings.creds,
-            tls=settings.tls_context(),
-            inbox_prefix=settings.inbox_prefix,
+            **settings.client_options(),
         )
     except Exception as exc:
         reason = failures[-1] if failures else exc
@@ -593,16 +589,20 @@ async def supervise(config: MeshConfig) -> int:
     return 0
 
 
+def serving_of(service_name: str) -> Serving:
+    """The service's serving context manager, from `SERVICES`."""
+    module_name, function_name = SERVICES[service_name].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def serve(service_name: str, replica_name: str, ready_fd: int | None) -> None:
     """Serve one replica until stopped. Credentials or permissions the NATS server refuses end
     it with one line and exit 1 (its supervisor counts it as a crash), not a traceback."""
     from bus.connection import LoginRefused, SubscriptionRefused
     from bus.runner import serve_until_stopped
 
-    module_name, function_name = SERVICES[service_name].split(":")
-    serving = getattr(importlib.import_module(module_name), function_name)
     try:
-        asyncio.run(serve_until_stopped(replica_name, serving, ready_fd, service_name))
+        asyncio.run(serve_until_stopped(replica_name, serving_of(service_name), ready_fd, service_name))
     except (LoginRefused, SubscriptionRefused) as exc:
         log.error("%s", exc)
         sys.exit(1)
@@ -684,12 +684,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
     if options.command == "up":
         logs.configure("supervisor")
+        path = options.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         with setting_faults_said():
-            config = (
-                load_config(options.config or DEFAULT_CONFIG)
-                if options.config or DEFAULT_CONFIG.exists()
-                else MeshConfig()
-            )
+            config = load_config(path) if path else MeshConfig()
         with setting_faults_said(), one_mesh_per_data_dir():
             sys.exit(asyncio.run(up(config)))
     if options.command == "migrate":

@@ -115,6 +115,17 @@ class Settings:
             inbox_prefix=f"{MESH_INBOX}.{service}" if service else CLIENT_INBOX,
         )
 
+    def client_options(self) -> dict:
+        """nats-py `connect` options for who this is and how it talks: credentials, TLS, inbox."""
+        options: dict = {"tls": self.tls_context(), "inbox_prefix": self.inbox_prefix}
+        if self.creds:
+            options["user_credentials"] = self.creds
+        if self.user:
+            options["user"], options["password"] = self.user, self.password
+        if self.token:
+            options["token"] = self.token
+        return options
+
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
             return None
@@ -187,15 +198,8 @@ async def connect(
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": random.uniform(reconnect_wait_s_min, reconnect_wait_s_max),
         "connect_timeout": connect_timeout_s,
-        "tls": settings.tls_context(),
-        "inbox_prefix": settings.inbox_prefix,
+        **settings.client_options(),
     }
-    if settings.creds:
-        options["user_credentials"] = settings.creds
-    if settings.user:
-        options["user"], options["password"] = settings.user, settings.password
-    if settings.token:
-        options["token"] = settings.token
     connecting = asyncio.ensure_future(nc.connect(**options))
     try:
         await asyncio.wait({connecting, login_refused}, return_when=asyncio.FIRST_COMPLETED)

@@ -26,10 +26,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
+import supervisor
 from bus.connection import Settings, SubscriptionRefused, connect
 from bus.embedded import EmbeddedNats, free_port, server_binary
 from bus.events import EVENTS_STREAM, STREAM_REPLICAS_ENV
-from supervisor import load_config
 from tests.conftest import Mesh
 from tests.test_cli import bitnexus, wait_for_status
 
@@ -37,7 +37,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CONFIGS = DEPLOY / "nats"
 UNITS = DEPLOY / "systemd"
 INSTALLED_VENV = "/opt/bitnexus/.venv"
-SERVICES = ["ledger_events", "ledger", "accounts", "products", "transactions"]
+SERVICES = list(supervisor.SERVICES)  # in start order, as deploy/mesh.toml starts them
 USERS = ["supervisor", *SERVICES, "client", "sys"]
 PASSWORDS = {f"{user.upper()}_PASSWORD": f"{user} secret" for user in USERS}
 ROUTE_PASSWORD = "route-secret"  # also in each route's URL: a password without spaces or `@:/%`
@@ -139,22 +139,12 @@ async def service_connection(url: str, service: str) -> Client:
 @contextlib.asynccontextmanager
 async def mesh_serving(url: str, services: Sequence[str] = SERVICES) -> AsyncIterator[dict[str, Client]]:
     """The services in start order, each on a connection of its own user, as `bitnexus up` runs them."""
-    from handlers import accounts, products, transactions
-    from ledger import events, service
-
-    servings = {
-        "ledger_events": events.serving,
-        "ledger": service.serving,
-        "accounts": accounts.serving,
-        "products": products.serving,
-        "transactions": transactions.serving,
-    }
     connections: dict[str, Client] = {}
     try:
         async with contextlib.AsyncExitStack() as stack:
             for name in services:
                 connections[name] = await service_connection(url, name)
-                await stack.enter_async_context(servings[name](connections[name]))
+                await stack.enter_async_context(supervisor.serving_of(name)(connections[name]))
             yield connections
     finally:
         for nc in connections.values():
@@ -477,7 +467,7 @@ def test_the_systemd_units_are_valid_and_give_the_supervisor_its_ordered_drain(t
     service = mesh["Service"]
     assert service["ExecStart"] == f"{INSTALLED_VENV}/bin/bitnexus up --config /etc/bitnexus/mesh.toml"
     assert (service["KillMode"], service["KillSignal"]) == ("mixed", "SIGTERM")  # the supervisor alone
-    children = load_config(DEPLOY / "mesh.toml").supervisor.children
+    children = supervisor.load_config(DEPLOY / "mesh.toml").supervisor.children
     slowest_drain_s = sum(child.shutdown_s * child.replicas for child in children)  # one child after another
     assert float(service["TimeoutStopSec"]) > slowest_drain_s
 

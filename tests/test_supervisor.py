@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from tests.conftest import Mesh
-from tests.test_cli import pid_alive
+from tests.test_cli import bitnexus, pid_alive
 
 
 def config(strategy: str, children: list[tuple[str, int]], restarts_max: int = 5, period_s: float = 5) -> str:
@@ -258,11 +258,7 @@ def test_a_child_that_never_says_it_serves_is_killed_restarted_and_counted(nats_
     )
     env = {**os.environ, "NATS_URL": nats_url, "BITNEXUS_DATA_DIR": str(tmp_path / "data")}
     up = subprocess.run(
-        [sys.executable, "-m", "supervisor", "up", "--config", str(tmp_path / "mesh.toml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        bitnexus("up", "--config", str(tmp_path / "mesh.toml")), env=env, capture_output=True, text=True, timeout=60
     )
     assert up.returncode == 1, up.stderr
     assert up.stderr.count("child did not say it serves in time; killing") == 2, up.stderr  # started, restarted
