@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 import migrations
-from bus.parent_death import die_with_parent
+from bus.parent_death import die_with_parent, dies_with_this_process
 
 if TYPE_CHECKING:
     from bus.embedded import EmbeddedNats
@@ -268,7 +268,7 @@ async def _launch_command(child: Child) -> tuple[asyncio.subprocess.Process, int
             *child.spec.argv,
             env=env,
             pass_fds=(write_fd,),
-            preexec_fn=die_with_parent,
+            preexec_fn=dies_with_this_process(),
             process_group=0,  # Ctrl-C reaches the supervisor alone; it drains children in order
         )
     finally:
@@ -354,9 +354,9 @@ def _launch_forked(child: Child) -> tuple[ForkedProcess, int]:
 
 def run_forked_child(service_name: str, replica_name: str, ready: multiprocessing.connection.Connection) -> None:
     """The body of a forked replica: die with the forkserver (which dies with the supervisor), serve."""
-    from bus import logs
+    from bus import forkserver_init, logs
 
-    die_with_parent()
+    die_with_parent(forkserver_init.FORKSERVER_PID)
     os.environ["BITNEXUS_CHILD"] = replica_name
     os.setpgid(0, 0)  # Ctrl-C reaches the supervisor alone; it drains children in order
     logs.configure(replica_name)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.parent_death import die_with_parent
+from bus.parent_death import dies_with_this_process
 
 ready_timeout_s = 10.0
 stop_timeout_s = 10.0
@@ -89,7 +89,7 @@ class EmbeddedNats:
                 env=environment,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=dies_with_this_process(),
                 process_group=0,  # a terminal's Ctrl-C reaches the owner, which stops us last
             )
         self._wait_ready()

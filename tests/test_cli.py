@@ -169,6 +169,32 @@ def test_up_starts_its_killed_nats_server_again_on_its_port_and_the_mesh_serves_
     assert "Traceback" not in stderr
 
 
+def test_up_as_pid_1_like_a_container_entrypoint_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """In a container `bitnexus up` is pid 1. Its children (nats-server, the forkserver, each
+    replica) used to take a parent of pid 1 for init, which adopts orphans, and killed
+    themselves at once: the mesh never started."""
+    env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "BITNEXUS_NATS_PORT": str(free_port())}
+    env.pop("NATS_URL", None)
+    config = tmp_path / "mesh.toml"
+    config.write_text('[[supervisor.children]]\nname = "accounts"\n')
+    in_pid_namespace = ["unshare", "--map-root-user", "--pid", "--fork", "--kill-child"]
+    up = subprocess.Popen(
+        [*in_pid_namespace, *bitnexus("up", "--config", str(config))], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        env["NATS_URL"] = wait_for_file(tmp_path / "nats.url")
+        reply = wait_for_status(env)
+        assert reply["supervisor"]["pid"] == 1
+        assert [child["name"] for child in reply["children"]] == ["accounts.1"]
+        (entrypoint,) = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(entrypoint), signal.SIGTERM)
+        _, stderr = up.communicate(timeout=30)
+    finally:
+        up.kill()
+    assert up.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
 PING_ACCOUNTS = """
 import asyncio, sys, nats
 async def main():

@@ -166,6 +166,17 @@ async def test_sigkill_of_the_supervisor_leaves_no_process_behind(start_mesh) ->
         assert [pid for pid in descendants if pid_alive(pid)] == []
 
 
+def test_a_child_whose_parent_died_before_it_asked_for_the_signal_ends_and_one_whose_parent_lives_stays() -> None:
+    """The parent's death is told by the parent's pid, which the child got before the fork:
+    an adopted child's parent is init or a subreaper, and may be neither pid 1 nor the one it
+    had (`bitnexus up` as a container's pid 1 keeps its children: test_cli)."""
+    asks = "import os, sys, time; from bus.parent_death import die_with_parent; die_with_parent(int(sys.argv[1]))"
+    orphan = subprocess.run([sys.executable, "-c", asks, str(os.getpid() + 1_000_000)], timeout=10)
+    assert orphan.returncode == -signal.SIGTERM
+    kept = subprocess.run([sys.executable, "-c", asks, str(os.getpid())], timeout=10)
+    assert kept.returncode == 0
+
+
 async def test_sigterm_under_load_loses_no_acknowledged_request_and_leaves_nothing(start_mesh) -> None:
     async with start_mesh(config("one_for_one", [("ledger", 1)])) as mesh:
         descendants = mesh.descendants()
