@@ -176,6 +176,42 @@ def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
     assert check(configs_with_passwords(tmp_path / "with")).returncode == 0
 
 
+def test_the_images_nats_server_takes_the_passwords_compose_gives_it_and_the_mesh_each_users(
+    tmp_path: Path,
+) -> None:
+    """deploy/Dockerfile installs passwords-from-env.conf as passwords.conf, and deploy/compose.yaml
+    gives the server every password accounts.conf names and the mesh each service's user."""
+    compose = (DEPLOY / "compose.yaml").read_text()
+    nats_service = compose.split("\n  nats:\n")[1].split("\n  postgres:\n")[0]
+    assert set(re.findall(r"^ +(\w+_PASSWORD): '\"\$\{\1:\?", nats_service, re.MULTILINE)) == set(PASSWORDS)
+    example = set(re.findall(r"^(\w+)=", (DEPLOY / "env.example").read_text(), re.MULTILINE))
+    assert example == {*PASSWORDS, "POSTGRES_PASSWORD"}
+    for service in SERVICES:
+        assert f"NATS_USER_{service.upper()}: {service}\n" in compose
+        assert f"NATS_PASSWORD_{service.upper()}: ${{{service.upper()}_PASSWORD}}\n" in compose
+    children = supervisor.load_config(DEPLOY / "mesh.toml").supervisor.children
+    (grace_s,) = re.findall(r"stop_grace_period: (\d+)s", compose)
+    assert float(grace_s) > sum(child.shutdown_s * child.replicas for child in children)  # as the unit's
+
+    configs = installed_configs(tmp_path)
+    shutil.copy(configs / "passwords-from-env.conf", configs / "passwords.conf")
+    quoted = {variable: f'"{password}"' for variable, password in PASSWORDS.items()}  # as compose gives them
+    server = node(configs / "nats-server.conf", tmp_path / "store", environment=quoted)
+    with running(server):
+
+        async def log_in() -> None:
+            for service in SERVICES:
+                await (await service_connection(server.url, service)).close()
+            await (await client(server.url, Refusals())).close()
+
+        asyncio.run(log_in())
+    without_one = {**os.environ, **quoted, "NATS_STORE_DIR": str(tmp_path / "store")}
+    del without_one["LEDGER_PASSWORD"]
+    command = [str(server_binary()), "-c", str(configs / "nats-server.conf"), "-t"]
+    checked = subprocess.run(command, env=without_one, capture_output=True, text=True, timeout=10)
+    assert checked.returncode != 0 and "LEDGER_PASSWORD" in checked.stderr
+
+
 async def test_clients_reach_the_contract_and_nothing_of_the_mesh(tmp_path: Path, database: str) -> None:
     server = node(configs_with_passwords(tmp_path) / "nats-server.conf", tmp_path / "store")
     with running(server):
