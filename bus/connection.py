@@ -218,14 +218,13 @@ async def connect(
     )
 
 
-async def require_subscriptions(nc: Client, subjects: Iterable[str]) -> None:
+async def require_subscriptions(nc: MeshClient, subjects: Iterable[str]) -> None:
     """`SubscriptionRefused` if the server refused any of these subscriptions, made before this
     call: it answers a SUB it refuses with `-ERR` before the PONG that ends the flush (which, on a
     `MeshClient`, goes out after the SUBs). Without it
     a service whose user may not read its subjects would run, say it serves, and answer nothing."""
     await nc.flush()
-    known = nc.refused if isinstance(nc, MeshClient) else set()  # what a mesh connection's callback saw
-    refused = sorted(subject for subject in subjects if subject.lower() in known)
+    refused = sorted(subject for subject in subjects if subject.lower() in nc.refused)
     if refused:
         raise subscription_refused(nc, refused)
 
@@ -236,9 +235,3 @@ def subscription_refused(nc: Client, subjects: list[str]) -> SubscriptionRefused
         f"the NATS server does not let {f'user {user!r}' if user else 'this connection'} subscribe to "
         f"{', '.join(subjects)}: each service needs its own user, which may (deploy/nats/accounts.conf)"
     )
-
-
-def slow_consumer_drops(nc: Client, sid: int) -> int:
-    """Messages the client dropped for subscription `sid` because its pending queue was full
-    (counted by mesh connections only)."""
-    return nc.dropped[sid] if isinstance(nc, MeshClient) else 0

@@ -19,14 +19,13 @@ from time import perf_counter_ns
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
 from bus import discovery
 from bus.codec import bad_request_from, decoder, encode, timestamp
-from bus.connection import require_subscriptions, slow_consumer_drops
+from bus.connection import MeshClient, require_subscriptions
 from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
 from bus.wire import Frame, header_block, publish_all
 
@@ -77,7 +76,7 @@ class Endpoint:
     def info(self) -> discovery.EndpointInfo:
         return discovery.EndpointInfo(self.name, self.subject, self.queue_group, self.metadata)
 
-    def stats(self, nc: Client) -> discovery.EndpointStats:
+    def stats(self, nc: MeshClient) -> discovery.EndpointStats:
         c = self.counters
         sid = self.subscription._id if self.subscription else -1
         return discovery.EndpointStats(
@@ -90,7 +89,7 @@ class Endpoint:
             processing_time=c.processing_time_ns,
             average_processing_time=c.processing_time_ns // c.num_requests if c.num_requests else 0,
             data={
-                "slow_consumer_drops": slow_consumer_drops(nc, sid),
+                "slow_consumer_drops": nc.dropped[sid],  # dropped as the pending queue was full
                 "concurrency_max": self.concurrency_max,
             },
         )
@@ -109,7 +108,7 @@ class Service:
 
     def __init__(
         self,
-        nc: Client,
+        nc: MeshClient,
         name: str,
         version: str,
         description: str = "",

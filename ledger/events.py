@@ -29,12 +29,11 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 import msgspec
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy import select, update
 
 from bus.codec import encode
-from bus.connection import require_subscriptions
+from bus.connection import MeshClient, require_subscriptions
 from bus.events import EVENTS_STREAM, ensure_stream, relay_forever, relay_poll_interval_s
 from bus.jetstream import BatchPublisher, Message
 from bus.tasks import stop, supervised
@@ -193,7 +192,7 @@ class ChainRelay:
 
 
 @contextlib.asynccontextmanager
-async def serving(nc: Client) -> AsyncIterator[ChainRelay]:
+async def serving(nc: MeshClient) -> AsyncIterator[ChainRelay]:
     """Relay until the block ends; then publish what is left and store the cursor."""
     db = open_database(service_url("ledger"))
     await ensure_stream(nc.jetstream(), EVENTS_STREAM, ["events.>"])
