@@ -196,11 +196,12 @@ def test_the_images_nats_server_takes_the_passwords_compose_gives_it_and_the_mes
     configs = installed_configs(tmp_path)
     shutil.copy(configs / "passwords-from-env.conf", configs / "passwords.conf")
     quoted = {variable: f'"{password}"' for variable, password in PASSWORDS.items()}  # as compose gives them
+    assert all(" " in password for password in PASSWORDS.values())  # unquoted, a space stops the server
     server = node(configs / "nats-server.conf", tmp_path / "store", environment=quoted)
     with running(server):
 
         async def log_in() -> None:
-            for service in SERVICES:
+            for service in [supervisor.SUPERVISOR, *SERVICES]:
                 await (await service_connection(server.url, service)).close()
             await (await client(server.url, Refusals())).close()
 
