@@ -53,6 +53,8 @@ SERVICES: dict[str, str] = {
     "transactions": "handlers.transactions:serving",
 }
 """Service name -> "module:function" returning its serving context manager."""
+TABLES_OF = {service: "ledger" if service == "ledger_events" else service for service in SERVICES}
+"""Whose tables a service reads and writes: the ledger's relay publishes from the ledger's chain."""
 SUPERVISOR = "supervisor"
 """The supervisor's name on NATS: its user and its inbox (`_MESH_INBOX.supervisor`), as a service's."""
 
@@ -649,13 +651,22 @@ def one_mesh_per_data_dir() -> Iterator[None]:
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
     """A config that cannot be read, a `DATABASE_URL` that names no usable database or takes no
-    connection, credentials NATS refuses, a NATS without JetStream or a mesh already running is
-    said in one line, exit 1: not a traceback, and not a restart storm of every service."""
+    connection, tables not migrated (`serve` alone), credentials NATS refuses, a NATS without
+    JetStream or a mesh already running is said in one line, exit 1: not a traceback, and not a
+    restart storm of every service."""
     from bus.connection import LoginRefused
     from bus.events import NoJetStream
     from schemas.database import BadDatabaseUrl
 
-    faults = (BadConfig, BadDatabaseUrl, migrations.DatabaseUnreachable, LoginRefused, NoJetStream, MeshAlreadyRunning)
+    faults = (
+        BadConfig,
+        BadDatabaseUrl,
+        migrations.DatabaseUnreachable,
+        migrations.NotMigrated,
+        LoginRefused,
+        NoJetStream,
+        MeshAlreadyRunning,
+    )
     try:
         yield
     except faults as exc:
@@ -705,6 +716,8 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(replica)
     from bus.runner import ready_fd_from_env
 
+    with setting_faults_said():
+        asyncio.run(migrations.require_current(TABLES_OF[options.service]))
     with contextlib.suppress(KeyboardInterrupt):
         serve(options.service, replica, ready_fd_from_env())
 

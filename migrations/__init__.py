@@ -7,12 +7,17 @@ services share one database and every branch is applied to it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from schemas.database import service_url
 
@@ -25,6 +30,10 @@ class DatabaseUnreachable(Exception):
     def __init__(self, url: URL, cause: BaseException) -> None:
         reason = getattr(cause, "orig", None) or cause  # the driver's words, not SQLAlchemy's wrapping
         super().__init__(f"cannot reach the database at {url.render_as_string(hide_password=True)}: {reason}")
+
+
+class NotMigrated(Exception):
+    """A service's tables are missing or behind its migrations: `bitnexus migrate` first."""
 
 
 def target_metadata() -> MetaData:
@@ -64,3 +73,35 @@ def downgrade(url: str | None = None) -> None:
 async def upgrade_async(url: str | None = None) -> None:
     """Alembic is synchronous and its env runs its own loop: run it in a thread."""
     await asyncio.to_thread(upgrade, url)
+
+
+def _current_heads(conn: Connection) -> tuple[str, ...]:
+    """The revisions the database is at, without alembic's two lines of INFO about its dialect."""
+    quiet = logging.getLogger("alembic.runtime.migration")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return MigrationContext.configure(conn).get_current_heads()
+    finally:
+        quiet.setLevel(level)
+
+
+async def require_current(service: str, url: str | None = None) -> None:
+    """`NotMigrated` unless the service's branch is at its head in its database. `bitnexus up`
+    migrates before it starts anything; a replica started on its own (`bitnexus serve`, one per
+    container) would otherwise serve, and crash on its first missing table with a traceback."""
+    database = service_url(service, url)
+    (head,) = (
+        script.revision for script in ScriptDirectory.from_config(_config(database)).get_revisions(f"{service}@head")
+    )
+    engine = create_async_engine(database)
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(_current_heads)
+    except (OSError, DBAPIError) as exc:
+        raise DatabaseUnreachable(database, exc) from exc
+    finally:
+        await engine.dispose()
+    if head not in current:
+        where = database.render_as_string(hide_password=True)
+        raise NotMigrated(f"the {service} tables at {where} are not migrated to {head}: run `bitnexus migrate` first")

@@ -246,6 +246,20 @@ def test_up_and_migrate_say_in_one_line_that_the_database_takes_no_connection(tm
     assert not (tmp_path / "nats").exists()  # up stopped before starting anything
 
 
+def test_serve_alone_on_tables_not_migrated_says_so_in_one_line_and_serves_nothing(tmp_path: Path) -> None:
+    """`up` migrates first; a replica started alone (one per container) used to serve, then
+    crash on its first missing table with a traceback."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/mesh.db", "NATS_URL": "nats://127.0.0.1:1"}
+    for service, tables in [("accounts", "accounts"), ("ledger_events", "ledger")]:
+        result = subprocess.run(bitnexus("serve", service), env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"bitnexus: the {tables} tables at sqlite+aiosqlite:///{tmp_path}/mesh.{tables}.db"
+        )
+        assert "run `bitnexus migrate` first" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
 def wait_for_listener(port: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
