@@ -4,6 +4,11 @@ A background task (outbox relay, batch loader, ledger writer) that crashes is lo
 started again, so one bad moment does not take the process's endpoints down with it. Past
 `restarts_max` crashes in `restart_period_s` the crash propagates: the process exits, and
 the OS-level supervisor restarts it from durable state.
+
+A database that went away (a restart, a failover) is waited out instead, up to
+`outage_max_s`, starting the task again after a growing pause: restarted at once, every task
+crashed three times in the second a Postgres restart took, every process exited, and the
+supervisor gave the whole mesh up. Such failures do not count against the intensity.
 """
 
 from __future__ import annotations
@@ -15,11 +20,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from schemas.database import database_unreachable
+
 log = logging.getLogger("bitnexus.tasks")
 
 restarts_max_default = 3
 restart_period_s_default = 5.0
 recancel_interval_s = 1.0
+outage_max_s = 60.0
+"""How long a task waits for its database to come back before it crashes after all."""
+outage_pause_first_s = 0.1
+outage_pause_max_s = 2.0
+outage_over_s = 10.0
+"""A task that ran this long since its last failure met a new outage, not the same one."""
 
 
 async def supervised(
@@ -30,6 +43,8 @@ async def supervised(
 ) -> None:
     assert restarts_max >= 0 and restart_period_s > 0
     crashes: deque[float] = deque()
+    outage_started = outage_failed = -outage_over_s
+    pause_s = outage_pause_first_s
     while True:
         try:
             await run()
@@ -42,6 +57,17 @@ async def supervised(
                 log.warning("task failed while stopping", extra={"task": name, "reason": repr(exc)})
                 raise asyncio.CancelledError from exc
             now = time.monotonic()
+            if database_unreachable(exc):
+                if now - outage_failed > outage_over_s:
+                    outage_started, pause_s = now, outage_pause_first_s
+                    log.warning("database unreachable; waiting for it", extra={"task": name, "reason": repr(exc)})
+                outage_failed = now
+                if now - outage_started <= outage_max_s:
+                    await asyncio.sleep(pause_s)
+                    pause_s = min(2 * pause_s, outage_pause_max_s)
+                    continue
+                log.error("database unreachable for too long; giving up", extra={"task": name, "reason": repr(exc)})
+                raise
             crashes.append(now)
             while now - crashes[0] > restart_period_s:
                 crashes.popleft()

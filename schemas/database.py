@@ -24,7 +24,7 @@ import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -163,6 +163,31 @@ DRIVERS = {
 """The schemes `DATABASE_URL` may name, and the async driver each is served by: a plain
 `postgresql://` URL, as every Postgres tool takes it, means asyncpg."""
 URL_FORMS = "sqlite+aiosqlite:///path/mesh.db or postgresql+asyncpg://user@host/database"
+
+
+_OUTAGES = (
+    OSError,  # refused, reset, unreachable: no server to talk to
+    asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, or what it wraps, says the database server went away or is not back yet
+    (a restart, a failover, the network): an outage to wait out, not a fault of ours.
+    SQLAlchemy wraps the driver's error; asyncpg says "connection is closed" with a bare
+    `InterfaceError` when a pooled or held connection died with its server."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _OUTAGES):
+            return True
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class BadDatabaseUrl(ValueError):
