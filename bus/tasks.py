@@ -31,8 +31,9 @@ outage_max_s = 60.0
 """How long a task waits for its database to come back before it crashes after all."""
 outage_pause_first_s = 0.1
 outage_pause_max_s = 2.0
-outage_over_s = 10.0
-"""A task that ran this long since its last failure met a new outage, not the same one."""
+outage_over_s = 120.0
+"""A failure this long after the last one starts a new outage. Longer than one attempt can hang
+(asyncpg's connect timeout is 60 s), so a dead server's slow failures stay one outage, bounded."""
 
 
 async def supervised(
