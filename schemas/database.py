@@ -165,8 +165,10 @@ DRIVERS = {
 URL_FORMS = "sqlite+aiosqlite:///path/mesh.db or postgresql+asyncpg://user@host/database"
 
 
+_CAUSES_MAX = 16
+"""How far down an exception's causes to look: SQLAlchemy's wrapping is two or three deep."""
 _OUTAGES = (
-    OSError,  # refused, reset, unreachable: no server to talk to
+    OSError,  # refused, reset, unreachable: no server to talk to (not a timeout: NATS's are OSErrors too)
     asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
@@ -179,8 +181,10 @@ def database_unreachable(exc: BaseException) -> bool:
     SQLAlchemy wraps the driver's error; asyncpg says "connection is closed" with a bare
     `InterfaceError` when a pooled or held connection died with its server."""
     seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, _OUTAGES):
+    for _ in range(_CAUSES_MAX):
+        if seen is None:
+            return False
+        if isinstance(seen, _OUTAGES) and not isinstance(seen, TimeoutError):
             return True
         if isinstance(seen, DBAPIError) and seen.connection_invalidated:
             return True
