@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ async def supervised(
 ) -> None:
     assert restarts_max >= 0 and restart_period_s > 0
     crashes: deque[float] = deque()
-    outage_started = outage_failed = -outage_over_s
+    outage_started = outage_failed = -math.inf  # no outage yet
     pause_s = outage_pause_first_s
     while True:
         try:

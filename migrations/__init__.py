@@ -7,7 +7,9 @@ services share one database and every branch is applied to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from alembic import command
@@ -17,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from schemas.database import service_url
 
@@ -34,6 +36,24 @@ class DatabaseUnreachable(Exception):
 
 class NotMigrated(Exception):
     """A service's tables are missing or behind its migrations: `bitnexus migrate` first."""
+
+
+@contextlib.asynccontextmanager
+async def connected(url: URL | str) -> AsyncIterator[AsyncConnection]:
+    """A connection to the database at `url`, or `DatabaseUnreachable` when it takes none (down,
+    refused, no such database, login refused, no file); closed and disposed after."""
+    engine = create_async_engine(url)
+    try:
+        try:
+            connection = await engine.connect()
+        except (OSError, DBAPIError) as exc:
+            raise DatabaseUnreachable(engine.url, exc) from exc
+        try:
+            yield connection
+        finally:
+            await connection.close()
+    finally:
+        await engine.dispose()
 
 
 def target_metadata() -> MetaData:
@@ -94,14 +114,8 @@ async def require_current(service: str, url: str | None = None) -> None:
     (head,) = (
         script.revision for script in ScriptDirectory.from_config(_config(database)).get_revisions(f"{service}@head")
     )
-    engine = create_async_engine(database)
-    try:
-        async with engine.connect() as conn:
-            current = await conn.run_sync(_current_heads)
-    except (OSError, DBAPIError) as exc:
-        raise DatabaseUnreachable(database, exc) from exc
-    finally:
-        await engine.dispose()
+    async with connected(database) as conn:
+        current = await conn.run_sync(_current_heads)
     if head not in current:
         where = database.render_as_string(hide_password=True)
         raise NotMigrated(f"the {service} tables at {where} are not migrated to {head}: run `bitnexus migrate` first")

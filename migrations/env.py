@@ -6,10 +6,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from migrations import DatabaseUnreachable, target_metadata
+from migrations import connected, target_metadata
 
 
 def run_with(connection: Connection) -> None:
@@ -19,18 +17,9 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_online() -> None:
-    engine = create_async_engine(context.config.get_main_option("sqlalchemy.url"))
-    try:
-        connection = await engine.connect()
-    except (OSError, DBAPIError) as exc:  # down, refused, no such database, login refused, no file
-        await engine.dispose()
-        raise DatabaseUnreachable(engine.url, exc) from exc
-    try:
+    async with connected(context.config.get_main_option("sqlalchemy.url")) as connection:
         await connection.run_sync(run_with)
         await connection.commit()
-    finally:
-        await connection.close()
-        await engine.dispose()
 
 
 asyncio.run(run_online())

@@ -165,6 +165,12 @@ async def endpoints(nc: Client, services: set[str]) -> list[str]:
     return subjects
 
 
+def slowest_drain_s() -> float:
+    """How long the supervisor may take to stop deploy/mesh.toml's children: one after another."""
+    children = supervisor.load_config(DEPLOY / "mesh.toml").supervisor.children
+    return sum(child.shutdown_s * child.replicas for child in children)
+
+
 def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
     def check(configs: Path) -> subprocess.CompletedProcess:
         command = [str(server_binary()), "-c", str(configs / "nats-server.conf"), "-t"]
@@ -189,9 +195,8 @@ def test_the_images_nats_server_takes_the_passwords_compose_gives_it_and_the_mes
     for service in SERVICES:
         assert f"NATS_USER_{service.upper()}: {service}\n" in compose
         assert f"NATS_PASSWORD_{service.upper()}: ${{{service.upper()}_PASSWORD}}\n" in compose
-    children = supervisor.load_config(DEPLOY / "mesh.toml").supervisor.children
     (grace_s,) = re.findall(r"stop_grace_period: (\d+)s", compose)
-    assert float(grace_s) > sum(child.shutdown_s * child.replicas for child in children)  # as the unit's
+    assert float(grace_s) > slowest_drain_s()  # as the unit's TimeoutStopSec
 
     configs = installed_configs(tmp_path)
     shutil.copy(configs / "passwords-from-env.conf", configs / "passwords.conf")
@@ -518,9 +523,7 @@ def test_the_systemd_units_are_valid_and_give_the_supervisor_its_ordered_drain(t
     service = mesh["Service"]
     assert service["ExecStart"] == f"{INSTALLED_VENV}/bin/bitnexus up --config /etc/bitnexus/mesh.toml"
     assert (service["KillMode"], service["KillSignal"]) == ("mixed", "SIGTERM")  # the supervisor alone
-    children = supervisor.load_config(DEPLOY / "mesh.toml").supervisor.children
-    slowest_drain_s = sum(child.shutdown_s * child.replicas for child in children)  # one child after another
-    assert float(service["TimeoutStopSec"]) > slowest_drain_s
+    assert float(service["TimeoutStopSec"]) > slowest_drain_s()
 
     nats_unit = ConfigParser(strict=False, interpolation=None)
     nats_unit.read_string((UNITS / "bitnexus-nats.service").read_text())

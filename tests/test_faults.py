@@ -84,7 +84,7 @@ class CuttableLink:
         self.cut_until = 0.0
         self.streams: set[asyncio.StreamWriter] = set()
 
-    async def _carry(self, client: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+    async def carry(self, client: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         if asyncio.get_running_loop().time() < self.cut_until:
             client_out.close()
             return
@@ -110,7 +110,7 @@ class CuttableLink:
 @contextlib.asynccontextmanager
 async def cuttable_link(port: int) -> AsyncIterator[tuple[CuttableLink, int]]:
     link = CuttableLink(port)
-    server = await asyncio.start_server(link._carry, "127.0.0.1", 0)
+    server = await asyncio.start_server(link.carry, "127.0.0.1", 0)
     try:
         yield link, server.sockets[0].getsockname()[1]
     finally:
