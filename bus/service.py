@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
+import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,8 +28,9 @@ from nats.nuid import NUID
 from bus import discovery
 from bus.codec import bad_request_from, decoder, encode, timestamp
 from bus.connection import MeshClient, require_subscriptions
-from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError
+from bus.errors import INTERNAL_MESSAGE, ErrorReply, Internal, ServiceError, Unavailable
 from bus.wire import Frame, header_block, publish_all
+from schemas.database import nothing_recorded
 
 log = logging.getLogger("bitnexus.bus")
 
@@ -40,6 +43,7 @@ concurrency_max_default = 256
 pending_msgs_max_default = 65_536
 pending_bytes_max_default = 64 * 1024 * 1024
 drain_timeout_s = 30.0
+database_lost_log_interval_s = 10.0
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
@@ -122,6 +126,7 @@ class Service:
         self.id = NUID().next().decode()
         self.endpoints: list[Endpoint] = []
         self.started = ""
+        self._database_lost_logged = -math.inf
 
     def add_endpoint(
         self,
@@ -273,9 +278,8 @@ class Service:
                 assert len(replies) == len(requests), f"{endpoint.subject}: {len(replies)} replies"
         except ServiceError as exc:
             replies = [exc] * len(requests)
-        except Exception:
-            log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
-            replies = [Internal(INTERNAL_MESSAGE)] * len(requests)
+        except Exception as exc:
+            replies = [self._unexpected(endpoint, exc)] * len(requests)
         frames += [
             self._error_frame(endpoint, msg, reply)
             if isinstance(reply, ServiceError)
@@ -299,13 +303,28 @@ class Service:
                 await self.nc.publish(msg.reply, encode(reply))
         except ServiceError as exc:
             await self._reply_error(endpoint, msg, exc)
-        except Exception:
-            log.exception("endpoint %s failed", endpoint.subject, extra={"service": self.name})
-            await self._reply_error(endpoint, msg, Internal(INTERNAL_MESSAGE))
+        except Exception as exc:
+            await self._reply_error(endpoint, msg, self._unexpected(endpoint, exc))
         finally:
             counters = endpoint.counters
             counters.num_requests += 1
             counters.processing_time_ns += perf_counter_ns() - started
+
+    def _unexpected(self, endpoint: Endpoint, exc: Exception) -> ServiceError:
+        """The answer to an exception no handler expected. A database lost before anything was
+        recorded is a 503, said in the log once per `database_lost_log_interval_s` (at c512 it
+        fails thousands of requests a second); anything else is a 500, its traceback logged."""
+        if nothing_recorded(exc):
+            now = time.monotonic()
+            if now - self._database_lost_logged > database_lost_log_interval_s:
+                self._database_lost_logged = now
+                log.warning(
+                    "database unreachable; answering 503 until it is back",
+                    extra={"service": self.name, "endpoint": endpoint.subject, "reason": repr(exc)},
+                )
+            return Unavailable("the database did not answer")
+        log.error("endpoint %s failed", endpoint.subject, exc_info=exc, extra={"service": self.name})
+        return Internal(INTERNAL_MESSAGE)
 
     async def _reply_error(self, endpoint: Endpoint, msg: Msg, error: ServiceError) -> None:
         frame = self._error_frame(endpoint, msg, error)

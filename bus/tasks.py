@@ -34,7 +34,8 @@ outage_pause_first_s = 0.1
 outage_pause_max_s = 2.0
 outage_over_s = 120.0
 """A failure this long after the last one starts a new outage. Longer than one attempt can hang
-(asyncpg's connect timeout is 60 s), so a dead server's slow failures stay one outage, bounded."""
+(a connect gives up after `postgres_connect_timeout_s`), so a dead server's slow failures stay
+one outage, bounded."""
 
 
 async def supervised(

@@ -30,7 +30,7 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import postgres_lookup, sqlite_json_list, sqlite_timestamp
+from schemas.database import postgres_lookup, sqlite_json_list, sqlite_timestamp, transaction
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -59,7 +59,7 @@ async def create_user(request: CreateUser, repo: Repo) -> User:
     now = datetime.now(UTC)
     values = {"email": request.email.lower(), "name": request.name, "password_hash": password_hash}
     try:
-        async with repo.db.writer.begin() as conn:
+        async with transaction(repo.db.writer) as conn:
             statement = insert(users).values(**values, inserted_at=now, updated_at=now).returning(*USER_COLUMNS)
             user = user_from((await conn.execute(statement)).one())
             await write_event(conn, accounts_outbox, SOURCE, "accounts.user.created", user, now)
@@ -119,7 +119,7 @@ async def update_user(request: UpdateUser, repo: Repo) -> User:
     now = datetime.now(UTC)
     statement = update(users).where(users.c.id == request.id).values(**changes, updated_at=now)
     try:
-        async with repo.db.writer.begin() as conn:
+        async with transaction(repo.db.writer) as conn:
             row = (await conn.execute(statement.returning(*USER_COLUMNS))).one_or_none()
             if row is None:
                 raise user_not_found(request.id)
@@ -132,7 +132,7 @@ async def update_user(request: UpdateUser, repo: Repo) -> User:
 
 
 async def delete_user(request: UserId, repo: Repo) -> Deleted:
-    async with repo.db.writer.begin() as conn:
+    async with transaction(repo.db.writer) as conn:
         row = (await conn.execute(delete(users).where(users.c.id == request.id).returning(*USER_COLUMNS))).one_or_none()
         if row is None:
             raise user_not_found(request.id)

@@ -25,6 +25,7 @@ from bus.service import Service
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
+from schemas.database import transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -81,7 +82,7 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
     await check_seller(repo, request.seller_id)
     now = datetime.now(UTC)
     try:
-        async with repo.db.writer.begin() as conn:
+        async with transaction(repo.db.writer) as conn:
             statement = insert(products).values(**structs.asdict(request), inserted_at=now, updated_at=now)
             product = product_from((await conn.execute(statement.returning(*PRODUCT_COLUMNS))).one())
             await write_event(conn, products_outbox, SOURCE, "products.product.created", product, now)
@@ -114,7 +115,7 @@ async def update_product(request: UpdateProduct, repo: Repo) -> Product:
     now = datetime.now(UTC)
     statement = update(products).where(products.c.id == request.id).values(**changes, updated_at=now)
     try:
-        async with repo.db.writer.begin() as conn:
+        async with transaction(repo.db.writer) as conn:
             product = await _changed(conn, statement, request.id, "products.product.updated", now)
     except IntegrityError:
         raise sku_taken() from None
@@ -123,7 +124,7 @@ async def update_product(request: UpdateProduct, repo: Repo) -> Product:
 
 
 async def delete_product(request: ProductId, repo: Repo) -> Deleted:
-    async with repo.db.writer.begin() as conn:
+    async with transaction(repo.db.writer) as conn:
         await _changed(
             conn,
             delete(products).where(products.c.id == request.id),
@@ -157,7 +158,7 @@ async def release_stock(request: StockChange, repo: Repo) -> Reservation:
 
 async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reservation:
     now = datetime.now(UTC)
-    async with repo.db.writer.begin() as conn:
+    async with transaction(repo.db.writer) as conn:
         existing = (
             await conn.execute(select(product_reservations).where(product_reservations.c.id == request.reservation_id))
         ).one_or_none()

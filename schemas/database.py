@@ -9,11 +9,12 @@ instead of failing with SQLITE_BUSY; reads use a separate pool and never wait fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ sqlite_readers_max = 8
 postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
+postgres_connect_timeout_s = 5.0
 
 
 def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str = "") -> str:
@@ -194,6 +196,40 @@ def database_unreachable(exc: BaseException) -> bool:
     return False
 
 
+class CommitUnanswered(Exception):
+    """The database went away while a COMMIT was on its way: the write may stand or not.
+
+    Answered as a 500, never as the 503 that a lost database otherwise gets: the contract's 503
+    promises that nothing was recorded. A retry with the same key or id finds out which."""
+
+
+async def committing(commit: Awaitable[T]) -> T:
+    """`commit`'s result; if the database went away meanwhile, `CommitUnanswered`."""
+    try:
+        return await commit
+    except Exception as exc:
+        if database_unreachable(exc):
+            raise CommitUnanswered("the database went away during a commit") from exc
+        raise
+
+
+@contextlib.asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """`engine.begin()` for a request's write: a lost database before the COMMIT (at connect,
+    at any statement) left nothing behind and is answered 503; at the COMMIT it is
+    `CommitUnanswered`."""
+    async with engine.connect() as conn:
+        await conn.begin()
+        yield conn
+        await committing(conn.commit())
+
+
+def nothing_recorded(exc: BaseException) -> bool:
+    """Whether a request that failed on `exc` can be answered 503: the database was lost, and
+    not while a commit was on its way."""
+    return database_unreachable(exc) and not isinstance(exc, CommitUnanswered)
+
+
 class BadDatabaseUrl(ValueError):
     """`DATABASE_URL` names no database this mesh can use: a setting to fix, said in one line."""
 
@@ -245,7 +281,7 @@ def open_database(url: URL) -> Database:
         pool_size=postgres_pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout_s,
-        connect_args={"command_timeout": postgres_command_timeout_s},
+        async_creator=functools.partial(connect_postgres, postgres_dsn(url)),
     )
     # a read is one statement: no BEGIN/COMMIT round trips around it
     return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
@@ -284,6 +320,27 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
     cursor.close()
 
 
+class ConnectTimeout(ConnectionError):
+    """No connection to the database within `postgres_connect_timeout_s`: the server or the
+    network is gone (an outage, unlike a `TimeoutError`, which could be anyone's)."""
+
+
+def postgres_dsn(url: URL) -> str:
+    """The URL as asyncpg takes it."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def connect_postgres(dsn: str) -> asyncpg.Connection:
+    """A connection to Postgres, or `ConnectTimeout` within `postgres_connect_timeout_s`: asyncpg
+    waits 60 s by default, and a server behind a dropped route answers neither yes nor no."""
+    try:
+        return await asyncpg.connect(
+            dsn, timeout=postgres_connect_timeout_s, command_timeout=postgres_command_timeout_s
+        )
+    except TimeoutError as exc:
+        raise ConnectTimeout(f"no connection to the database within {postgres_connect_timeout_s:g} s") from exc
+
+
 class PostgresThread:
     """An asyncpg connection owned by a thread running its own event loop: `await run(fn)` awaits
     `fn(connection)` there, one call at a time.
@@ -296,7 +353,7 @@ class PostgresThread:
     """
 
     def __init__(self, url: URL) -> None:
-        self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.dsn = postgres_dsn(url)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="postgres-writer", daemon=True)
         self._thread.start()
@@ -310,7 +367,7 @@ class PostgresThread:
         self._turn = self._turn or asyncio.Lock()
         async with self._turn:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(self.dsn, command_timeout=postgres_command_timeout_s)
+                self._connection = await connect_postgres(self.dsn)
             connection = self._connection
             try:
                 return await fn(connection)

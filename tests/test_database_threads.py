@@ -1,24 +1,40 @@
-"""The writers' own connections: SqliteThread and PostgresThread (on this machine's Postgres)."""
+"""The writers' own connections (SqliteThread, PostgresThread) and how a write meets a lost
+database, on this machine's Postgres."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+import migrations
+from ledger.writer import Writer
 from schemas.database import (
+    CommitUnanswered,
     PostgresThread,
     SqliteThread,
+    database_unreachable,
+    nothing_recorded,
+    open_database,
+    postgres_dsn,
+    service_url,
     sqlite_insert_rows,
     sqlite_insert_rows_max,
+    transaction,
     wal_checkpoint_interval_s,
     wal_pages_max,
 )
+from schemas.ledger import Transfer
+from tests.conftest import empty_tables
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, sqlite_insert_rows_max, 2 * sqlite_insert_rows_max + 3])
@@ -87,3 +103,75 @@ async def test_postgres_thread_drops_a_connection_left_in_a_transaction(postgres
         assert await writer.run(state) == (False, True)  # a new connection: nothing of the old one
     finally:
         await writer.close()
+
+
+@contextlib.asynccontextmanager
+async def commits_lose_the_connection(postgres_url: str, table: str) -> AsyncIterator[None]:
+    """A deferred trigger on `table` that ends its own session: the COMMIT is sent, and the server
+    goes away before it answers, as a crash or a failover in the middle of a commit looks."""
+    admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)))
+    try:
+        await admin.execute(
+            "CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;"
+            f" CREATE CONSTRAINT TRIGGER lose_the_connection AFTER INSERT ON {table}"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION lose_the_connection()"
+        )
+        yield
+    finally:
+        await admin.execute(
+            f"DROP TRIGGER IF EXISTS lose_the_connection ON {table}; DROP FUNCTION IF EXISTS lose_the_connection()"
+        )
+        await admin.close()
+
+
+async def test_a_database_lost_before_the_commit_recorded_nothing_and_at_the_commit_is_unanswered(
+    postgres_url: str,
+) -> None:
+    """Only the first is the contract's 503: the second may have been recorded."""
+    engine = open_database(make_url(postgres_url)).writer
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE IF NOT EXISTS commit_probe (n int)"))
+        with pytest.raises(Exception) as before_commit:
+            async with transaction(engine) as conn:
+                await conn.execute(text("INSERT INTO commit_probe VALUES (1)"))
+                await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        assert nothing_recorded(before_commit.value), before_commit.value
+        async with commits_lose_the_connection(postgres_url, "commit_probe"):
+            with pytest.raises(CommitUnanswered) as at_commit:
+                async with transaction(engine) as conn:
+                    await conn.execute(text("INSERT INTO commit_probe VALUES (2)"))
+        assert database_unreachable(at_commit.value) and not nothing_recorded(at_commit.value)
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM commit_probe"))).scalar() == 0
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TABLE IF EXISTS commit_probe"))
+        await engine.dispose()
+
+
+async def test_the_ledger_writer_answers_a_commit_the_lost_database_never_answered_as_unanswered(
+    postgres_url: str,
+) -> None:
+    """On both of its ways to commit: a guess's statement that commits itself, and the COMMIT
+    after reading under the lock (the way it takes when it knows no head)."""
+    await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
+    db = open_database(service_url("ledger", postgres_url))
+    writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
+    first, second = (Transfer(id, "world", "user:1", 5, "EUR") for id in ("t1", "t2"))
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(writer.run())
+            assert [entry.seq for entry in await writer.submit([first], batched=False)] == [1]
+            async with commits_lose_the_connection(postgres_url, "ledger_entries"):
+                with pytest.raises(CommitUnanswered):
+                    await writer.submit([second], batched=False)  # guessed on the head it wrote
+                with pytest.raises(CommitUnanswered):
+                    await writer.submit([second], batched=False)  # read under the lock
+            assert [entry.seq for entry in await writer.submit([second], batched=False)] == [2]  # nothing stood
+            running.cancel()
+    finally:
+        await writer.close()
+        await db.dispose()

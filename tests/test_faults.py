@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
-import nats.errors
 from nats.aio.client import Client
 from sqlalchemy.engine import make_url
 
 import migrations
 from bus.events import EVENTS_STREAM, ensure_stream
 from handlers import products
-from tests.conftest import Mesh
+from schemas.database import postgres_connect_timeout_s
+from tests.conftest import Mesh, empty_tables
 
 
 async def test_product_create_is_503_when_accounts_does_not_answer(nc: Client, database: str) -> None:
@@ -76,18 +77,22 @@ async def test_event_committed_before_a_kill_is_published_after_restart_exactly_
 
 
 class CuttableLink:
-    """A TCP hop to Postgres that the test can cut: every connection through it closed and new
-    ones refused for a while, as a restart or a failover of the server looks to its clients."""
+    """A TCP hop to Postgres that the test can cut: every connection through it closed, and for a
+    while new ones refused, as a restart or a failover of the server looks to its clients, or
+    held open unanswered, as a server behind a dropped route looks (`silent`)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.cut_until = 0.0
+        self.silent = False
         self.streams: set[asyncio.StreamWriter] = set()
 
     async def carry(self, client: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-        if asyncio.get_running_loop().time() < self.cut_until:
-            client_out.close()
-            return
+        while asyncio.get_running_loop().time() < self.cut_until:
+            if not self.silent:
+                client_out.close()
+                return
+            await asyncio.sleep(0.05)  # holds the connection: the client hears nothing
         server, server_out = await asyncio.open_connection("127.0.0.1", self.port)
         self.streams |= {client_out, server_out}
 
@@ -101,10 +106,14 @@ class CuttableLink:
         await asyncio.gather(pump(client, server_out), pump(server, client_out))
         self.streams -= {client_out, server_out}
 
-    def cut(self, seconds: float) -> None:
+    def cut(self, seconds: float, silent: bool = False) -> None:
         self.cut_until = asyncio.get_running_loop().time() + seconds
+        self.silent = silent
         for stream in self.streams:
             stream.transport.abort()
+
+    def heal(self) -> None:
+        self.cut_until = 0.0
 
 
 @contextlib.asynccontextmanager
@@ -131,37 +140,88 @@ async def answered_again(mesh: Mesh, subject: str, body: dict, timeout_s: float 
         await asyncio.sleep(0.2)
 
 
-async def test_a_database_restart_is_waited_out_by_every_service_not_crashed_through(
-    nc: Client, nats_url: str, postgres_url: str
-) -> None:
-    """Each service's background tasks (the outbox relay, the ledger's writer) used to crash at
-    once on a lost database, three times in the second a restart takes, and the process exited:
-    under `bitnexus up` every service did, and the supervisor gave the whole mesh up."""
+@contextlib.asynccontextmanager
+async def services_through_link(
+    nc: Client, nats_url: str, postgres_url: str, names: tuple[str, ...]
+) -> AsyncIterator[tuple[Mesh, CuttableLink, list[subprocess.Popen]]]:
+    """`names` served on a migrated, empty Postgres reached through a `CuttableLink`."""
     await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
     mesh = Mesh(nc)
     await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
     database = make_url(postgres_url)
     async with cuttable_link(database.port or 5432) as (link, port):
         through_link = database.set(port=port).render_as_string(hide_password=False)
-        services = [start_service(name, nats_url, through_link) for name in ("accounts", "ledger")]
+        services = [start_service(name, nats_url, through_link) for name in names]
         try:
-            for name in ("accounts", "ledger"):
+            for name in names:
                 await wait_until_serving(nc, name)
-            await mesh.ok("accounts.users.create", {"email": "before@x.io", "name": "B", "password": "password1"})
-            transfer = {"from": "world", "to": "user:1", "amount": 1, "currency": "EUR"}
-            await mesh.ok("ledger.record", {**transfer, "id": "before"})
-            link.cut(3.0)
-            with contextlib.suppress(nats.errors.TimeoutError):  # the writer meets the outage
-                await mesh.request("ledger.record", {**transfer, "id": "during"}, timeout_s=1.0)
-            await asyncio.sleep(3.5)
-            assert [service.poll() for service in services] == [None, None]
-            await answered_again(
-                mesh, "accounts.users.create", {"email": "after@x.io", "name": "A", "password": "password1"}
-            )
-            await answered_again(mesh, "ledger.record", {**transfer, "id": "after"})
-            assert [service.poll() for service in services] == [None, None]
+            yield mesh, link, services
         finally:
             for service in services:
                 service.send_signal(signal.SIGTERM)
             for service in services:  # the link runs on this loop: waiting must not block it
                 await asyncio.to_thread(service.wait, 15)
+
+
+TRANSFER = {"from": "world", "to": "user:1", "amount": 1, "currency": "EUR"}
+
+
+def user(email: str) -> dict:
+    return {"email": email, "name": "U", "password": "password1"}
+
+
+async def answers_during_outage(mesh: Mesh, timeout_s: float) -> list[tuple[int | None, str]]:
+    """Each service's write and read while the database is gone: (error code, type) of each."""
+    asked = [
+        ("accounts.users.create", user("during@x.io")),
+        ("accounts.users.get", {"id": 1}),
+        ("ledger.record", {**TRANSFER, "id": "during"}),
+        ("ledger.balance", {"account": "user:1"}),
+    ]
+    replies = await asyncio.gather(*(mesh.request(subject, body, timeout_s=timeout_s) for subject, body in asked))
+    return [(code, reply.get("error", {}).get("type", "")) for code, reply in replies]
+
+
+async def recorded_nothing_during_the_outage(mesh: Mesh) -> None:
+    """The email and the transfer id refused by a 503 are free: another body takes them."""
+    await answered_again(mesh, "accounts.users.create", user("during@x.io"))
+    entry = await answered_again(mesh, "ledger.record", {**TRANSFER, "id": "during", "amount": 2})
+    assert entry["amount"] == 2
+
+
+async def test_a_lost_database_is_answered_503_with_nothing_recorded_and_waited_out(
+    nc: Client, nats_url: str, postgres_url: str
+) -> None:
+    """Each service's background tasks (the outbox relay, the ledger's writer) used to crash at
+    once on a lost database, three times in the second a restart takes, and the process exited:
+    under `bitnexus up` every service did, and the supervisor gave the whole mesh up. Requests
+    meanwhile got 500 `internal`, which says nothing of whether anything was recorded."""
+    async with services_through_link(nc, nats_url, postgres_url, ("accounts", "ledger")) as (mesh, link, services):
+        await mesh.ok("accounts.users.create", user("before@x.io"))
+        await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
+        link.cut(3.0)
+        assert await answers_during_outage(mesh, 1.0) == [(503, "unavailable")] * 4
+        await asyncio.sleep(3.5)
+        assert [service.poll() for service in services] == [None, None]
+        await recorded_nothing_during_the_outage(mesh)
+        assert [service.poll() for service in services] == [None, None]
+
+
+async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeout(
+    nc: Client, nats_url: str, postgres_url: str
+) -> None:
+    """A server behind a dropped route neither accepts nor refuses: asyncpg waited 60 s for each
+    connection, and its timeout was a 500."""
+    waiting_s = postgres_connect_timeout_s + 5.0
+    async with services_through_link(nc, nats_url, postgres_url, ("accounts", "ledger")) as (mesh, link, services):
+        await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
+        link.cut(math.inf, silent=True)
+        # the held connections, cut, fail at once; connecting again waits for the timeout
+        assert await answers_during_outage(mesh, waiting_s) == [(503, "unavailable")] * 4
+        started = asyncio.get_running_loop().time()
+        assert await answers_during_outage(mesh, waiting_s) == [(503, "unavailable")] * 4
+        assert asyncio.get_running_loop().time() - started >= postgres_connect_timeout_s - 0.5
+        link.heal()
+        await recorded_nothing_during_the_outage(mesh)
+        assert [service.poll() for service in services] == [None, None]

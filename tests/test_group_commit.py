@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.group_commit import GroupCommit
 from handlers.transaction_store import NewTransaction, TransactionSql
-from schemas.database import open_database, service_url
+from schemas.database import nothing_recorded, open_database, service_url
 
 
 def new(key: str, fingerprint: str = "f") -> NewTransaction:
@@ -68,3 +69,22 @@ async def test_a_failing_operation_fails_only_its_caller(commits: tuple[GroupCom
     assert sorted(row.idempotency_key for row in inserted) == sorted(f"ok{n}" for n in range(10))
     stored = await in_one_batch(group_commit, [lambda: group_commit.apply(sql.insert_pending, new("ok3"))])
     assert stored[0].id == inserted[3].id
+
+
+async def test_a_lost_database_fails_the_whole_batch_at_once(postgres_url: str) -> None:
+    """Run again alone, each caller would only meet the same outage, one after another."""
+    db = open_database(service_url("transactions", postgres_url))
+    group_commit = GroupCommit(db.writer)
+    runs = 0
+
+    async def lose_the_connection(conn: AsyncConnection) -> None:
+        nonlocal runs
+        runs += 1
+        await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    try:
+        outcomes = await in_one_batch(group_commit, [lambda: group_commit.run(lose_the_connection)] * 5)
+    finally:
+        await db.dispose()
+    assert runs == 1
+    assert all(isinstance(outcome, Exception) and nothing_recorded(outcome) for outcome in outcomes), outcomes
