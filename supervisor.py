@@ -94,6 +94,11 @@ class MeshConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nats: NatsSpec = NatsSpec()
 
 
+WHOLE_MESH = MeshConfig(supervisor=SupervisorSpec(restarts_max=3, children=tuple(ChildSpec(name) for name in SERVICES)))
+"""What `up` starts with no mesh.toml (an installed `bitnexus` run outside this repository):
+every service, one replica each, as `deploy/mesh.toml` says (a test holds the two equal)."""
+
+
 class BadConfig(Exception):
     """A mesh.toml that is missing or is not the supervisor's config: said in one line."""
 
@@ -622,6 +627,13 @@ def nats_url_for_status() -> str:
     return urls.split(",")[0]
 
 
+def up_config(path: Path | None) -> MeshConfig:
+    """`--config`, else `deploy/mesh.toml` when run where it is, else the whole mesh."""
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    return load_config(path) if path else WHOLE_MESH
+
+
 class MeshAlreadyRunning(Exception):
     """Another `bitnexus up` holds the data directory."""
 
@@ -681,7 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="start the whole mesh under the supervisor")
-    up_parser.add_argument("--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG} when it exists")
+    up_parser.add_argument(
+        "--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG} when it exists, else every service once"
+    )
     supervise_parser = commands.add_parser("supervise", help="run a nested supervisor (a child of another)")
     supervise_parser.add_argument("--config", type=Path, required=True)
     status_parser = commands.add_parser("status", help="print the process tree of a running mesh")
@@ -695,9 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
     if options.command == "up":
         logs.configure("supervisor")
-        path = options.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         with setting_faults_said():
-            config = load_config(path) if path else MeshConfig()
+            config = up_config(options.config)
         with setting_faults_said(), one_mesh_per_data_dir():
             sys.exit(asyncio.run(up(config)))
     if options.command == "migrate":

@@ -171,6 +171,18 @@ def slowest_drain_s() -> float:
     return sum(child.shutdown_s * child.replicas for child in children)
 
 
+def test_up_outside_this_repository_starts_what_deploy_mesh_toml_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed `bitnexus up` run anywhere else found no deploy/mesh.toml, and started a
+    supervisor with no children: a NATS server and nothing else, silently."""
+    monkeypatch.chdir(DEPLOY.parent)
+    assert supervisor.up_config(None) == supervisor.load_config(DEPLOY / "mesh.toml")
+    monkeypatch.chdir(tmp_path)
+    assert supervisor.up_config(None) == supervisor.load_config(DEPLOY / "mesh.toml")
+    assert [child.name for child in supervisor.up_config(None).supervisor.children] == SERVICES
+
+
 def test_a_server_without_its_passwords_does_not_start(tmp_path: Path) -> None:
     def check(configs: Path) -> subprocess.CompletedProcess:
         command = [str(server_binary()), "-c", str(configs / "nats-server.conf"), "-t"]
