@@ -14,7 +14,7 @@ import functools
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -177,23 +177,39 @@ _OUTAGES = (
 )
 
 
+_ERROR_WHILE_IDLE = "another operation (2) is in progress"
+"""asyncpg's words for a connection that got an error while idle and waits for a sync that never
+comes (state 2, `PROTOCOL_ERROR_CONSUME`): the FATAL a server shutting down sends to each idle
+session (asyncpg issues 784 and 1069). Seen on the ledger's writer and raw reads when Postgres stopped."""
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether `exc`, or what it wraps, says the database server went away or is not back yet
     (a restart, a failover, the network): an outage to wait out, not a fault of ours.
-    SQLAlchemy wraps the driver's error; asyncpg says "connection is closed" with a bare
-    `InterfaceError` when a pooled or held connection died with its server."""
+    SQLAlchemy wraps the driver's error."""
+    return any(
+        (isinstance(seen, _OUTAGES) and not isinstance(seen, TimeoutError))
+        or (isinstance(seen, DBAPIError) and seen.connection_invalidated)
+        or _dead_before_sending(seen)
+        for seen in _causes(exc)
+    )
+
+
+def _dead_before_sending(exc: BaseException) -> bool:
+    """asyncpg refused to send anything on a connection that had died: one closed with its server
+    ("connection is closed"), or one that got an error while idle."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection is closed" in str(exc)
+    return isinstance(exc, asyncpg.InternalClientError) and _ERROR_WHILE_IDLE in str(exc)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
     seen: BaseException | None = exc
     for _ in range(_CAUSES_MAX):
         if seen is None:
-            return False
-        if isinstance(seen, _OUTAGES) and not isinstance(seen, TimeoutError):
-            return True
-        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
-            return True
-        if isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen):
-            return True
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class CommitUnanswered(Exception):
@@ -208,7 +224,7 @@ async def committing(commit: Awaitable[T]) -> T:
     try:
         return await commit
     except Exception as exc:
-        if database_unreachable(exc):
+        if database_unreachable(exc) and not any(_dead_before_sending(seen) for seen in _causes(exc)):
             raise CommitUnanswered("the database went away during a commit") from exc
         raise
 

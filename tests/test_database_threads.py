@@ -22,6 +22,7 @@ from schemas.database import (
     CommitUnanswered,
     PostgresThread,
     SqliteThread,
+    committing,
     database_unreachable,
     nothing_recorded,
     open_database,
@@ -175,3 +176,54 @@ async def test_the_ledger_writer_answers_a_commit_the_lost_database_never_answer
     finally:
         await writer.close()
         await db.dispose()
+
+
+class LinkHidingTheServersClose:
+    """A TCP hop to Postgres that passes everything on but, while `hiding`, the server's closing
+    of a connection: what a client sees between a session's FATAL message and the close after it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.hiding = True
+
+    async def carry(self, client: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        server, server_out = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, from_server: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65_536):
+                    sink.write(data)
+                    await sink.drain()
+            if not (from_server and self.hiding):
+                sink.close()
+
+        await asyncio.gather(pump(client, server_out, False), pump(server, client_out, True))
+
+
+async def test_a_connection_that_got_a_fatal_message_while_idle_is_an_outage_and_is_replaced(
+    postgres_url: str,
+) -> None:
+    """A server stopping sends each idle session a FATAL message, then closes it. asyncpg, idle,
+    takes the message for a protocol error and refuses the next statement with an
+    `InternalClientError` (asyncpg issues 784, 1069), then counts the connection closed: seen on
+    the ledger's writer as 500s when Postgres stopped."""
+    url = make_url(postgres_url)
+    link = LinkHidingTheServersClose(url.port or 5432)
+    server = await asyncio.start_server(link.carry, "127.0.0.1", 0)
+    async with server:
+        writer = PostgresThread(url.set(port=server.sockets[0].getsockname()[1]))
+        try:
+            backend = await writer.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+            admin = await asyncpg.connect(postgres_dsn(url))
+            try:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend)
+            finally:
+                await admin.close()
+            await asyncio.sleep(0.3)  # the FATAL message has come; the close never will
+            with pytest.raises(asyncpg.InternalClientError) as refused:
+                await writer.run(lambda conn: committing(conn.execute("COMMIT")))
+            assert nothing_recorded(refused.value)  # never sent: not a commit left unanswered
+            assert await writer.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()")) != backend
+        finally:
+            link.hiding = False
+            await writer.close()
