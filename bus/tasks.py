@@ -32,10 +32,12 @@ outage_max_s = 60.0
 """How long a task waits for its database to come back before it crashes after all."""
 outage_pause_first_s = 0.1
 outage_pause_max_s = 2.0
-outage_over_s = 120.0
-"""A failure this long after the last one starts a new outage. Longer than one attempt can hang
-(a connect gives up after `postgres_connect_timeout_s`), so a dead server's slow failures stay
-one outage, bounded."""
+outage_over_s = 15.0
+"""A failure this long after the last one starts a new outage: the task ran in between, so the
+database was back. Within one outage failures come at most a pause (`outage_pause_max_s`) and a
+connect (`postgres_connect_timeout_s`, 5 s) apart, so a dead server's failures stay one outage,
+bounded. (At 120 s, three 8 s Postgres stops 12 s apart added up to one outage past
+`outage_max_s`: every relay gave up, and two services restarted.)"""
 
 
 async def supervised(

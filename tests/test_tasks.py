@@ -81,3 +81,44 @@ async def test_stop_asks_again_when_a_cancellation_was_lost(monkeypatch: pytest.
     await asyncio.wait_for(stop(task, "consumer"), timeout=2)
     assert task.cancelled()
     assert len(turns) == 2, "the first cancellation was lost, the second ended it"
+
+
+@pytest.fixture
+def short_outages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus.tasks, "outage_max_s", 0.5)
+    monkeypatch.setattr(bus.tasks, "outage_over_s", 0.2)
+    monkeypatch.setattr(bus.tasks, "outage_pause_first_s", 0.01)
+    monkeypatch.setattr(bus.tasks, "outage_pause_max_s", 0.02)
+
+
+async def test_a_lost_database_is_waited_out_without_counting_but_not_past_outage_max_s(short_outages: None) -> None:
+    attempts = []
+
+    async def no_database() -> None:
+        attempts.append(asyncio.get_running_loop().time())
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    with pytest.raises(ConnectionRefusedError):
+        await supervised("relay", no_database, restarts_max=1)
+    assert len(attempts) > 10  # past restarts_max: an outage is not a crash
+    assert len(attempts) <= 0.5 / 0.01 + 1  # paused between attempts
+    assert 0.5 <= attempts[-1] - attempts[0] <= 0.5 + 0.1
+
+
+async def test_outages_the_task_ran_between_are_bounded_each_on_its_own(short_outages: None) -> None:
+    """A database that comes back between outages: together they last longer than
+    outage_max_s, each of them less."""
+    outages = 4
+    attempts = []
+
+    async def flapping_database() -> None:
+        attempts.append(1)
+        if len(attempts) % 10 == 0:  # back: runs a while, then the next outage
+            await asyncio.sleep(0.3)
+            if len(attempts) == 10 * outages:
+                return
+        await asyncio.sleep(0.01)
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    await supervised("relay", flapping_database, restarts_max=1)
+    assert len(attempts) == 10 * outages
