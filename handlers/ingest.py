@@ -2,8 +2,8 @@
 a durable pull consumer shared by all transactions replicas applies each message once.
 
 A message is acknowledged only after its outcome is committed (or refused, for good). A
-dependency that did not answer, or answered 5xx, is a transient failure: nak with a growing
-delay (at most `deliveries_max` deliveries). A malformed or refused message gets a `rejected`
+dependency that did not answer, or answered 5xx, or a lost database, is a transient failure: nak
+with a growing delay (at most `deliveries_max` deliveries). A malformed or refused message gets a `rejected`
 event and a terminal ack, never an endless redelivery.
 """
 
@@ -26,6 +26,7 @@ from bus.events import ensure_stream, write_event
 from handlers import transactions
 from handlers.transaction_store import SOURCE
 from handlers.transactions import Saga
+from schemas.database import database_unreachable
 from schemas.transactions import (
     CreateDeposit,
     CreatePurchase,
@@ -110,6 +111,22 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
 
 
 async def handle(msg: Msg, saga: Saga) -> None:
+    """Apply one message; a lost database is transient too. Raised instead, it ended the
+    consumer's task group, every message in flight with it, and they came back only after
+    `ack_wait_s`."""
+    try:
+        await apply_message(msg, saga)
+    except Exception as exc:
+        if not database_unreachable(exc):
+            raise
+        await msg.nak(delay=redelivery_delay_s(msg))
+
+
+def redelivery_delay_s(msg: Msg) -> float:
+    return min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
+
+
+async def apply_message(msg: Msg, saga: Saga) -> None:
     kind = msg.subject.rsplit(".", 1)[-1]
     route = ROUTES.get(kind)
     try:
@@ -125,8 +142,7 @@ async def handle(msg: Msg, saga: Saga) -> None:
         await create(request, saga)
     except ServiceError as error:
         if error.code >= 500:  # a dependency timed out or failed: the same message may succeed later
-            delay_s = min(2.0**msg.metadata.num_delivered / 4, redelivery_delay_s_max)
-            await msg.nak(delay=delay_s)
+            await msg.nak(delay=redelivery_delay_s(msg))
             return
         if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not
             await reject(saga, request.idempotency_key, error)  # type: ignore[attr-defined]

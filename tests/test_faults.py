@@ -19,7 +19,7 @@ import migrations
 from bus.events import EVENTS_STREAM, ensure_stream
 from handlers import products
 from schemas.database import postgres_connect_timeout_s
-from tests.conftest import Mesh, empty_tables
+from tests.conftest import Mesh, empty_tables, fresh_streams
 
 
 async def test_product_create_is_503_when_accounts_does_not_answer(nc: Client, database: str) -> None:
@@ -148,7 +148,7 @@ async def services_through_link(
     await migrations.upgrade_async(postgres_url)
     await empty_tables(postgres_url)
     mesh = Mesh(nc)
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await fresh_streams(mesh)
     database = make_url(postgres_url)
     async with cuttable_link(database.port or 5432) as (link, port):
         through_link = database.set(port=port).render_as_string(hide_password=False)
@@ -225,3 +225,24 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
         link.heal()
         await recorded_nothing_during_the_outage(mesh)
         assert [service.poll() for service in services] == [None, None]
+
+
+async def test_an_ingest_message_that_met_a_lost_database_is_applied_soon_after_it_is_back(
+    nc: Client, nats_url: str, postgres_url: str
+) -> None:
+    """Before, the lost database ended the ingest consumer's task group: the consumer restarted,
+    and the message came back only after the consumer's ack wait (30 s)."""
+    names = ("accounts", "ledger", "transactions")
+    async with services_through_link(nc, nats_url, postgres_url, names) as (mesh, link, services):
+        user_id = (await mesh.ok("accounts.users.create", user("ingest@x.io")))["id"]
+        deposit = {"idempotency_key": "during-outage", "user_id": user_id, "amount": 7, "currency": "EUR"}
+        link.cut(3.0)
+        await mesh.js.publish("ingest.transactions.deposits", json.dumps(deposit).encode())
+        deadline = asyncio.get_running_loop().time() + 12.0
+        listed: list[dict] = []
+        while not listed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.5)
+            code, page = await mesh.request("transactions.transactions.list", {"user_id": user_id})
+            listed = page["items"] if code is None else []
+        assert [(item["idempotency_key"], item["status"]) for item in listed] == [("during-outage", "committed")]
+        assert [service.poll() for service in services] == [None, None, None]
