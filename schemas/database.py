@@ -26,6 +26,7 @@ import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -174,6 +175,7 @@ _OUTAGES = (
     asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
+    PoolTimeout,  # every pooled connection taken (say, each waiting out a connect) for `pool_timeout_s`
 )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 import migrations
+import schemas.database
 from ledger.writer import Writer
 from schemas.database import (
     CommitUnanswered,
@@ -27,6 +28,7 @@ from schemas.database import (
     nothing_recorded,
     open_database,
     postgres_dsn,
+    postgres_pool_size,
     service_url,
     sqlite_insert_rows,
     sqlite_insert_rows_max,
@@ -227,3 +229,34 @@ async def test_a_connection_that_got_a_fatal_message_while_idle_is_an_outage_and
         finally:
             link.hiding = False
             await writer.close()
+
+
+async def test_a_request_that_waited_out_the_pool_for_a_silent_database_recorded_nothing(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pooled connection stuck connecting to a server that answers nothing: the next
+    request waits `pool_timeout_s` for one, and is a 503 like them, not a 500."""
+    monkeypatch.setattr(schemas.database, "postgres_connect_timeout_s", 1.0)
+    monkeypatch.setattr(schemas.database, "pool_timeout_s", 0.2)
+    held: list[asyncio.StreamWriter] = []
+
+    async def answer_nothing(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(answer_nothing, "127.0.0.1", 0)
+    async with server:
+        engine = open_database(make_url(postgres_url).set(port=server.sockets[0].getsockname()[1])).writer
+        try:
+
+            async def write() -> None:
+                async with transaction(engine) as conn:
+                    await conn.execute(text("SELECT 1"))
+
+            failures = await asyncio.gather(*(write() for _ in range(postgres_pool_size + 1)), return_exceptions=True)
+        finally:
+            await engine.dispose()
+            for writer in held:
+                writer.close()
+    kinds = sorted(type(failure).__name__ for failure in failures)
+    assert kinds == ["ConnectTimeout"] * postgres_pool_size + ["TimeoutError"], kinds
+    assert all(isinstance(failure, Exception) and nothing_recorded(failure) for failure in failures)
