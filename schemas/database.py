@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import socket
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -41,6 +42,10 @@ postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
 postgres_connect_timeout_s = 5.0
+postgres_unacknowledged_max_s = 5.0
+"""How long what a connection sent may go unacknowledged before the kernel ends it
+(`TCP_USER_TIMEOUT`, as libpq's `tcp_user_timeout`): a server behind a dropped route is then a
+lost connection, an outage, not a statement that waits out `postgres_command_timeout_s`."""
 
 
 def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str = "") -> str:
@@ -352,11 +357,15 @@ async def connect_postgres(dsn: str) -> asyncpg.Connection:
     """A connection to Postgres, or `ConnectTimeout` within `postgres_connect_timeout_s`: asyncpg
     waits 60 s by default, and a server behind a dropped route answers neither yes nor no."""
     try:
-        return await asyncpg.connect(
+        connection = await asyncpg.connect(
             dsn, timeout=postgres_connect_timeout_s, command_timeout=postgres_command_timeout_s
         )
     except TimeoutError as exc:
         raise ConnectTimeout(f"no connection to the database within {postgres_connect_timeout_s:g} s") from exc
+    sock = connection._transport.get_extra_info("socket")  # asyncpg offers no option for it
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(postgres_unacknowledged_max_s * 1000))
+    return connection
 
 
 class PostgresThread:

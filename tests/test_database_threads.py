@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from schemas.database import (
     open_database,
     postgres_dsn,
     postgres_pool_size,
+    postgres_unacknowledged_max_s,
     service_url,
     sqlite_insert_rows,
     sqlite_insert_rows_max,
@@ -260,3 +262,28 @@ async def test_a_request_that_waited_out_the_pool_for_a_silent_database_recorded
     kinds = sorted(type(failure).__name__ for failure in failures)
     assert kinds == ["ConnectTimeout"] * postgres_pool_size + ["TimeoutError"], kinds
     assert all(isinstance(failure, Exception) and nothing_recorded(failure) for failure in failures)
+
+
+async def test_every_postgres_connection_gives_up_on_data_left_unacknowledged(postgres_url: str) -> None:
+    """Behind a dropped route (measured by hand with iptables, docs/decisions.md), a statement
+    waited for the 10 s command timeout and was a 500; the kernel now ends the connection."""
+    expected = int(postgres_unacknowledged_max_s * 1000)
+
+    def user_timeout(connection: Any) -> int:
+        sock = connection._transport.get_extra_info("socket")
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+
+    async def writer_user_timeout(connection: Any) -> int:
+        return user_timeout(connection)
+
+    writer = PostgresThread(make_url(postgres_url))
+    try:
+        assert await writer.run(writer_user_timeout) == expected
+    finally:
+        await writer.close()
+    engine = open_database(make_url(postgres_url)).writer
+    try:
+        async with engine.connect() as conn:
+            assert user_timeout((await conn.get_raw_connection()).driver_connection) == expected
+    finally:
+        await engine.dispose()
