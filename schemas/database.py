@@ -363,9 +363,13 @@ async def connect_postgres(dsn: str) -> asyncpg.Connection:
     except TimeoutError as exc:
         raise ConnectTimeout(f"no connection to the database within {postgres_connect_timeout_s:g} s") from exc
     sock = connection._transport.get_extra_info("socket")  # asyncpg offers no option for it
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(postgres_unacknowledged_max_s * 1000))
+    if _TCP_USER_TIMEOUT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(postgres_unacknowledged_max_s * 1000))
     return connection
+
+
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+"""Linux's; elsewhere (macOS) a dropped route waits for the statement timeout."""
 
 
 class PostgresThread:
