@@ -2,9 +2,9 @@
 a durable pull consumer shared by all transactions replicas applies each message once.
 
 A message is acknowledged only after its outcome is committed (or refused, for good). A
-dependency that did not answer, or answered 5xx, or a lost database, is a transient failure: nak
-with a growing delay (at most `deliveries_max` deliveries). A malformed or refused message gets a `rejected`
-event and a terminal ack, never an endless redelivery.
+dependency that did not answer, or answered 5xx, or a lost database, is a transient failure:
+nak with a growing delay (at most `deliveries_max` deliveries). A malformed or refused message
+gets a `rejected` event and a terminal ack, never an endless redelivery.
 """
 
 from __future__ import annotations
