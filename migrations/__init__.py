@@ -17,11 +17,11 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from schemas.database import service_url
+from schemas.database import create_engine, service_url
 
 SERVICES_WITH_TABLES = ("accounts", "products", "ledger", "transactions")
 
@@ -42,7 +42,7 @@ class NotMigrated(Exception):
 async def connected(url: URL | str) -> AsyncIterator[AsyncConnection]:
     """A connection to the database at `url`, or `DatabaseUnreachable` when it takes none (down,
     refused, no such database, login refused, no file); closed and disposed after."""
-    engine = create_async_engine(url)
+    engine = create_engine(make_url(url))
     try:
         try:
             connection = await engine.connect()

@@ -296,16 +296,17 @@ class Database:
             await self.reader.dispose()
 
 
+def create_engine(url: URL, **options: Any) -> AsyncEngine:
+    """An async engine for `url`; on Postgres each connection made by `connect_postgres`."""
+    if url.get_backend_name() == "postgresql":
+        options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url))
+    return create_async_engine(url, **options)
+
+
 def open_database(url: URL) -> Database:
     if url.get_backend_name() == "sqlite":
         return Database(writer=_sqlite_engine(url, writer=True), reader=_sqlite_engine(url, writer=False))
-    engine = create_async_engine(
-        url,
-        pool_size=postgres_pool_size,
-        max_overflow=0,
-        pool_timeout=pool_timeout_s,
-        async_creator=functools.partial(connect_postgres, postgres_dsn(url)),
-    )
+    engine = create_engine(url, pool_size=postgres_pool_size, max_overflow=0, pool_timeout=pool_timeout_s)
     # a read is one statement: no BEGIN/COMMIT round trips around it
     return Database(writer=engine, reader=engine.execution_options(isolation_level="AUTOCOMMIT"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bus.embedded import EmbeddedNats, free_port, server_binary
-from schemas.database import URL_FORMS, BadDatabaseUrl, service_url
+from schemas.database import URL_FORMS, BadDatabaseUrl, postgres_connect_timeout_s, service_url
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -244,6 +244,22 @@ def test_up_and_migrate_say_in_one_line_that_the_database_takes_no_connection(tm
             assert reason in result.stderr and "Traceback" not in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "nats").exists()  # up stopped before starting anything
+
+
+def test_migrate_says_within_the_connect_timeout_that_a_silent_database_takes_no_connection(tmp_path: Path) -> None:
+    """A server behind a dropped route neither accepts nor refuses: asyncpg waited 60 s."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/mesh"
+        env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "DATABASE_URL": url}
+        result = subprocess.run(
+            bitnexus("migrate"), env=env, capture_output=True, text=True, timeout=postgres_connect_timeout_s + 10
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"bitnexus: cannot reach the database at postgresql+asyncpg://postgres@127.0.0.1:{port}/mesh: "
+        f"no connection to the database within {postgres_connect_timeout_s:g} s"
+    )
 
 
 def test_serve_alone_on_tables_not_migrated_says_so_in_one_line_and_serves_nothing(tmp_path: Path) -> None:
