@@ -267,6 +267,7 @@ def service_url(service: str, url: str | None = None) -> URL:
         raise BadDatabaseUrl(f"DATABASE_URL names {parsed.drivername!r}; expected {URL_FORMS}")
     parsed = parsed.set(drivername=DRIVERS[parsed.drivername])
     if parsed.get_backend_name() != "sqlite":
+        postgres_dsn(parsed)  # its limits are said now, not at the first connection
         return parsed
     if not parsed.database or parsed.database == ":memory:":
         raise BadDatabaseUrl(f"DATABASE_URL names no SQLite file, and each service keeps its own; expected {URL_FORMS}")
@@ -345,27 +346,51 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
 
 
 class ConnectTimeout(ConnectionError):
-    """No connection to the database within `postgres_connect_timeout_s`: the server or the
+    """No connection to the database within its connect timeout: the server or the
     network is gone (an outage, unlike a `TimeoutError`, which could be anyone's)."""
 
 
-def postgres_dsn(url: URL) -> str:
-    """The URL as asyncpg takes it."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+@dataclass(frozen=True)
+class PostgresDsn:
+    """How to connect: the URL as asyncpg reads it, and the two limits libpq reads from a URL's
+    query that asyncpg does not (it would send them to the server as settings, which refuses)."""
+
+    dsn: str
+    connect_timeout_s: float = postgres_connect_timeout_s
+    """libpq's `connect_timeout` (seconds)."""
+    unacknowledged_max_ms: int = int(postgres_unacknowledged_max_s * 1000)
+    """libpq's `tcp_user_timeout` (milliseconds; 0: the system's default)."""
 
 
-async def connect_postgres(dsn: str) -> asyncpg.Connection:
-    """A connection to Postgres, or `ConnectTimeout` within `postgres_connect_timeout_s`: asyncpg
-    waits 60 s by default, and a server behind a dropped route answers neither yes nor no."""
+def postgres_dsn(url: URL) -> PostgresDsn:
+    query = dict(url.query)
+    try:
+        connect_timeout_s = float(query.pop("connect_timeout", postgres_connect_timeout_s))
+        unacknowledged_max_ms = int(query.pop("tcp_user_timeout", postgres_unacknowledged_max_s * 1000))
+    except (TypeError, ValueError):
+        connect_timeout_s = unacknowledged_max_ms = -1
+    if connect_timeout_s <= 0 or unacknowledged_max_ms < 0:
+        raise BadDatabaseUrl(
+            "DATABASE_URL's connect_timeout takes seconds above 0 (every wait here is bounded), "
+            "its tcp_user_timeout milliseconds (0: the system's default)"
+        )
+    dsn = url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    return PostgresDsn(dsn, connect_timeout_s, unacknowledged_max_ms)
+
+
+async def connect_postgres(target: PostgresDsn) -> asyncpg.Connection:
+    """A connection to Postgres, or `ConnectTimeout` within `connect_timeout_s`: asyncpg waits
+    60 s by default, and a server behind a dropped route answers neither yes nor no."""
     try:
         connection = await asyncpg.connect(
-            dsn, timeout=postgres_connect_timeout_s, command_timeout=postgres_command_timeout_s
+            target.dsn, timeout=target.connect_timeout_s, command_timeout=postgres_command_timeout_s
         )
     except TimeoutError as exc:
-        raise ConnectTimeout(f"no connection to the database within {postgres_connect_timeout_s:g} s") from exc
+        raise ConnectTimeout(f"no connection to the database within {target.connect_timeout_s:g} s") from exc
     sock = connection._transport.get_extra_info("socket")  # asyncpg offers no option for it
-    if _TCP_USER_TIMEOUT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(postgres_unacknowledged_max_s * 1000))
+    tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+    if _TCP_USER_TIMEOUT is not None and tcp and target.unacknowledged_max_ms:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, target.unacknowledged_max_ms)
     return connection
 
 

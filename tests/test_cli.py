@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bus.embedded import EmbeddedNats, free_port, server_binary
-from schemas.database import URL_FORMS, BadDatabaseUrl, postgres_connect_timeout_s, service_url
+from schemas.database import URL_FORMS, BadDatabaseUrl, service_url
 
 
 def bitnexus(*args: str) -> list[str]:
@@ -247,18 +247,16 @@ def test_up_and_migrate_say_in_one_line_that_the_database_takes_no_connection(tm
 
 
 def test_migrate_says_within_the_connect_timeout_that_a_silent_database_takes_no_connection(tmp_path: Path) -> None:
-    """A server behind a dropped route neither accepts nor refuses: asyncpg waited 60 s."""
+    """A server behind a dropped route neither accepts nor refuses: asyncpg waited 60 s. The
+    timeout is libpq's `connect_timeout` in the URL's query, 5 s without it."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
-        port = silent.getsockname()[1]
-        url = f"postgresql://postgres@127.0.0.1:{port}/mesh"
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/mesh?connect_timeout=1.5"
         env = {**os.environ, "BITNEXUS_DATA_DIR": str(tmp_path), "DATABASE_URL": url}
-        result = subprocess.run(
-            bitnexus("migrate"), env=env, capture_output=True, text=True, timeout=postgres_connect_timeout_s + 10
-        )
+        result = subprocess.run(bitnexus("migrate"), env=env, capture_output=True, text=True, timeout=15)
     assert result.returncode == 1
+    said = url.replace("postgresql:", "postgresql+asyncpg:")
     assert result.stderr.strip() == (
-        f"bitnexus: cannot reach the database at postgresql+asyncpg://postgres@127.0.0.1:{port}/mesh: "
-        f"no connection to the database within {postgres_connect_timeout_s:g} s"
+        f"bitnexus: cannot reach the database at {said}: no connection to the database within 1.5 s"
     )
 
 
@@ -352,6 +350,9 @@ def test_a_database_url_naming_nothing_usable_says_what_is_wrong(tmp_path: Path)
         ("mysql://mesh@db/mesh", "DATABASE_URL names 'mysql'; expected sqlite+aiosqlite:///path/mesh.db or "),
         ("sqlite://", "DATABASE_URL names no SQLite file, and each service keeps its own; expected "),
         (f"sqlite:///{not_a_dir}/mesh.db", f"DATABASE_URL's SQLite files go in {not_a_dir}, which cannot be made: "),
+        ("postgresql://db/mesh?connect_timeout=0", "DATABASE_URL's connect_timeout takes seconds above 0"),
+        ("postgresql://db/mesh?connect_timeout=soon", "DATABASE_URL's connect_timeout takes seconds above 0"),
+        ("postgresql://db/mesh?tcp_user_timeout=-1", "DATABASE_URL's connect_timeout takes seconds above 0"),
     ]:
         with pytest.raises(BadDatabaseUrl) as raised:
             service_url("ledger", url)

@@ -114,7 +114,7 @@ async def test_postgres_thread_drops_a_connection_left_in_a_transaction(postgres
 async def commits_lose_the_connection(postgres_url: str, table: str) -> AsyncIterator[None]:
     """A deferred trigger on `table` that ends its own session: the COMMIT is sent, and the server
     goes away before it answers, as a crash or a failover in the middle of a commit looks."""
-    admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)))
+    admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)).dsn)
     try:
         await admin.execute(
             "CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS"
@@ -218,7 +218,7 @@ async def test_a_connection_that_got_a_fatal_message_while_idle_is_an_outage_and
         writer = PostgresThread(url.set(port=server.sockets[0].getsockname()[1]))
         try:
             backend = await writer.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
-            admin = await asyncpg.connect(postgres_dsn(url))
+            admin = await asyncpg.connect(postgres_dsn(url).dsn)
             try:
                 assert await admin.fetchval("SELECT pg_terminate_backend($1)", backend)
             finally:
@@ -238,7 +238,6 @@ async def test_a_request_that_waited_out_the_pool_for_a_silent_database_recorded
 ) -> None:
     """Every pooled connection stuck connecting to a server that answers nothing: the next
     request waits `pool_timeout_s` for one, and is a 503 like them, not a 500."""
-    monkeypatch.setattr(schemas.database, "postgres_connect_timeout_s", 1.0)
     monkeypatch.setattr(schemas.database, "pool_timeout_s", 0.2)
     held: list[asyncio.StreamWriter] = []
 
@@ -247,7 +246,8 @@ async def test_a_request_that_waited_out_the_pool_for_a_silent_database_recorded
 
     server = await asyncio.start_server(answer_nothing, "127.0.0.1", 0)
     async with server:
-        engine = open_database(make_url(postgres_url).set(port=server.sockets[0].getsockname()[1])).writer
+        silent = make_url(postgres_url).set(port=server.sockets[0].getsockname()[1], query={"connect_timeout": "1"})
+        engine = open_database(silent).writer
         try:
 
             async def write() -> None:
@@ -281,9 +281,10 @@ async def test_every_postgres_connection_gives_up_on_data_left_unacknowledged(po
         assert await writer.run(writer_user_timeout) == expected
     finally:
         await writer.close()
-    engine = open_database(make_url(postgres_url)).writer
-    try:
-        async with engine.connect() as conn:
-            assert user_timeout((await conn.get_raw_connection()).driver_connection) == expected
-    finally:
-        await engine.dispose()
+    for query, wanted in [({}, expected), ({"tcp_user_timeout": "1234"}, 1234)]:  # libpq's, in the URL
+        engine = open_database(make_url(postgres_url).set(query=query)).writer
+        try:
+            async with engine.connect() as conn:
+                assert user_timeout((await conn.get_raw_connection()).driver_connection) == wanted
+        finally:
+            await engine.dispose()

@@ -18,7 +18,6 @@ from sqlalchemy.engine import make_url
 import migrations
 from bus.events import EVENTS_STREAM, ensure_stream
 from handlers import products
-from schemas.database import postgres_connect_timeout_s
 from tests.conftest import Mesh, empty_tables, fresh_streams
 
 
@@ -158,7 +157,8 @@ async def services_through_link(
     await fresh_streams(mesh)
     database = make_url(postgres_url)
     async with cuttable_link(database.port or 5432) as (link, port):
-        through_link = database.set(port=port).render_as_string(hide_password=False)
+        through_link = database.set(port=port, query={"connect_timeout": str(CONNECT_TIMEOUT_S)})
+        through_link = through_link.render_as_string(hide_password=False)
         services = [start_service(name, nats_url, through_link) for name in names]
         try:
             for name in names:
@@ -172,6 +172,8 @@ async def services_through_link(
 
 
 TRANSFER = {"from": "world", "to": "user:1", "amount": 1, "currency": "EUR"}
+CONNECT_TIMEOUT_S = 2.0
+"""The services' connect timeout through the link (libpq's `connect_timeout` in the URL)."""
 
 
 def user(email: str) -> dict:
@@ -220,7 +222,7 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
 ) -> None:
     """A server behind a dropped route neither accepts nor refuses: asyncpg waited 60 s for each
     connection, and its timeout was a 500."""
-    waiting_s = postgres_connect_timeout_s + 5.0
+    waiting_s = CONNECT_TIMEOUT_S + 5.0
     async with services_through_link(nc, nats_url, postgres_url, ("accounts", "ledger")) as (mesh, link, services):
         await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
         await link.cut_and_wait(math.inf, silent=True)
@@ -228,7 +230,7 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
         assert await answers_during_outage(mesh, waiting_s) == [(503, "unavailable")] * 4
         started = asyncio.get_running_loop().time()
         assert await answers_during_outage(mesh, waiting_s) == [(503, "unavailable")] * 4
-        assert asyncio.get_running_loop().time() - started >= postgres_connect_timeout_s - 0.5
+        assert asyncio.get_running_loop().time() - started >= CONNECT_TIMEOUT_S - 0.5
         link.heal()
         await recorded_nothing_during_the_outage(mesh)
         assert [service.poll() for service in services] == [None, None]
