@@ -111,21 +111,25 @@ async def test_postgres_thread_drops_a_connection_left_in_a_transaction(postgres
 
 
 @contextlib.asynccontextmanager
-async def commits_lose_the_connection(postgres_url: str, table: str) -> AsyncIterator[None]:
-    """A deferred trigger on `table` that ends its own session: the COMMIT is sent, and the server
-    goes away before it answers, as a crash or a failover in the middle of a commit looks."""
+async def commits_lose_the_connection(postgres_url: str, table: str, times: int = 2**31 - 1) -> AsyncIterator[None]:
+    """A deferred trigger on `table` that ends its own session, the first `times` times (counted by
+    a sequence, which the rollback does not undo): the COMMIT is sent, and the server goes away
+    before it answers, as a crash or a failover in the middle of a commit looks."""
     admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)).dsn)
     try:
         await admin.execute(
-            "CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;"
+            "CREATE SEQUENCE lose_the_connection_count;"
+            " CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF nextval('lose_the_connection_count') <= {times} THEN"
+            " PERFORM pg_terminate_backend(pg_backend_pid()); END IF; RETURN NULL; END $$;"
             f" CREATE CONSTRAINT TRIGGER lose_the_connection AFTER INSERT ON {table}"
             " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION lose_the_connection()"
         )
         yield
     finally:
         await admin.execute(
-            f"DROP TRIGGER IF EXISTS lose_the_connection ON {table}; DROP FUNCTION IF EXISTS lose_the_connection()"
+            f"DROP TRIGGER IF EXISTS lose_the_connection ON {table}; DROP FUNCTION IF EXISTS lose_the_connection();"
+            " DROP SEQUENCE IF EXISTS lose_the_connection_count"
         )
         await admin.close()
 
@@ -171,11 +175,29 @@ async def test_the_ledger_writer_answers_a_commit_the_lost_database_never_answer
             running = group.create_task(writer.run())
             assert [entry.seq for entry in await writer.submit([first], batched=False)] == [1]
             async with commits_lose_the_connection(postgres_url, "ledger_entries"):
-                with pytest.raises(CommitUnanswered):
-                    await writer.submit([second], batched=False)  # guessed on the head it wrote
-                with pytest.raises(CommitUnanswered):
-                    await writer.submit([second], batched=False)  # read under the lock
+                with pytest.raises(CommitUnanswered):  # guessed on the head it wrote, then written again
+                    await writer.submit([second], batched=False)  # after reading under the lock
             assert [entry.seq for entry in await writer.submit([second], batched=False)] == [2]  # nothing stood
+            running.cancel()
+    finally:
+        await writer.close()
+        await db.dispose()
+
+
+async def test_the_ledger_writer_writes_a_batch_whose_commit_went_unanswered_again_once_the_database_is_back(
+    postgres_url: str,
+) -> None:
+    """As a client's retry with the same id would: its requesters get their entries, not a 500."""
+    await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
+    db = open_database(service_url("ledger", postgres_url))
+    writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(writer.run())
+            async with commits_lose_the_connection(postgres_url, "ledger_entries", times=1):
+                (entry,) = await writer.submit([Transfer("t1", "world", "user:1", 5, "EUR")], batched=False)
+            assert (entry.seq, entry.id) == (1, "t1")
             running.cancel()
     finally:
         await writer.close()
