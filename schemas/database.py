@@ -46,6 +46,8 @@ postgres_unacknowledged_max_s = 5.0
 """How long what a connection sent may go unacknowledged before the kernel ends it
 (`TCP_USER_TIMEOUT`, as libpq's `tcp_user_timeout`): a server behind a dropped route is then a
 lost connection, an outage, not a statement that waits out `postgres_command_timeout_s`."""
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+"""Linux's; elsewhere (macOS) a dropped route waits for the statement timeout."""
 
 
 def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str = "") -> str:
@@ -356,9 +358,9 @@ class PostgresDsn:
     query that asyncpg does not (it would send them to the server as settings, which refuses)."""
 
     dsn: str
-    connect_timeout_s: float = postgres_connect_timeout_s
+    connect_timeout_s: float
     """libpq's `connect_timeout` (seconds)."""
-    unacknowledged_max_ms: int = int(postgres_unacknowledged_max_s * 1000)
+    unacknowledged_max_ms: int
     """libpq's `tcp_user_timeout` (milliseconds; 0: the system's default)."""
 
 
@@ -392,10 +394,6 @@ async def connect_postgres(target: PostgresDsn) -> asyncpg.Connection:
     if _TCP_USER_TIMEOUT is not None and tcp and target.unacknowledged_max_ms:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, target.unacknowledged_max_ms)
     return connection
-
-
-_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
-"""Linux's; elsewhere (macOS) a dropped route waits for the statement timeout."""
 
 
 class PostgresThread:
