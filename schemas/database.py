@@ -242,9 +242,17 @@ async def committing(commit: Awaitable[T]) -> T:
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """`engine.begin()` for a request's write: a lost database before the COMMIT (at connect,
     at any statement) left nothing behind and is answered 503; at the COMMIT it is
-    `CommitUnanswered`."""
+    `CommitUnanswered`.
+
+    The database's transaction is open when the block starts, so statements sent on the driver
+    itself (`get_raw_connection`, as the saga's store does) are in it too. SQLAlchemy's asyncpg
+    adapter sends BEGIN only before its own first statement: until session 20 the saga's
+    statements each committed on their own, and two replicas closing one transaction each wrote
+    its event. (SQLite's writer sends BEGIN IMMEDIATE at `begin`, `_sqlite_engine`.)"""
     async with engine.connect() as conn:
         await conn.begin()
+        if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
         yield conn
         await committing(conn.commit())
 

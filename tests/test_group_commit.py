@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from handlers.group_commit import GroupCommit
-from handlers.transaction_store import NewTransaction, TransactionSql
+from handlers.transaction_store import Close, NewTransaction, TransactionSql
 from schemas.database import nothing_recorded, open_database, service_url
+from schemas.transactions import transactions_outbox
 
 
 def new(key: str, fingerprint: str = "f") -> NewTransaction:
@@ -88,3 +89,59 @@ async def test_a_lost_database_fails_the_whole_batch_at_once(postgres_url: str) 
         await db.dispose()
     assert runs == 1
     assert all(isinstance(outcome, Exception) and nothing_recorded(outcome) for outcome in outcomes), outcomes
+
+
+async def test_statements_on_the_driver_itself_are_rolled_back_with_the_batch(
+    commits: tuple[GroupCommit, TransactionSql],
+) -> None:
+    """The saga's statements go to the driver (asyncpg, aiosqlite) around SQLAlchemy: they are in
+    the batch's transaction all the same. (SQLAlchemy's asyncpg adapter sent BEGIN only before
+    its own first statement, so on Postgres each of them committed on its own.)"""
+    group_commit, sql = commits
+
+    async def insert_then_fail(conn: AsyncConnection) -> None:
+        await sql.insert_pending(conn, [new("rolled-back")])
+        raise RuntimeError("after the insert")
+
+    (outcome,) = await in_one_batch(group_commit, [lambda: group_commit.run(insert_then_fail)])
+    assert isinstance(outcome, RuntimeError)
+    async with group_commit.engine.connect() as conn:
+        stored = await sql.by_keys((await conn.get_raw_connection()).driver_connection, ["rolled-back"])
+    assert stored == {}
+
+
+async def test_two_replicas_closing_one_transaction_write_its_event_once(database: str) -> None:
+    """The second waits for the first's lock, then finds the transaction closed (chaos soak,
+    session 20: two replicas' recovery closed the same one, and each wrote an event)."""
+    replicas = [open_database(service_url("transactions", database)) for _ in range(2)]
+    first, second = (GroupCommit(db.writer) for db in replicas)
+    sql = TransactionSql(replicas[0].is_sqlite)
+    closing, release = asyncio.Event(), asyncio.Event()
+
+    async def close_and_hold(conn: AsyncConnection) -> list:
+        closed = await sql.close(conn, [Close(row.id, "rejected")])
+        closing.set()
+        await release.wait()
+        return closed
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            committers = [group.create_task(commits.commit_forever()) for commits in (first, second)]
+            row = await first.apply(sql.insert_pending, new("closed-once"))
+            held = group.create_task(first.run(close_and_hold))
+            await asyncio.wait_for(closing.wait(), 5)
+            waiting = group.create_task(second.apply(sql.close, Close(row.id, "rejected")))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "the second replica did not wait for the first's lock"
+            release.set()
+            (closed,) = await held
+            again = await waiting
+            for committer in committers:
+                committer.cancel()
+        async with replicas[0].writer.connect() as conn:
+            events = (await conn.execute(select(func.count()).select_from(transactions_outbox))).scalar_one()
+    finally:
+        for db in replicas:
+            await db.dispose()
+    assert closed.status == again.status == "rejected"
+    assert events == 1
