@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from msgspec import UNSET, structs
 from nats.aio.client import Client
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -41,6 +41,7 @@ from schemas.products import (
 )
 
 SOURCE = "products"
+RESERVATION_LOCK_CLASS = 0x50524F44  # "PROD": Postgres advisory locks (class, hash of a reservation id)
 PRODUCT_COLUMNS = tuple(products.c)
 accounts_timeout_s = 2.0
 
@@ -159,6 +160,8 @@ async def release_stock(request: StockChange, repo: Repo) -> Reservation:
 async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reservation:
     now = datetime.now(UTC)
     async with transaction(repo.db.writer) as conn:
+        if not repo.db.is_sqlite:  # SQLite's writer holds the file's write lock already
+            await _lock_reservation(conn, request.reservation_id)
         existing = (
             await conn.execute(select(product_reservations).where(product_reservations.c.id == request.reservation_id))
         ).one_or_none()
@@ -175,6 +178,14 @@ async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reserv
         await _record_reservation(conn, request, status, existing is None, now)
     repo.relay.wake()
     return Reservation(request.reservation_id, status, request.quantity, product)
+
+
+async def _lock_reservation(conn: AsyncConnection, reservation_id: str) -> None:
+    """Changes of one reservation take turns, so each reads what the one before it left. Read
+    unlocked, two replicas (or one replica's concurrent requests) each released the same
+    reservation's stock, or each inserted the same tombstone, and one answered 500."""
+    key = func.hashtext(reservation_id)  # two ids may share a hash: they only take turns too
+    await conn.execute(select(func.pg_advisory_xact_lock(RESERVATION_LOCK_CLASS, key)))
 
 
 async def _move_stock(conn: AsyncConnection, request: StockChange, delta: int) -> Product:
