@@ -207,7 +207,11 @@ async def reserve_stock(saga: Saga, row: Stored) -> Stored:
         values["amount"] = None  # a free product: there is no money to move
 
     async def price_row(conn: AsyncConnection) -> Stored:
-        await conn.execute(update(transactions).where(transactions.c.id == row.id).values(**values))
+        """Once: a second driver's replayed reservation carries the product as it is now, and
+        its price may have changed since the first driver paid (a purchase, committed at one
+        price, was stored at the new one until session 20)."""
+        unpriced = (transactions.c.id == row.id) & transactions.c.to_account.is_(None)
+        await conn.execute(update(transactions).where(unpriced).values(**values))
         return stored_from((await conn.execute(select(transactions).where(transactions.c.id == row.id))).one())
 
     row = await saga.repo.commits.run(price_row)
@@ -227,7 +231,7 @@ async def record_in_ledger(saga: Saga, row: Stored) -> Stored:
         memo=row.memo,
     )
     try:
-        entry = await call(saga.repo.nc, "ledger.record", transfer, Entry, timeout_s=ledger_timeout_s)
+        entry = await call(saga.repo.nc, "ledger.internal.record", transfer, Entry, timeout_s=ledger_timeout_s)
     except RemoteError as error:
         if error.code != 422:
             raise

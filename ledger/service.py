@@ -50,7 +50,21 @@ worker task, a future and two more event-loop turns: c512 ran at 17k/s (p99 48-6
 
 async def record_each(requests: list[Transfer], writer: Writer) -> list[Entry | ServiceError]:
     """`ledger.record`: every request queued meanwhile, committed (or refused) one by one in one batch."""
-    outcomes = await writer.submit_each([[request] for request in requests], batched=False)
+    return await _record_each(requests, writer, kept=False)
+
+
+async def record_each_kept(requests: list[Transfer], writer: Writer) -> list[Entry | ServiceError]:
+    """`ledger.internal.record`, the transactions saga's: `ledger.record` whose refusals are kept,
+    so that an id refused once is refused the same way ever after, however the balances change.
+    A saga may drive one transaction twice at once (a client's retry, its recovery, two replicas):
+    without it, a later try could record a transfer after an earlier one's refusal closed the
+    transaction as rejected (a chaos soak, session 20). TigerBeetle's `id_already_failed`, the
+    same idea. `ledger.record`'s refused ids stay free (contract §5)."""
+    return await _record_each(requests, writer, kept=True)
+
+
+async def _record_each(requests: list[Transfer], writer: Writer, kept: bool) -> list[Entry | ServiceError]:
+    outcomes = await writer.submit_each([[request] for request in requests], batched=False, kept=kept)
     return [outcome if isinstance(outcome, ServiceError) else outcome[0] for outcome in outcomes]
 
 
@@ -123,6 +137,14 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     service.add_batch_endpoint(
         "ledger.record",
         record_each,
+        writer,
+        request_type=Transfer,
+        decode=decode_transfer,
+        batch_max=record_batch_requests_max,
+    )
+    service.add_batch_endpoint(
+        "ledger.internal.record",
+        record_each_kept,
         writer,
         request_type=Transfer,
         decode=decode_transfer,

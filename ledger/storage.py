@@ -22,9 +22,12 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from bus.codec import timestamp
+from bus.errors import ErrorBody
 from ledger import postings
-from ledger.plan import BalanceKey, Head
+from ledger.plan import BalanceKey, Head, Refusal
 from schemas.database import (
     postgres_int_array,
     postgres_lookup,
@@ -34,9 +37,10 @@ from schemas.database import (
     sqlite_stored,
     sqlite_timestamp,
 )
-from schemas.ledger import Entry
+from schemas.ledger import Entry, Transfer
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
+REFUSAL_COLUMNS = "id, from_account, to_account, amount, currency, memo, error"
 HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
 POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
 
@@ -117,6 +121,32 @@ def _balances(rows: Iterable[Sequence[Any]], keys: set[BalanceKey]) -> dict[Bala
     return {(row[0], row[1]): row[2] for row in rows if (row[0], row[1]) in keys}
 
 
+_decode_error = msgspec.json.Decoder(ErrorBody).decode
+
+
+def _refusals(rows: Iterable[Sequence[Any]]) -> dict[str, Refusal]:
+    """Kept refusals from rows of `REFUSAL_COLUMNS`, by id."""
+    return {
+        row[0]: Refusal(Transfer(row[0], row[1], row[2], row[3], row[4], row[5]), _decode_error(row[6])) for row in rows
+    }
+
+
+def _refusal_rows(refusals: list[Refusal], refused_at: Any) -> list[tuple[Any, ...]]:
+    return [
+        (
+            r.transfer.id,
+            r.transfer.from_,
+            r.transfer.to,
+            r.transfer.amount,
+            r.transfer.currency,
+            r.transfer.memo,
+            msgspec.json.encode(r.error).decode(),
+            refused_at,
+        )
+        for r in refusals
+    ]
+
+
 def _accounts(keys: set[BalanceKey]) -> list[str]:
     return sorted({account for account, _ in keys})
 
@@ -161,6 +191,8 @@ class SqliteLedgerSql:
     upsert = "INSERT INTO ledger_balances (account, currency, balance)"
     upsert_conflict = "ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance"
     insert_postings = "INSERT INTO ledger_postings (account, last_seq, seqs)"
+    refusals_of = f"SELECT {REFUSAL_COLUMNS} FROM ledger_refusals WHERE id IN (SELECT value FROM json_each(?))"
+    insert_refusal = f"INSERT INTO ledger_refusals ({REFUSAL_COLUMNS}, refused_at)"
     write_cursors = (
         "UPDATE ledger_cursors SET seq = CASE name WHEN 'postings' THEN ?1 WHEN 'postings_run' THEN ?2 ELSE ?3 END "
         f"WHERE name IN {postings.CURSORS}"
@@ -175,6 +207,12 @@ class SqliteLedgerSql:
 
     def balances(self, conn: sqlite3.Connection, keys: set[BalanceKey]) -> dict[BalanceKey, int]:
         return _balances(conn.execute(self.balances_of, (sqlite_json_list(_accounts(keys)),)), keys)
+
+    def refusals(self, conn: sqlite3.Connection, ids: list[str]) -> dict[str, Refusal]:
+        return _refusals(conn.execute(self.refusals_of, (sqlite_json_list(ids),)))
+
+    def insert_refusals(self, conn: sqlite3.Connection, refusals: list[Refusal], refused_at: datetime) -> None:
+        sqlite_insert_rows(conn, self.insert_refusal, 8, "", _refusal_rows(refusals, sqlite_stored(refused_at)))
 
     def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
         stored_at = sqlite_stored(recorded_at)
@@ -216,6 +254,12 @@ class PostgresLedgerSql:
     index's cursors (null: seq and name), in one round trip."""
     balances_of = postgres_lookup(
         "account, currency, balance", "ledger_balances", {"account": "text", "currency": "text"}
+    )
+    refusals_of = postgres_lookup(REFUSAL_COLUMNS, "ledger_refusals", {"id": "text"})
+    insert_refusals_of = (
+        f"INSERT INTO ledger_refusals ({REFUSAL_COLUMNS}, refused_at) "
+        "SELECT *, $8::timestamptz FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], "
+        "$6::text[], $7::text[])"
     )
     write = (
         "WITH follows AS (SELECT pg_try_advisory_xact_lock($16) "
@@ -274,6 +318,14 @@ are written with the entries.
 
     async def chained(self, driver: Any, after: int, through: int) -> postings.Chained:
         return [tuple(row) for row in await driver.fetch(self.run_entries, after, through)]
+
+    async def refusals(self, driver: Any, ids: list[str]) -> dict[str, Refusal]:
+        return _refusals(await driver.fetch(self.refusals_of, ids))
+
+    async def insert_refusals(self, driver: Any, refusals: list[Refusal], refused_at: datetime) -> None:
+        """Under the ledger's lock, as every write: a refusal is kept once, by the writer that made it."""
+        columns = list(zip(*_refusal_rows(refusals, None), strict=True))[:7]
+        await driver.execute(self.insert_refusals_of, *map(list, columns), refused_at)
 
     async def write_entries(
         self,

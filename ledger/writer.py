@@ -31,7 +31,7 @@ import asyncpg
 from bus.codec import timestamp
 from bus.errors import ServiceError, Unavailable
 from ledger import postings
-from ledger.plan import BalanceKey, Head, Plan, plan
+from ledger.plan import BalanceKey, Head, Plan, Refusal, plan
 from ledger.storage import PostgresLedgerSql, SqliteLedgerSql
 from schemas.database import (
     CommitUnanswered,
@@ -59,8 +59,9 @@ LEDGER_LOCK_KEY = 0x4C454447  # "LEDG": the advisory lock every ledger writer ta
 assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch always fits in one batch"
 
 
-Decide = Callable[[Head, dict[str, Entry], dict[BalanceKey, int]], Plan]
-"""Plans a batch from the head, the entries already recorded for its ids and the stored balances read."""
+Decide = Callable[[Head, dict[str, Entry], dict[BalanceKey, int], dict[str, Refusal]], Plan]
+"""Plans a batch from the head, the entries already recorded for its ids, the stored balances read
+and the refusals kept for its kept requests' ids."""
 
 
 def _uncached(keys: set[BalanceKey], cached: dict[BalanceKey, int]) -> set[BalanceKey]:
@@ -87,6 +88,8 @@ class Pending:
     batched: bool
     """True for `ledger.record_batch` bodies, whose refusals name the transfer's index."""
     answer: asyncio.Future[list[Outcome]]
+    kept: bool = False
+    """True for `ledger.internal.record`'s: their refusals are kept per id (`ledger_refusals`)."""
 
     @property
     def size(self) -> int:
@@ -124,9 +127,9 @@ class Writer:
             raise outcome
         return outcome
 
-    async def submit_each(self, requests: list[list[Transfer]], batched: bool) -> list[Outcome]:
+    async def submit_each(self, requests: list[list[Transfer]], batched: bool, kept: bool = False) -> list[Outcome]:
         """Queue independent requests at once and wait until each is committed or refused."""
-        pending = Pending(requests, batched, asyncio.get_running_loop().create_future())
+        pending = Pending(requests, batched, asyncio.get_running_loop().create_future(), kept)
         assert pending.size <= batch_transfers_max
         await self.queue.put(pending)
         return await pending.answer
@@ -210,24 +213,36 @@ class Writer:
     async def _write(self, batch: list[Pending]) -> tuple[list[Outcome], list[Entry]]:
         requests = [transfers for pending in batch for transfers in pending.requests]
         batched = [pending.batched for pending in batch for _ in pending.requests]
+        kept = [pending.kept for pending in batch for _ in pending.requests]
+        kept_ids = [request[0].id for request, is_kept in zip(requests, kept, strict=True) if is_kept]
         transfers = [transfer for request in requests for transfer in request]
         keys = {(t.from_, t.currency) for t in transfers} | {(t.to, t.currency) for t in transfers}
         ids = list({t.id for t in transfers})
         now = datetime.now(UTC)
 
-        def decide(head: Head, recorded: dict[str, Entry], stored: dict[BalanceKey, int]) -> Plan:
+        def decide(
+            head: Head, recorded: dict[str, Entry], stored: dict[BalanceKey, int], refused: dict[str, Refusal]
+        ) -> Plan:
             balances = self._balances_at(head, keys, stored)
-            return plan(requests, head, recorded, balances, timestamp(now), batched)
+            return plan(requests, head, recorded, balances, timestamp(now), batched, kept, refused)
 
         if self.sqlite is not None:
-            result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, keys, now, decide))
+            result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, kept_ids, keys, now, decide))
         else:
             assert self.postgres is not None
-            result = await self.postgres.run(lambda driver: self._write_postgres(driver, ids, keys, now, decide))
+            result = await self.postgres.run(
+                lambda driver: self._write_postgres(driver, ids, kept_ids, keys, now, decide)
+            )
         return result.outcomes, result.new_entries
 
     def _write_sqlite(
-        self, conn: sqlite3.Connection, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
+        self,
+        conn: sqlite3.Connection,
+        ids: list[str],
+        kept_ids: list[str],
+        keys: set[BalanceKey],
+        now: datetime,
+        decide: Decide,
     ) -> Plan:
         """The whole batch in the writer's thread: `BEGIN IMMEDIATE` holds the file's write lock."""
         sql = SqliteLedgerSql()
@@ -235,7 +250,8 @@ class Writer:
         try:
             head = sql.head(conn)
             missing = self._missing_balances(head, keys)
-            result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {})
+            refused = sql.refusals(conn, kept_ids) if kept_ids else {}
+            result = decide(head, sql.entries_by_id(conn, ids), sql.balances(conn, missing) if missing else {}, refused)
             known = self._index if head == self._cached_head else None
             index = known if known is not None else sql.index(conn, head)
             self._index = None  # until committed: `index_appended` changes it
@@ -244,6 +260,8 @@ class Writer:
                 sql.store_balances(conn, result.balances.items())
                 steps = postings.index_appended(index, result.new_entries, pace=known is not None)
                 sql.store_index(conn, postings.drive(steps, lambda after, through: sql.chained(conn, after, through)))
+            if result.refusals:
+                sql.insert_refusals(conn, result.refusals, now)
             conn.execute("COMMIT")
         except BaseException:
             self._cached_head = None  # the cache may hold this batch's balances: not stored
@@ -255,7 +273,7 @@ class Writer:
         return result
 
     async def _write_postgres(
-        self, driver: Any, ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
+        self, driver: Any, ids: list[str], kept_ids: list[str], keys: set[BalanceKey], now: datetime, decide: Decide
     ) -> Plan:
         """The whole batch on the writer's own connection and thread; the ledger's advisory lock
         serializes every ledger writer on this database.
@@ -270,16 +288,19 @@ class Writer:
         a plan refusing a request (the table cannot check a refusal, and a recorded id's answer
         is its entry), falls back to reading: the lock held for a whole transaction, the head,
         the batch's ids and the history index read under it. It guesses again once a read finds
-        no other writer's entries."""
+        no other writer's entries. A batch holding kept requests reads first too: its refusals
+        are read, and kept, under the lock (a guess's snapshot is taken before the lock, so it
+        could miss a refusal another writer kept just before it)."""
         sql = PostgresLedgerSql()
         if (
             self._cached_head is not None
             and self._index is not None
             and self._guessing
+            and not kept_ids
             and self._recent.isdisjoint(ids)
         ):
             try:
-                guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, keys, now, decide, None)
+                guessed = await self._plan_and_write(sql, driver, self._cached_head, {}, {}, keys, now, decide, None)
             except asyncpg.UniqueViolationError:  # an id recorded, or a writer committed between checks and lock
                 guessed = None  # nothing written: the cache still holds as of its head
             except BaseException:
@@ -290,8 +311,9 @@ class Writer:
         await sql.begin_locked(driver, LEDGER_LOCK_KEY)
         try:
             head, recorded, stored_index = await sql.head_and_entries(driver, ids)
+            refused = await sql.refusals(driver, kept_ids) if kept_ids else {}
             self._guessing = self._cached_head is None or head == self._cached_head
-            result = await self._plan_and_write(sql, driver, head, recorded, keys, now, decide, stored_index)
+            result = await self._plan_and_write(sql, driver, head, recorded, refused, keys, now, decide, stored_index)
         except BaseException:
             self._cached_head = None  # the transaction may or may not have committed
             raise
@@ -304,6 +326,7 @@ class Writer:
         driver: Any,
         head: Head,
         recorded: dict[str, Entry],
+        refused: dict[str, Refusal],
         keys: set[BalanceKey],
         now: datetime,
         decide: Decide,
@@ -315,9 +338,10 @@ class Writer:
         index as read under the lock, None for a guess."""
         guessed = stored_index is None
         missing = self._missing_balances(head, keys)
-        result = decide(head, recorded, await sql.balances(driver, missing) if missing else {})
+        result = decide(head, recorded, await sql.balances(driver, missing) if missing else {}, refused)
         if guessed and any(isinstance(outcome, ServiceError) for outcome in result.outcomes):
             return None
+        assert not (guessed and result.refusals), "kept requests are never guessed"
         assert result.new_entries or not guessed, "a guess's requests are new, or refused"
         known = self._index if head == self._cached_head else None
         index = known if known is not None else stored_index
@@ -332,6 +356,8 @@ class Writer:
             if not written:
                 assert guessed, "under the lock, the head read is the stored head"
                 return None
+        if result.refusals:
+            await sql.insert_refusals(driver, result.refusals, now)
         if not guessed:
             await committing(driver.execute("COMMIT"))
         self._remember(result)

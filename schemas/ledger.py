@@ -76,6 +76,22 @@ ledger_balances = Table(
     Column("currency", key_text(3), primary_key=True),
     Column("balance", BigInteger, nullable=False),
 )
+ledger_refusals = Table(
+    "ledger_refusals",
+    metadata,
+    Column("id", key_text(128), primary_key=True),
+    Column("from_account", key_text(128), nullable=False),
+    Column("to_account", key_text(128), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", key_text(3), nullable=False),
+    Column("memo", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("refused_at", UtcDateTime, nullable=False),
+)
+"""The refusals of `ledger.internal.record` (the transactions saga's transfers), one per id: that id
+is refused the same way ever after. `error` is the refusal's JSON body (contract §2). Without
+them a saga's transfer refused once could be recorded by a later try of the same transaction,
+after it was closed as rejected (session 20)."""
 ledger_cursors = Table(
     "ledger_cursors",
     metadata,

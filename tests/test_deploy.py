@@ -294,7 +294,7 @@ FORBIDDEN_TO_SERVICES = {
     "supervisor": ["ledger.record", "events.accounts.user.created", "$JS.API.STREAM.DELETE.EVENTS"],
     "ledger": ["events.ledger.transfer.recorded", "accounts.users.delete", "$JS.API.STREAM.CREATE.EVENTS"],
     "ledger_events": ["ledger.record", "events.accounts.user.created", "$JS.API.STREAM.PURGE.EVENTS"],
-    "accounts": ["events.ledger.transfer.recorded", "products.internal.stock.reserve", "ledger.record"],
+    "accounts": ["events.ledger.transfer.recorded", "products.internal.stock.reserve", "ledger.internal.record"],
     "products": ["events.accounts.user.created", "ledger.internal.committed", "products.products.create"],
     "transactions": ["events.ledger.transfer.recorded", "accounts.users.delete", "$JS.API.STREAM.DELETE.INGEST"],
 }

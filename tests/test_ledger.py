@@ -215,6 +215,25 @@ async def test_a_refused_transfer_id_may_be_used_again(mesh: Mesh) -> None:
     assert entry["seq"] == 2
 
 
+async def test_the_sagas_record_keeps_its_refusals_so_a_later_try_is_refused_the_same(mesh: Mesh) -> None:
+    """`ledger.internal.record`: a transaction driven twice at once (a retry beside its recovery)
+    gets one answer from the ledger, whatever the balances did between the two tries."""
+    spend = transfer("tx:w1", "user:1", "world", 50)
+    code, refused = await mesh.request("ledger.internal.record", spend)
+    assert code == 422 and refused["error"]["type"] == "insufficient_funds"
+    await mesh.ok("ledger.record", transfer("fund", "world", "user:1", 100))
+    assert await mesh.request("ledger.internal.record", spend) == (422, refused)
+    code, conflict = await mesh.request("ledger.internal.record", {**spend, "amount": 60})
+    assert code == 409 and conflict["error"]["type"] == "idempotency_conflict"
+    assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 100}
+
+    code, _ = await mesh.request("ledger.internal.record", transfer("tx:w2", "user:1", "world", 40))
+    assert code is None  # an id never refused is recorded
+    entry = await mesh.ok("ledger.record", spend)  # contract §5: ledger.record's refused ids are free
+    assert await mesh.ok("ledger.internal.record", spend) == entry  # and a recorded entry comes first
+    assert (await mesh.ok("ledger.balance", {"account": "user:1"}))["balances"] == {"EUR": 10}
+
+
 async def test_concurrent_retries_of_one_id_record_it_once(mesh: Mesh) -> None:
     results = await asyncio.gather(
         *(mesh.ok("ledger.record", transfer("dup", "world", "user:1", 5)) for _ in range(20))

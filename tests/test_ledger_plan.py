@@ -54,3 +54,28 @@ def test_a_batch_is_planned_as_its_requests_one_after_another(drawn: list[tuple[
     assert {key: balances.get(key, 0) for key in keys} == {key: model.balances[key] for key in keys}
     assert {key: model.balances[key] for key in result.balances} == result.balances
     assert set(result.balances) >= {key for key, value in model.balances.items() if value != 0}
+
+
+def test_a_kept_refusal_answers_its_id_ever_after_and_a_recorded_entry_comes_first() -> None:
+    spend = Transfer("tx:k", "user:1", "user:2", 5, "EUR")
+    first = plan([[spend]], Head(), {}, {}, RECORDED_AT, [False], kept=[True], refused={})
+    assert isinstance(first.outcomes[0], ServiceError) and first.outcomes[0].type == "insufficient_funds"
+    assert [(r.transfer, r.error.type) for r in first.refusals] == [(spend, "insufficient_funds")]
+
+    funded = {("user:1", "EUR"): 100}
+    refused = {spend.id: first.refusals[0]}
+    again = plan([[spend]], Head(), {}, dict(funded), RECORDED_AT, [False], kept=[True], refused=refused)
+    assert isinstance(again.outcomes[0], ServiceError) and again.outcomes[0].body() == first.refusals[0].error
+    assert again.new_entries == [] and again.refusals == []  # kept once: nothing more to store
+
+    other = Transfer("tx:k", "user:1", "user:2", 6, "EUR")
+    conflict = plan([[other]], Head(), {}, dict(funded), RECORDED_AT, [False], kept=[True], refused=refused)
+    assert isinstance(conflict.outcomes[0], ServiceError) and conflict.outcomes[0].code == 409
+
+    public = plan([[spend]], Head(), {}, dict(funded), RECORDED_AT, [False], kept=[False], refused=refused)
+    assert [entry.id for entry in public.new_entries] == ["tx:k"]  # ledger.record: a refused id is free
+    recorded = {spend.id: public.new_entries[0]}
+    kept_after = plan(
+        [[spend]], public.head, recorded, dict(funded), RECORDED_AT, [False], kept=[True], refused=refused
+    )
+    assert kept_after.outcomes == [[public.new_entries[0]]]

@@ -154,6 +154,10 @@ BYTEWISE_KEYS = {
     ("ledger_entries", "from_account"),
     ("ledger_entries", "id"),
     ("ledger_entries", "to_account"),
+    ("ledger_refusals", "currency"),
+    ("ledger_refusals", "from_account"),
+    ("ledger_refusals", "id"),
+    ("ledger_refusals", "to_account"),
     ("ledger_postings", "account"),
 }
 COLLATED_COLUMNS = """SELECT table_name, column_name, collation_name FROM information_schema.columns

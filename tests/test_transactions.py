@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
+import msgspec
 from nats.aio.client import Client
 
+from bus.events import OutboxRelay
+from bus.jetstream import BatchPublisher
 from bus.service import Service
+from handlers import transactions
+from handlers.group_commit import GroupCommit
+from handlers.runtime import Repo
+from handlers.transaction_store import Stored, TransactionSql
 from schemas.accounts import User, UserId
+from schemas.database import open_database, service_url
+from schemas.transactions import transactions_outbox
 from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
 
@@ -124,6 +135,62 @@ async def test_unknown_user_and_bad_bodies_record_nothing_and_leave_the_key_free
     await mesh.ok(
         "transactions.deposits.create", {"idempotency_key": "free", "user_id": alice, "amount": 1, "currency": "EUR"}
     )
+
+
+@contextlib.asynccontextmanager
+async def second_driver(mesh: Mesh, database: str, key: str) -> AsyncIterator[tuple[transactions.Saga, Stored]]:
+    """Another driver of transaction `key` (a client's retry beside its recovery, or two
+    replicas), late: it still holds the row as it was before the first driver moved it on."""
+    db = open_database(service_url("transactions", database))
+    repo = Repo(db, OutboxRelay(BatchPublisher(mesh.nc), db, transactions_outbox), mesh.nc, GroupCommit(db.writer))
+    sql = TransactionSql(db.is_sqlite)
+    try:
+        async with db.reader.connect() as conn:
+            row = (await sql.by_keys((await conn.get_raw_connection()).driver_connection, [key]))[key]
+        async with asyncio.TaskGroup() as group:
+            committer = group.create_task(repo.commits.commit_forever())
+            yield transactions.Saga(repo, sql, transactions.keys_loader(repo, sql)), row
+            committer.cancel()
+    finally:
+        await db.dispose()
+
+
+async def test_a_late_second_try_of_a_rejected_transaction_moves_no_money(mesh: Mesh, database: str) -> None:
+    """The late driver asks the ledger after the first one's refusal closed the transaction and
+    the balance grew. The ledger keeps the saga's refusals, so it is refused again (before
+    session 20 its transfer was recorded, under a rejected transaction: found by a chaos soak)."""
+    payer = await user(mesh, "payer")
+    spend = {"idempotency_key": "w-late", "user_id": payer, "amount": 50, "currency": "EUR"}
+    code, refused = await mesh.request("transactions.withdrawals.create", spend)
+    assert code == 422, refused
+    fund = {"idempotency_key": "d-late", "user_id": payer, "amount": 100, "currency": "EUR"}
+    await mesh.ok("transactions.deposits.create", fund)
+    async with second_driver(mesh, database, "w-late") as (saga, rejected):
+        stale = msgspec.structs.replace(rejected, status="pending", refusal=None)
+        late = await transactions.record_in_ledger(saga, stale)
+    assert late.status == "rejected"
+    assert await balance(mesh, payer) == 100
+
+
+async def test_a_late_second_try_of_a_purchase_keeps_the_price_it_was_paid_at(mesh: Mesh, database: str) -> None:
+    """The late driver replays the reservation after the price changed: the price stays the one
+    the first driver set (before session 20 it was overwritten with the new one, and the
+    committed purchase no longer matched its ledger entry)."""
+    buyer, seller = await user(mesh, "buyer"), await user(mesh, "seller")
+    product = await mesh.ok(
+        "products.products.create",
+        {"sku": "P", "name": "P", "price": 250, "currency": "EUR", "stock": 5, "seller_id": seller},
+    )
+    fund = {"idempotency_key": "fund", "user_id": buyer, "amount": 1000, "currency": "EUR"}
+    await mesh.ok("transactions.deposits.create", fund)
+    buy = {"idempotency_key": "buy", "buyer_id": buyer, "product_id": product["id"], "quantity": 2}
+    bought = await mesh.ok("transactions.purchases.create", buy)
+    await mesh.ok("products.products.update", {"id": product["id"], "price": 300})
+    async with second_driver(mesh, database, "buy") as (saga, committed):
+        stale = msgspec.structs.replace(committed, status="pending", to_account=None, amount=None, currency=None)
+        late = await transactions.drive(saga, stale)
+    assert late.amount == 500
+    assert await mesh.ok("transactions.transactions.get", {"id": bought["id"]}) == bought
 
 
 async def test_purchase_pays_the_seller_and_takes_the_stock(mesh: Mesh) -> None:
