@@ -148,7 +148,10 @@ async def _changed(conn: AsyncConnection, statement, product_id: int, event_type
 
 
 async def reserve_stock(request: StockChange, repo: Repo) -> Reservation:
-    """Take `quantity` from stock once per reservation id; 422 `out_of_stock` if there is not enough."""
+    """Take `quantity` from stock once per reservation id; 422 `out_of_stock` if there is not
+    enough, and then never: the refusal leaves a tombstone, as a release does, so a later try of
+    the same id (a saga's second driver, after the stock grew) takes nothing while the first
+    closes its purchase as rejected."""
     return await _change_stock(request, repo, "reserved")
 
 
@@ -170,12 +173,24 @@ async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reserv
         if existing is not None and (existing.status == "released" or status == "reserved"):
             product = await _product_in(conn, request.product_id)  # nothing to move: replay or tombstone
             return Reservation(request.reservation_id, existing.status, existing.quantity, product)
+        refusal: Unprocessable | None = None
         if existing is None and status == "released":
             product = await _product_in(conn, request.product_id)  # release before reserve: tombstone only
         else:
-            product = await _move_stock(conn, request, -request.quantity if status == "reserved" else request.quantity)
-            await write_event(conn, products_outbox, SOURCE, "products.product.updated", product, now)
+            try:
+                product = await _move_stock(
+                    conn, request, -request.quantity if status == "reserved" else request.quantity
+                )
+            except Unprocessable as refused:
+                if status == "released":
+                    raise
+                refusal, status = refused, "released"  # a tombstone: the id's later reserves take nothing
+                product = await _product_in(conn, request.product_id)
+            else:
+                await write_event(conn, products_outbox, SOURCE, "products.product.updated", product, now)
         await _record_reservation(conn, request, status, existing is None, now)
+    if refusal is not None:
+        raise refusal
     repo.relay.wake()
     return Reservation(request.reservation_id, status, request.quantity, product)
 

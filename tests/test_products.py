@@ -156,12 +156,16 @@ async def test_release_before_reserve_leaves_a_tombstone_so_the_late_reserve_tak
     assert await stock(mesh, product["id"]) == 10
 
 
-async def test_reserving_more_than_the_stock_is_out_of_stock_and_changes_nothing(mesh: Mesh) -> None:
+async def test_reserving_more_than_the_stock_is_out_of_stock_for_good_and_changes_nothing(mesh: Mesh) -> None:
     product = await mesh.ok("products.products.create", widget(await seller(mesh)))
     code, reply = await mesh.request("products.internal.stock.reserve", reservation(product["id"], "big", 11))
     assert code == 422 and reply["error"]["type"] == "out_of_stock"
     assert await stock(mesh, product["id"]) == 10
-    assert (await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "big", 10)))["product"][
+    await mesh.ok("products.products.update", {"id": product["id"], "stock": 20})
+    late = await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "big", 11))
+    assert late["status"] == "released"  # refused once, the id takes nothing ever after
+    assert await stock(mesh, product["id"]) == 20
+    assert (await mesh.ok("products.internal.stock.reserve", reservation(product["id"], "all", 20)))["product"][
         "stock"
     ] == 0
     code, _ = await mesh.request("products.internal.stock.reserve", reservation(424242, "none"))
