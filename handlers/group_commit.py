@@ -13,7 +13,10 @@ batch's transaction as long as its callers are many (measured: 1.6 ms per caller
 batch of 48). Operations are written not to fail on expected conflicts (`ON CONFLICT DO
 NOTHING`); if one raises anyway, the transaction rolls back and every caller of that batch runs
 again alone, so only the failing one gets the error. A lost database fails the whole batch at
-once: run alone, each caller would only wait for the same outage.
+once: run alone, each caller would only wait for the same outage. A batch whose COMMIT went
+unanswered is written again once the database is back (`schemas.database.settled`): the saga's
+operations are idempotent by key and state, and an ingest rejection's event may be written
+twice, as the message's redelivery would write it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from schemas.database import database_unreachable, transaction
+from schemas.database import database_unreachable, settled, transaction
 
 log = logging.getLogger("bitnexus.group_commit")
 
@@ -81,16 +84,8 @@ class GroupCommit:
                     pending.answer.set_exception(RuntimeError("the group commit stopped"))
 
     async def _commit(self, batch: list[_Pending[Any, Any]]) -> None:
-        groups: dict[BatchOperation[Any, Any], list[_Pending[Any, Any]]] = {}
-        for pending in batch:
-            groups.setdefault(pending.operation, []).append(pending)
-        results: list[tuple[_Pending[Any, Any], Any]] = []
         try:
-            async with transaction(self.engine) as conn:
-                for operation, members in groups.items():
-                    outcomes = await operation(conn, [pending.item for pending in members])
-                    assert len(outcomes) == len(members), f"{operation.__qualname__} answered {len(outcomes)} items"
-                    results.extend(zip(members, outcomes, strict=True))
+            results = await settled(lambda: self._write(batch))  # every operation here is idempotent
         except Exception as exc:
             if len(batch) == 1 or database_unreachable(exc):  # alone, each would meet the same outage
                 for pending in batch:
@@ -102,6 +97,18 @@ class GroupCommit:
             return
         for pending, result in results:
             _answer(pending, result, ok=True)
+
+    async def _write(self, batch: list[_Pending[Any, Any]]) -> list[tuple[_Pending[Any, Any], Any]]:
+        groups: dict[BatchOperation[Any, Any], list[_Pending[Any, Any]]] = {}
+        for pending in batch:
+            groups.setdefault(pending.operation, []).append(pending)
+        results: list[tuple[_Pending[Any, Any], Any]] = []
+        async with transaction(self.engine) as conn:
+            for operation, members in groups.items():
+                outcomes = await operation(conn, [pending.item for pending in members])
+                assert len(outcomes) == len(members), f"{operation.__qualname__} answered {len(outcomes)} items"
+                results.extend(zip(members, outcomes, strict=True))
+        return results
 
 
 def _answer(pending: _Pending[Any, Any], value: Any, ok: bool) -> None:

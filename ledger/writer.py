@@ -34,12 +34,12 @@ from ledger import postings
 from ledger.plan import BalanceKey, Head, Plan, Refusal, plan
 from ledger.storage import PostgresLedgerSql, SqliteLedgerSql
 from schemas.database import (
-    CommitUnanswered,
     Database,
     PostgresThread,
     SqliteThread,
     committing,
     nothing_recorded,
+    settled,
 )
 from schemas.ledger import Entry, Transfer, record_batch_transfers_max
 
@@ -52,9 +52,6 @@ cached_balances_max = 1_000_000
 recent_ids_max = 262_144
 """Postgres: ids of the entries this writer committed last (≈ 13 s at 20k/s). A batch holding
 one is a client's retry, and is read first instead of guessed: planned once, not twice."""
-settle_attempts_max = 4
-settle_pause_s = 0.5
-"""A batch whose commit went unanswered is written again for up to 2 s: a Postgres restart."""
 LEDGER_LOCK_KEY = 0x4C454447  # "LEDG": the advisory lock every ledger writer takes per batch
 assert batch_transfers_max >= record_batch_transfers_max, "a whole record_batch always fits in one batch"
 
@@ -170,7 +167,7 @@ class Writer:
 
     async def _commit(self, batch: list[Pending], slots: asyncio.Semaphore) -> None:
         try:
-            outcomes, new_entries = await self._write_settled(batch)
+            outcomes, new_entries = await settled(lambda: self._write(batch))  # ids make it idempotent
         except Exception as exc:  # fails this batch: 503 for a database lost before the commit, else 500
             if not nothing_recorded(exc):  # the service says the outage in its log, once in a while
                 log.exception("ledger batch of %d requests failed", len(batch))
@@ -191,24 +188,6 @@ class Writer:
         assert start == len(outcomes)
         if new_entries:
             await self.on_commit(new_entries)
-
-    async def _write_settled(self, batch: list[Pending]) -> tuple[list[Outcome], list[Entry]]:
-        """`_write`; a batch whose commit the database never answered is written again once it
-        is back (up to `settle_attempts_max` times, `settle_pause_s` apart), as a client's
-        retry would be: an id that stood answers its entry, one that did not is recorded now.
-        Its requesters then learn what stands instead of getting a 500 (3-4 per Postgres stop
-        under load, measured in session 19)."""
-        try:
-            return await self._write(batch)
-        except CommitUnanswered as unanswered:
-            for _ in range(settle_attempts_max):
-                await asyncio.sleep(settle_pause_s)
-                try:
-                    return await self._write(batch)
-                except Exception as exc:
-                    if not nothing_recorded(exc):  # unanswered again, or a fault
-                        raise
-            raise unanswered
 
     async def _write(self, batch: list[Pending]) -> tuple[list[Outcome], list[Entry]]:
         requests = [transfers for pending in batch for transfers in pending.requests]

@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 
 import migrations
 import schemas.database
+from handlers.group_commit import GroupCommit
+from handlers.transaction_store import NewTransaction, TransactionSql
 from ledger.writer import Writer
 from schemas.database import (
     CommitUnanswered,
@@ -201,6 +203,28 @@ async def test_the_ledger_writer_writes_a_batch_whose_commit_went_unanswered_aga
             running.cancel()
     finally:
         await writer.close()
+        await db.dispose()
+
+
+async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once_the_database_is_back(
+    postgres_url: str,
+) -> None:
+    """The saga's operations are idempotent by key: its callers get their rows, not a 500 (five
+    creates got one in one Postgres stop of a session 20 chaos soak)."""
+    await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
+    db = open_database(service_url("transactions", postgres_url))
+    commits, sql = GroupCommit(db.writer), TransactionSql(sqlite=False)
+    new = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(commits.commit_forever())
+            async with commits_lose_the_connection(postgres_url, "transactions", times=1):
+                row = await commits.apply(sql.insert_pending, new)
+            assert (row.idempotency_key, row.status) == ("k1", "pending")
+            assert await commits.apply(sql.insert_pending, new) == row  # stored once
+            running.cancel()
+    finally:
         await db.dispose()
 
 
