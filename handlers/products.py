@@ -25,7 +25,7 @@ from bus.service import Service
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
-from schemas.database import transaction
+from schemas.database import settled, transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -161,6 +161,12 @@ async def release_stock(request: StockChange, repo: Repo) -> Reservation:
 
 
 async def _change_stock(request: StockChange, repo: Repo, status: str) -> Reservation:
+    """Idempotent per reservation id, so a change whose COMMIT went unanswered is made again once
+    the database is back (a chaos soak, session 20: the saga passed the 500 on)."""
+    return await settled(lambda: _change_stock_once(request, repo, status))
+
+
+async def _change_stock_once(request: StockChange, repo: Repo, status: str) -> Reservation:
     now = datetime.now(UTC)
     async with transaction(repo.db.writer) as conn:
         if not repo.db.is_sqlite:  # SQLite's writer holds the file's write lock already

@@ -9,17 +9,23 @@ import socket
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from nats.aio.client import Client
+from sqlalchemy import insert, select, text
 from sqlalchemy.engine import make_url
 
 import migrations
 import schemas.database
+from bus.events import OutboxRelay
+from bus.jetstream import BatchPublisher
+from handlers import products
 from handlers.group_commit import GroupCommit
+from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, TransactionSql
 from ledger.writer import Writer
 from schemas.database import (
@@ -41,6 +47,8 @@ from schemas.database import (
     wal_pages_max,
 )
 from schemas.ledger import Transfer
+from schemas.products import StockChange, products_outbox
+from schemas.products import products as products_table
 from tests.conftest import empty_tables
 
 
@@ -224,6 +232,31 @@ async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once
             assert (row.idempotency_key, row.status) == ("k1", "pending")
             assert await commits.apply(sql.insert_pending, new) == row  # stored once
             running.cancel()
+    finally:
+        await db.dispose()
+
+
+async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_the_database_is_back(
+    nc: Client, postgres_url: str
+) -> None:
+    """Idempotent per reservation id: the saga gets its reservation, not a 500, and the stock
+    moves once."""
+    await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
+    db = open_database(service_url("products", postgres_url))
+    repo = Repo(db, OutboxRelay(BatchPublisher(nc), db, products_outbox), nc, GroupCommit(db.writer))
+    now = datetime.now(UTC)
+    try:
+        async with db.writer.begin() as conn:
+            row = {"sku": "S", "name": "S", "description": "", "price": 1, "currency": "EUR", "stock": 10}
+            values = {**row, "seller_id": 1, "inserted_at": now, "updated_at": now}
+            product_id = (await conn.execute(insert(products_table).values(**values))).inserted_primary_key[0]
+        async with commits_lose_the_connection(postgres_url, "product_reservations", times=1):
+            reservation = await products.reserve_stock(StockChange("r1", product_id, 2), repo)
+        assert (reservation.status, reservation.product.stock) == ("reserved", 8)
+        async with db.reader.connect() as conn:
+            stock = (await conn.execute(select(products_table.c.stock))).scalar_one()
+        assert stock == 8
     finally:
         await db.dispose()
 
