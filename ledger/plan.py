@@ -48,23 +48,14 @@ class Plan:
     """The refusals of kept requests this batch made, to store with it."""
 
 
-def same_body(transfer: Transfer, entry: Entry) -> bool:
+def same_body(transfer: Transfer, entry: Entry | Transfer) -> bool:
+    """The same transfer apart from its id: a recorded entry, or a kept refusal's transfer."""
     return (transfer.from_, transfer.to, transfer.amount, transfer.currency, transfer.memo) == (
         entry.from_,
         entry.to,
         entry.amount,
         entry.currency,
         entry.memo,
-    )
-
-
-def _same_transfer(one: Transfer, other: Transfer) -> bool:
-    return (one.from_, one.to, one.amount, one.currency, one.memo) == (
-        other.from_,
-        other.to,
-        other.amount,
-        other.currency,
-        other.memo,
     )
 
 
@@ -167,7 +158,7 @@ def _kept_refusal(transfer: Transfer, earlier: Refusal | None) -> ServiceError |
     """A kept request's answer from its id's kept refusal, if there is one."""
     if earlier is None:
         return None
-    if not _same_transfer(transfer, earlier.transfer):
+    if not same_body(transfer, earlier.transfer):
         return Conflict(f"transfer id {transfer.id} was refused with another body", type="idempotency_conflict")
     return RemoteError(earlier.error)
 
