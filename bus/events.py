@@ -23,6 +23,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 from sqlalchemy import Table, delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
@@ -116,21 +118,33 @@ async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) ->
             raise
 
 
-def new_envelope(source: str, type: str, data: Any, moment: datetime) -> Envelope:
-    return Envelope(id=str(uuid.uuid4()), type=type, source=source, occurred_at=timestamp(moment), data=data)
+def new_envelope(source: str, type: str, data: Any, moment: datetime, id: str | None = None) -> Envelope:
+    id = id or str(uuid.uuid4())
+    return Envelope(id=id, type=type, source=source, occurred_at=timestamp(moment), data=data)
 
 
 async def write_event(
-    conn: AsyncConnection, outbox: Table, source: str, type: str, data: Any, moment: datetime | None = None
+    conn: AsyncConnection,
+    outbox: Table,
+    source: str,
+    type: str,
+    data: Any,
+    moment: datetime | None = None,
+    event_id: str | None = None,
 ) -> Envelope:
-    """Add the event to the outbox inside the caller's transaction; published after commit."""
+    """Add the event to the outbox inside the caller's transaction; published after commit.
+
+    `event_id`: the id of an event that may be written again (the same work done twice): a
+    second write of an id still in the outbox adds nothing, and one published already is
+    published under the same id, which JetStream drops as a copy within its window."""
     moment = moment or datetime.now(UTC)
-    envelope = new_envelope(source, type, data, moment)
-    await conn.execute(
-        insert(outbox).values(
-            event_id=envelope.id, subject=f"events.{type}", payload=encode(envelope), created_at=moment
-        )
-    )
+    envelope = new_envelope(source, type, data, moment, event_id)
+    row = {"event_id": envelope.id, "subject": f"events.{type}", "payload": encode(envelope), "created_at": moment}
+    if event_id is None:
+        await conn.execute(insert(outbox).values(**row))
+    else:
+        dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgres_insert
+        await conn.execute(dialect_insert(outbox).values(**row).on_conflict_do_nothing(index_elements=["event_id"]))
     return envelope
 
 

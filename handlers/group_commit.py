@@ -15,8 +15,7 @@ NOTHING`); if one raises anyway, the transaction rolls back and every caller of 
 again alone, so only the failing one gets the error. A lost database fails the whole batch at
 once: run alone, each caller would only wait for the same outage. A batch whose COMMIT went
 unanswered is written again once the database is back (`schemas.database.settled`): the saga's
-operations are idempotent by key and state, and an ingest rejection's event may be written
-twice, as the message's redelivery would write it.
+operations are idempotent by key and state, and an ingest rejection's event by its id.
 """
 
 from __future__ import annotations

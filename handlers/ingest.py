@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -135,7 +136,7 @@ async def apply_message(msg: Msg, saga: Saga) -> None:
         request_type, create = route
         request = decode(request_type, msg.data)
     except BadRequest as error:
-        await reject(saga, key_of(msg.data), error)
+        await reject(saga, msg, key_of(msg.data), error)
         await msg.term()
         return
     try:
@@ -145,7 +146,7 @@ async def apply_message(msg: Msg, saga: Saga) -> None:
             await msg.nak(delay=redelivery_delay_s(msg))
             return
         if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not
-            await reject(saga, request.idempotency_key, error)  # type: ignore[attr-defined]
+            await reject(saga, msg, request.idempotency_key, error)  # type: ignore[attr-defined]
         await msg.term()
         return
     await msg.ack()
@@ -161,14 +162,23 @@ def key_of(data: bytes) -> str | None:
     return key if isinstance(key, str) and len(key) <= 128 else None
 
 
-async def reject(saga: Saga, key: str | None, error: ServiceError) -> None:
-    """A `rejected` event for a message that recorded nothing, committed before the message is acked."""
+REJECTIONS = uuid.UUID("5b0c3f7e-9a51-4d2e-8f3c-1e6a2d4b7c90")
+"""The namespace of rejection event ids: one per ingest message, named by its stream, its sequence
+there and when the stream stored it (a stream made again counts from 1 again)."""
+
+
+async def reject(saga: Saga, msg: Msg, key: str | None, error: ServiceError) -> None:
+    """A `rejected` event for a message that recorded nothing, committed before the message is
+    acked. Its id follows from the message, so a redelivery (an ack lost after the commit) writes
+    the same event, not a second one under another id."""
+    metadata = msg.metadata
+    stored = f"{metadata.stream}:{metadata.sequence.stream}:{metadata.timestamp.isoformat()}"
+    event_id = str(uuid.uuid5(REJECTIONS, stored))
 
     async def write_rejection(conn: AsyncConnection) -> None:
         rejection = Rejection(idempotency_key=key, error=error.body())
-        await write_event(
-            conn, transactions_outbox, SOURCE, "transactions.transaction.rejected", rejection, datetime.now(UTC)
-        )
+        type = "transactions.transaction.rejected"
+        await write_event(conn, transactions_outbox, SOURCE, type, rejection, datetime.now(UTC), event_id)
 
     await saga.repo.commits.run(write_rejection)
     saga.repo.relay.wake()

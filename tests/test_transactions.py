@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
 import msgspec
 from nats.aio.client import Client
 
-from bus.events import OutboxRelay
+from bus.events import OutboxRelay, relay_poll_interval_s
 from bus.jetstream import BatchPublisher
 from bus.service import Service
-from handlers import transactions
+from handlers import ingest, transactions
 from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
 from handlers.transaction_store import Stored, TransactionSql
@@ -138,7 +139,9 @@ async def test_unknown_user_and_bad_bodies_record_nothing_and_leave_the_key_free
 
 
 @contextlib.asynccontextmanager
-async def second_driver(mesh: Mesh, database: str, key: str) -> AsyncIterator[tuple[transactions.Saga, Stored]]:
+async def second_driver(
+    mesh: Mesh, database: str, key: str | None
+) -> AsyncIterator[tuple[transactions.Saga, Stored | None]]:
     """Another driver of transaction `key` (a client's retry beside its recovery, or two
     replicas), late: it still holds the row as it was before the first driver moved it on."""
     db = open_database(service_url("transactions", database))
@@ -146,7 +149,8 @@ async def second_driver(mesh: Mesh, database: str, key: str) -> AsyncIterator[tu
     sql = TransactionSql(db.is_sqlite)
     try:
         async with db.reader.connect() as conn:
-            row = (await sql.by_keys((await conn.get_raw_connection()).driver_connection, [key]))[key]
+            driver = (await conn.get_raw_connection()).driver_connection
+            row = (await sql.by_keys(driver, [key]))[key] if key is not None else None
         async with asyncio.TaskGroup() as group:
             committer = group.create_task(repo.commits.commit_forever())
             yield transactions.Saga(repo, sql, transactions.keys_loader(repo, sql)), row
@@ -191,6 +195,23 @@ async def test_a_late_second_try_of_a_purchase_keeps_the_price_it_was_paid_at(me
         late = await transactions.drive(saga, stale)
     assert late.amount == 500
     assert await mesh.ok("transactions.transactions.get", {"id": bought["id"]}) == bought
+
+
+async def test_a_rejection_applied_twice_is_one_event(mesh: Mesh, database: str) -> None:
+    """An ingest message whose ack was lost after its rejection committed comes again, and is
+    rejected again: under the same event id, which the outbox and JetStream keep once (until
+    session 20 each rejection had an id of its own, so consumers could not tell the copy)."""
+    await mesh.js.publish("ingest.elsewhere.deposits", b"{}")  # malformed; beyond the service's consumer
+    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream="INGEST")
+    (msg,) = await inbox.fetch(1, timeout=5)
+    async with second_driver(mesh, database, None) as (saga, _):
+        await ingest.apply_message(msg, saga)
+        await ingest.apply_message(dataclasses.replace(msg, _ackd=False), saga)  # its redelivery
+    await asyncio.sleep(2 * relay_poll_interval_s + 0.5)  # the service's relay publishes the outbox
+    events = await mesh.events(await mesh.event_count())
+    rejected = [event for subject, _, event in events if subject == "events.transactions.transaction.rejected"]
+    assert len(rejected) == 1, rejected
+    assert rejected[0]["data"]["error"]["details"] == ["$.idempotency_key"]
 
 
 async def test_purchase_pays_the_seller_and_takes_the_stock(mesh: Mesh) -> None:
