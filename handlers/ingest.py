@@ -177,8 +177,8 @@ async def reject(saga: Saga, msg: Msg, key: str | None, error: ServiceError) -> 
 
     async def write_rejection(conn: AsyncConnection) -> None:
         rejection = Rejection(idempotency_key=key, error=error.body())
-        type = "transactions.transaction.rejected"
-        await write_event(conn, transactions_outbox, SOURCE, type, rejection, datetime.now(UTC), event_id)
+        event_type = "transactions.transaction.rejected"
+        await write_event(conn, transactions_outbox, SOURCE, event_type, rejection, datetime.now(UTC), event_id)
 
     await saga.repo.commits.run(write_rejection)
     saga.repo.relay.wake()

@@ -114,7 +114,7 @@ def plan(
                     break
             refusal = _refusal(transfer, balances, undo, is_batch, index)
             if refusal is not None:
-                if is_kept and isinstance(refusal, Unprocessable):
+                if is_kept:
                     refused[transfer.id] = Refusal(transfer, refusal.body())
                     result.refusals.append(refused[transfer.id])
                 break

@@ -131,7 +131,8 @@ def _refusals(rows: Iterable[Sequence[Any]]) -> dict[str, Refusal]:
     }
 
 
-def _refusal_rows(refusals: list[Refusal], refused_at: Any) -> list[tuple[Any, ...]]:
+def _refusal_rows(refusals: list[Refusal]) -> list[tuple[Any, ...]]:
+    """Rows of `REFUSAL_COLUMNS`."""
     return [
         (
             r.transfer.id,
@@ -141,7 +142,6 @@ def _refusal_rows(refusals: list[Refusal], refused_at: Any) -> list[tuple[Any, .
             r.transfer.currency,
             r.transfer.memo,
             msgspec.json.encode(r.error).decode(),
-            refused_at,
         )
         for r in refusals
     ]
@@ -212,7 +212,8 @@ class SqliteLedgerSql:
         return _refusals(conn.execute(self.refusals_of, (sqlite_json_list(ids),)))
 
     def insert_refusals(self, conn: sqlite3.Connection, refusals: list[Refusal], refused_at: datetime) -> None:
-        sqlite_insert_rows(conn, self.insert_refusal, 8, "", _refusal_rows(refusals, sqlite_stored(refused_at)))
+        stored_at = sqlite_stored(refused_at)
+        sqlite_insert_rows(conn, self.insert_refusal, 8, "", [(*row, stored_at) for row in _refusal_rows(refusals)])
 
     def insert_entries(self, conn: sqlite3.Connection, entries: list[Entry], recorded_at: datetime) -> None:
         stored_at = sqlite_stored(recorded_at)
@@ -324,7 +325,7 @@ are written with the entries.
 
     async def insert_refusals(self, driver: Any, refusals: list[Refusal], refused_at: datetime) -> None:
         """Under the ledger's lock, as every write: a refusal is kept once, by the writer that made it."""
-        columns = list(zip(*_refusal_rows(refusals, None), strict=True))[:7]
+        columns = zip(*_refusal_rows(refusals), strict=True)
         await driver.execute(self.insert_refusals_of, *map(list, columns), refused_at)
 
     async def write_entries(

@@ -30,6 +30,7 @@ from handlers.transaction_store import NewTransaction, TransactionSql
 from ledger.writer import Writer
 from schemas.database import (
     CommitUnanswered,
+    Database,
     PostgresThread,
     SqliteThread,
     committing,
@@ -170,48 +171,54 @@ async def test_a_database_lost_before_the_commit_recorded_nothing_and_at_the_com
         await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def emptied(postgres_url: str, service: str) -> AsyncIterator[Database]:
+    """`service`'s database on the test Postgres, migrated and emptied; disposed after."""
+    await migrations.upgrade_async(postgres_url)
+    await empty_tables(postgres_url)
+    db = open_database(service_url(service, postgres_url))
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@contextlib.asynccontextmanager
+async def running_writer(postgres_url: str) -> AsyncIterator[Writer]:
+    """A ledger writer running on an emptied ledger, stopped and closed after."""
+    async with emptied(postgres_url, "ledger") as db:
+        writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = group.create_task(writer.run())
+                yield writer
+                running.cancel()
+        finally:
+            await writer.close()
+
+
 async def test_the_ledger_writer_answers_a_commit_the_lost_database_never_answered_as_unanswered(
     postgres_url: str,
 ) -> None:
     """On both of its ways to commit: a guess's statement that commits itself, and the COMMIT
     after reading under the lock (the way it takes when it knows no head)."""
-    await migrations.upgrade_async(postgres_url)
-    await empty_tables(postgres_url)
-    db = open_database(service_url("ledger", postgres_url))
-    writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
     first, second = (Transfer(id, "world", "user:1", 5, "EUR") for id in ("t1", "t2"))
-    try:
-        async with asyncio.TaskGroup() as group:
-            running = group.create_task(writer.run())
-            assert [entry.seq for entry in await writer.submit([first], batched=False)] == [1]
-            async with commits_lose_the_connection(postgres_url, "ledger_entries"):
-                with pytest.raises(CommitUnanswered):  # guessed on the head it wrote, then written again
-                    await writer.submit([second], batched=False)  # after reading under the lock
-            assert [entry.seq for entry in await writer.submit([second], batched=False)] == [2]  # nothing stood
-            running.cancel()
-    finally:
-        await writer.close()
-        await db.dispose()
+    async with running_writer(postgres_url) as writer:
+        assert [entry.seq for entry in await writer.submit([first], batched=False)] == [1]
+        async with commits_lose_the_connection(postgres_url, "ledger_entries"):
+            with pytest.raises(CommitUnanswered):  # guessed on the head it wrote, then written again
+                await writer.submit([second], batched=False)  # after reading under the lock
+        assert [entry.seq for entry in await writer.submit([second], batched=False)] == [2]  # nothing stood
 
 
 async def test_the_ledger_writer_writes_a_batch_whose_commit_went_unanswered_again_once_the_database_is_back(
     postgres_url: str,
 ) -> None:
     """As a client's retry with the same id would: its requesters get their entries, not a 500."""
-    await migrations.upgrade_async(postgres_url)
-    await empty_tables(postgres_url)
-    db = open_database(service_url("ledger", postgres_url))
-    writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
-    try:
-        async with asyncio.TaskGroup() as group:
-            running = group.create_task(writer.run())
-            async with commits_lose_the_connection(postgres_url, "ledger_entries", times=1):
-                (entry,) = await writer.submit([Transfer("t1", "world", "user:1", 5, "EUR")], batched=False)
-            assert (entry.seq, entry.id) == (1, "t1")
-            running.cancel()
-    finally:
-        await writer.close()
-        await db.dispose()
+    async with running_writer(postgres_url) as writer:
+        async with commits_lose_the_connection(postgres_url, "ledger_entries", times=1):
+            (entry,) = await writer.submit([Transfer("t1", "world", "user:1", 5, "EUR")], batched=False)
+    assert (entry.seq, entry.id) == (1, "t1")
 
 
 async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once_the_database_is_back(
@@ -219,21 +226,15 @@ async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once
 ) -> None:
     """The saga's operations are idempotent by key: its callers get their rows, not a 500 (five
     creates got one in one Postgres stop of a session 20 chaos soak)."""
-    await migrations.upgrade_async(postgres_url)
-    await empty_tables(postgres_url)
-    db = open_database(service_url("transactions", postgres_url))
-    commits, sql = GroupCommit(db.writer), TransactionSql(sqlite=False)
     new = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
-    try:
-        async with asyncio.TaskGroup() as group:
-            running = group.create_task(commits.commit_forever())
-            async with commits_lose_the_connection(postgres_url, "transactions", times=1):
-                row = await commits.apply(sql.insert_pending, new)
-            assert (row.idempotency_key, row.status) == ("k1", "pending")
-            assert await commits.apply(sql.insert_pending, new) == row  # stored once
-            running.cancel()
-    finally:
-        await db.dispose()
+    async with emptied(postgres_url, "transactions") as db, asyncio.TaskGroup() as group:
+        commits, sql = GroupCommit(db.writer), TransactionSql(sqlite=False)
+        running = group.create_task(commits.commit_forever())
+        async with commits_lose_the_connection(postgres_url, "transactions", times=1):
+            row = await commits.apply(sql.insert_pending, new)
+        assert (row.idempotency_key, row.status) == ("k1", "pending")
+        assert await commits.apply(sql.insert_pending, new) == row  # stored once
+        running.cancel()
 
 
 async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_the_database_is_back(
@@ -241,12 +242,9 @@ async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_th
 ) -> None:
     """Idempotent per reservation id: the saga gets its reservation, not a 500, and the stock
     moves once."""
-    await migrations.upgrade_async(postgres_url)
-    await empty_tables(postgres_url)
-    db = open_database(service_url("products", postgres_url))
-    repo = Repo(db, OutboxRelay(BatchPublisher(nc), db, products_outbox), nc, GroupCommit(db.writer))
     now = datetime.now(UTC)
-    try:
+    async with emptied(postgres_url, "products") as db:
+        repo = Repo(db, OutboxRelay(BatchPublisher(nc), db, products_outbox), nc, GroupCommit(db.writer))
         async with db.writer.begin() as conn:
             row = {"sku": "S", "name": "S", "description": "", "price": 1, "currency": "EUR", "stock": 10}
             values = {**row, "seller_id": 1, "inserted_at": now, "updated_at": now}
@@ -257,8 +255,6 @@ async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_th
         async with db.reader.connect() as conn:
             stock = (await conn.execute(select(products_table.c.stock))).scalar_one()
         assert stock == 8
-    finally:
-        await db.dispose()
 
 
 class LinkHidingTheServersClose:
