@@ -59,6 +59,8 @@ class Result:
     responder_cpu_us: float = 0.0
     cpu_us: dict[str, float] = dataclasses.field(default_factory=dict)
     """CPU per request of every process on the path (`run_requester`'s `path`), the requester's too."""
+    wal_segments_created: int | None = None
+    """Postgres only: WAL segments the server had to create during the run (`bench.services`)."""
 
     @property
     def rate(self) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,14 @@ from bench.harness import (
     use_requester,
     warmup_s,
 )
-from bench.services import database_for, nats_and_raw_echo, postgres_pids, services_running
+from bench.services import (
+    database_for,
+    nats_and_raw_echo,
+    postgres_pids,
+    services_running,
+    wal_position,
+    wal_segments_created,
+)
 
 ACCOUNTS = 1_000
 BATCH_TRANSFERS = 100
@@ -120,6 +128,7 @@ def main() -> None:
                     pairs = []
                     for _ in range(options.rounds):
                         echo = raw_echo(url, options.duration, concurrency, raw.pid, nats_pid)
+                        wal_before = asyncio.run(wal_position()) if store == "postgres" else None
                         record = run_requester(
                             "bench.ledger",
                             [url, str(options.duration), "record", str(options.retry_every)],
@@ -128,6 +137,9 @@ def main() -> None:
                             pids,
                             path,
                         )
+                        if wal_before is not None:
+                            created = wal_segments_created(wal_before, asyncio.run(wal_position()))
+                            record = dataclasses.replace(record, wal_segments_created=created)
                         pairs.append((echo, record))
                     rows.append(median_pair(pairs))
                     label = f"ledger.record {store}{variant} c{concurrency}"
@@ -154,8 +166,15 @@ def main() -> None:
     if options.rounds > 1:
         print()
         for label, pairs in rounds.items():
-            each = ", ".join(f"{measured.rate / echo.rate:.2f} (p99 {measured.p99_ms:.1f})" for echo, measured in pairs)
+            each = ", ".join(f"{measured.rate / echo.rate:.2f} ({round_figures(measured)})" for echo, measured in pairs)
             print(f"{label} ratios by round: {each}")
+
+
+def round_figures(measured: Result) -> str:
+    figures = f"p99 {measured.p99_ms:.1f}"
+    if measured.wal_segments_created is not None:
+        figures += f", {measured.wal_segments_created} WAL segments created"
+    return figures
 
 
 if __name__ == "__main__":

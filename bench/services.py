@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 from sqlalchemy import insert
@@ -75,6 +76,37 @@ async def fresh_postgres() -> str:
     await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
     await admin.close()
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
+
+
+WAL_FILES = """SELECT (pg_current_wal_lsn() - '0/0')::bigint / setting::bigint, setting::bigint,
+    array(SELECT name FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$')
+FROM pg_settings WHERE name = 'wal_segment_size'"""
+
+
+class WalPosition(NamedTuple):
+    segment: int
+    """The WAL segment Postgres writes now, counted from the first."""
+    ready: int
+    """Segment files already made beyond it (recycled at a checkpoint): used without a wait."""
+
+
+async def wal_position() -> WalPosition:
+    """Where the server's WAL stands (its superuser's view: `pg_ls_waldir`)."""
+    admin = await asyncpg.connect(POSTGRES_ADMIN)
+    try:
+        segment, segment_size, names = await admin.fetchrow(WAL_FILES)
+    finally:
+        await admin.close()
+    per_log = 2**32 // segment_size  # a file's name: timeline, log and segment, 8 hex digits each
+    numbers = [int(name[8:16], 16) * per_log + int(name[16:24], 16) for name in names]
+    return WalPosition(segment, sum(number > segment for number in numbers))
+
+
+def wal_segments_created(before: WalPosition, after: WalPosition) -> int:
+    """Segments Postgres had to create and fill (16 MB written and synced under its WAL lock)
+    between two positions: those used beyond the ones that were ready. A commit waits for it:
+    the Postgres tail at c512 (bench/RESULTS.md, session 21)."""
+    return max(0, after.segment - before.segment - before.ready)
 
 
 def postgres_pids() -> list[int]:
