@@ -311,15 +311,16 @@ class Service:
             counters.processing_time_ns += perf_counter_ns() - started
 
     def _unexpected(self, endpoint: Endpoint, exc: Exception) -> ServiceError:
-        """The answer to an exception no handler expected. A database lost before anything was
-        recorded is a 503, said in the log once per `database_lost_log_interval_s` (at c512 it
-        fails thousands of requests a second); anything else is a 500, its traceback logged."""
+        """The answer to an exception no handler expected. A database lost (or given up on by a
+        timeout) before anything was recorded is a 503, said in the log once per
+        `database_lost_log_interval_s` (at c512 it fails thousands of requests a second);
+        anything else is a 500, its traceback logged."""
         if nothing_recorded(exc):
             now = time.monotonic()
             if now - self._database_lost_logged > database_lost_log_interval_s:
                 self._database_lost_logged = now
                 log.warning(
-                    "database unreachable; answering 503 until it is back",
+                    "database unreachable or too slow; answering 503 until it answers",
                     extra={"service": self.name, "endpoint": endpoint.subject, "reason": repr(exc)},
                 )
             return Unavailable("the database did not answer")

@@ -5,7 +5,7 @@ started again, so one bad moment does not take the process's endpoints down with
 `restarts_max` crashes in `restart_period_s` the crash propagates: the process exits, and
 the OS-level supervisor restarts it from durable state.
 
-A database that went away (a restart, a failover) is waited out instead, up to
+A database that went away (a restart, a failover) or did not answer in time is waited out instead, up to
 `outage_max_s`, starting the task again after a growing pause: restarted at once, every task
 crashed three times in the second a Postgres restart took, every process exited, and the
 supervisor gave the whole mesh up. Such failures do not count against the intensity.
@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from schemas.database import database_unreachable
+from schemas.database import database_did_not_answer
 
 log = logging.getLogger("bitnexus.tasks")
 
@@ -62,16 +62,21 @@ async def supervised(
                 log.warning("task failed while stopping", extra={"task": name, "reason": repr(exc)})
                 raise asyncio.CancelledError from exc
             now = time.monotonic()
-            if database_unreachable(exc):
+            if database_did_not_answer(exc):
                 if now - outage_failed > outage_over_s:
                     outage_started, pause_s = now, outage_pause_first_s
-                    log.warning("database unreachable; waiting for it", extra={"task": name, "reason": repr(exc)})
+                    log.warning(
+                        "database unreachable or too slow; waiting for it", extra={"task": name, "reason": repr(exc)}
+                    )
                 outage_failed = now
                 if now - outage_started <= outage_max_s:
                     await asyncio.sleep(pause_s)
                     pause_s = min(2 * pause_s, outage_pause_max_s)
                     continue
-                log.error("database unreachable for too long; giving up", extra={"task": name, "reason": repr(exc)})
+                log.error(
+                    "database unreachable or too slow for too long; giving up",
+                    extra={"task": name, "reason": repr(exc)},
+                )
                 raise
             crashes.append(now)
             while now - crashes[0] > restart_period_s:

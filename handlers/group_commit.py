@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from schemas.database import database_unreachable, settled, transaction
+from schemas.database import database_did_not_answer, settled, transaction
 
 log = logging.getLogger("bitnexus.group_commit")
 
@@ -86,7 +86,7 @@ class GroupCommit:
         try:
             results = await settled(lambda: self._write(batch))  # every operation here is idempotent
         except Exception as exc:
-            if len(batch) == 1 or database_unreachable(exc):  # alone, each would meet the same outage
+            if len(batch) == 1 or database_did_not_answer(exc):  # alone, each would meet the same outage
                 for pending in batch:
                     _answer(pending, exc, ok=False)
                 return

@@ -27,7 +27,7 @@ from bus.events import ensure_stream, write_event
 from handlers import transactions
 from handlers.transaction_store import SOURCE
 from handlers.transactions import Saga
-from schemas.database import database_unreachable
+from schemas.database import database_did_not_answer
 from schemas.transactions import (
     CreateDeposit,
     CreatePurchase,
@@ -112,13 +112,13 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
 
 
 async def handle(msg: Msg, saga: Saga) -> None:
-    """Apply one message; a lost database is transient too. Raised instead, it ended the
+    """Apply one message; a lost (or too slow) database is transient too. Raised instead, it ended the
     consumer's task group, every message in flight with it, and they came back only after
     `ack_wait_s`."""
     try:
         await apply_message(msg, saga)
     except Exception as exc:
-        if not database_unreachable(exc):
+        if not database_did_not_answer(exc):
             raise
         await msg.nak(delay=redelivery_delay_s(msg))
 

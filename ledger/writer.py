@@ -40,6 +40,7 @@ from schemas.database import (
     committing,
     nothing_recorded,
     settled,
+    timed_out_transaction,
 )
 from schemas.ledger import Entry, Transfer, record_batch_transfers_max
 
@@ -205,13 +206,14 @@ class Writer:
             balances = self._balances_at(head, keys, stored)
             return plan(requests, head, recorded, balances, timestamp(now), batched, kept, refused)
 
-        if self.sqlite is not None:
-            result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, kept_ids, keys, now, decide))
-        else:
-            assert self.postgres is not None
-            result = await self.postgres.run(
-                lambda driver: self._write_postgres(driver, ids, kept_ids, keys, now, decide)
-            )
+        with timed_out_transaction():  # a failed batch's transaction is rolled back (or its commit unanswered)
+            if self.sqlite is not None:
+                result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, kept_ids, keys, now, decide))
+            else:
+                assert self.postgres is not None
+                result = await self.postgres.run(
+                    lambda driver: self._write_postgres(driver, ids, kept_ids, keys, now, decide)
+                )
         return result.outcomes, result.new_entries
 
     def _write_sqlite(

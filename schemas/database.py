@@ -192,6 +192,35 @@ comes (state 2, `PROTOCOL_ERROR_CONSUME`): the FATAL a server shutting down send
 session (asyncpg issues 784 and 1069). Seen on the ledger's writer and raw reads when Postgres stopped."""
 
 
+_WAITED_TOO_LONG = (
+    TimeoutError,  # asyncpg's `postgres_command_timeout_s` (or a NATS request's, inside a block)
+    asyncpg.QueryCanceledError,  # 57014: a server's `statement_timeout`
+    asyncpg.LockNotAvailableError,  # 55P03: a server's `lock_timeout`
+)
+_SQLITE_WAITED_TOO_LONG = ("SQLITE_BUSY", "SQLITE_LOCKED")
+"""SQLite's writer lock held by another connection (another process, a migration) for
+`sqlite_busy_timeout_ms`."""
+
+
+def _waited_too_long(exc: BaseException) -> bool:
+    return any(
+        isinstance(seen, _WAITED_TOO_LONG)
+        or (isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorname in _SQLITE_WAITED_TOO_LONG)
+        for seen in _causes(exc)
+    )
+
+
+class DatabaseTimeout(Exception):
+    """A transaction's statement waited past its limit (a lock held long, a server too busy to
+    answer), and the transaction was rolled back: nothing recorded. Answered as the contract's
+    503, "did not answer in time", like an outage; it was a 500 `internal` until session 21."""
+
+
+def database_did_not_answer(exc: BaseException) -> bool:
+    """`database_unreachable`, or a transaction given up on by its timeout (`DatabaseTimeout`)."""
+    return database_unreachable(exc) or any(isinstance(seen, DatabaseTimeout) for seen in _causes(exc))
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether `exc`, or what it wraps, says the database server went away or is not back yet
     (a restart, a failover, the network): an outage to wait out, not a fault of ours.
@@ -222,7 +251,8 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 class CommitUnanswered(Exception):
-    """The database went away while a COMMIT was on its way: the write may stand or not.
+    """The database went away, or did not answer in time, while a COMMIT was on its way: the
+    write may stand or not.
 
     Answered as a 500, never as the 503 that a lost database otherwise gets: the contract's 503
     promises that nothing was recorded. A retry with the same key or id finds out which."""
@@ -235,14 +265,30 @@ async def committing(commit: Awaitable[T]) -> T:
     except Exception as exc:
         if database_unreachable(exc) and not any(_dead_before_sending(seen) for seen in _causes(exc)):
             raise CommitUnanswered("the database went away during a commit") from exc
+        if _waited_too_long(exc):
+            raise CommitUnanswered("the database did not answer a commit in time") from exc
+        raise
+
+
+@contextlib.contextmanager
+def timed_out_transaction() -> Iterator[None]:
+    """Around the statements of a transaction that an exception rolls back: one that waited too
+    long for the database becomes `DatabaseTimeout`. A `CommitUnanswered` stays one."""
+    try:
+        yield
+    except CommitUnanswered:
+        raise
+    except Exception as exc:
+        if _waited_too_long(exc) and not database_unreachable(exc):
+            raise DatabaseTimeout("the database did not answer in time") from exc
         raise
 
 
 @contextlib.asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """`engine.begin()` for a request's write: a lost database before the COMMIT (at connect,
-    at any statement) left nothing behind and is answered 503; at the COMMIT it is
-    `CommitUnanswered`.
+    at any statement) left nothing behind and is answered 503, and so is a block that waited
+    too long for the database (`DatabaseTimeout`); at the COMMIT either is `CommitUnanswered`.
 
     The database's transaction is open when the block starts, so statements sent on the driver
     itself (`get_raw_connection`, as the saga's store does) are in it too. SQLAlchemy's asyncpg
@@ -250,10 +296,11 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     statements each committed on their own, and two replicas closing one transaction each wrote
     its event. (SQLite's writer sends BEGIN IMMEDIATE at `begin`, `_sqlite_engine`.)"""
     async with engine.connect() as conn:
-        await conn.begin()
-        if engine.dialect.name == "postgresql":
-            await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
-        yield conn
+        with timed_out_transaction():  # rolled back as the block ends
+            await conn.begin()  # SQLite's BEGIN IMMEDIATE waits for the file's writer lock
+            if engine.dialect.name == "postgresql":
+                await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
+            yield conn
         await committing(conn.commit())
 
 
@@ -282,9 +329,9 @@ async def settled(write: Callable[[], Awaitable[T]]) -> T:
 
 
 def nothing_recorded(exc: BaseException) -> bool:
-    """Whether a request that failed on `exc` can be answered 503: the database was lost, and
-    not while a commit was on its way."""
-    return database_unreachable(exc) and not isinstance(exc, CommitUnanswered)
+    """Whether a request that failed on `exc` can be answered 503: the database was lost, or
+    did not answer in time, and not while a commit was on its way."""
+    return database_did_not_answer(exc) and not isinstance(exc, CommitUnanswered)
 
 
 class BadDatabaseUrl(ValueError):
@@ -435,8 +482,8 @@ class PostgresThread:
     The service's event loop is busy under load, and every round trip awaited on it waits for
     its next turn (≈ 5 ms at c512); on this thread's quiet loop a round trip costs what the
     network and Postgres cost. `fn` begins and commits its own transaction; one it leaves open
-    (it raised, or was cancelled) is ended by dropping the connection, and the next call opens
-    another.
+    (it raised, or was cancelled), or a statement it gave up waiting for, is ended by dropping
+    the connection, and the next call opens another.
     """
 
     def __init__(self, url: URL) -> None:
@@ -458,9 +505,12 @@ class PostgresThread:
             connection = self._connection
             try:
                 return await fn(connection)
-            except BaseException:
-                if not connection.is_closed() and connection.is_in_transaction():
-                    connection.terminate()  # Postgres rolls back; an interrupted query leaves nothing behind
+            except BaseException as exc:
+                if not connection.is_closed() and (connection.is_in_transaction() or _waited_too_long(exc)):
+                    # Postgres rolls back; an interrupted query leaves nothing behind. After a
+                    # timeout asyncpg's idea of the transaction can be stale: a COMMIT given up on
+                    # left the session in an aborted transaction while asyncpg said none was open.
+                    connection.terminate()
                 raise
 
     async def close(self) -> None:

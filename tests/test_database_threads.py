@@ -31,6 +31,7 @@ from ledger.writer import Writer
 from schemas.database import (
     CommitUnanswered,
     Database,
+    DatabaseTimeout,
     PostgresThread,
     SqliteThread,
     committing,
@@ -51,6 +52,8 @@ from schemas.ledger import Transfer
 from schemas.products import StockChange, products_outbox
 from schemas.products import products as products_table
 from tests.conftest import empty_tables
+
+NEW_DEPOSIT = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, sqlite_insert_rows_max, 2 * sqlite_insert_rows_max + 3])
@@ -121,27 +124,68 @@ async def test_postgres_thread_drops_a_connection_left_in_a_transaction(postgres
         await writer.close()
 
 
+LOSE_THE_CONNECTION = "pg_terminate_backend(pg_backend_pid())"
+"""The COMMIT is sent, and the server goes away before it answers, as a crash or a failover in
+the middle of a commit looks."""
+OUTLAST_THE_TIMEOUT = "pg_sleep(2)"
+"""The COMMIT is sent, and no answer comes within the command timeout (`short_timeouts`: 0.3 s):
+asyncpg gives up and cancels it."""
+
+
 @contextlib.asynccontextmanager
-async def commits_lose_the_connection(postgres_url: str, table: str, times: int = 2**31 - 1) -> AsyncIterator[None]:
-    """A deferred trigger on `table` that ends its own session, the first `times` times (counted by
-    a sequence, which the rollback does not undo): the COMMIT is sent, and the server goes away
-    before it answers, as a crash or a failover in the middle of a commit looks."""
+async def commits_that(postgres_url: str, table: str, action: str, times: int = 2**31 - 1) -> AsyncIterator[None]:
+    """A deferred trigger on `table` that performs `action` at the COMMIT, the first `times` times
+    (counted by a sequence, which the rollback does not undo)."""
     admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)).dsn)
     try:
         await admin.execute(
-            "CREATE SEQUENCE lose_the_connection_count;"
-            " CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            f" IF nextval('lose_the_connection_count') <= {times} THEN"
-            " PERFORM pg_terminate_backend(pg_backend_pid()); END IF; RETURN NULL; END $$;"
-            f" CREATE CONSTRAINT TRIGGER lose_the_connection AFTER INSERT ON {table}"
-            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION lose_the_connection()"
+            "CREATE SEQUENCE commit_fault_count;"
+            " CREATE FUNCTION commit_fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF nextval('commit_fault_count') <= {times} THEN PERFORM {action}; END IF; RETURN NULL; END $$;"
+            f" CREATE CONSTRAINT TRIGGER commit_fault AFTER INSERT ON {table}"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fault()"
         )
         yield
     finally:
         await admin.execute(
-            f"DROP TRIGGER IF EXISTS lose_the_connection ON {table}; DROP FUNCTION IF EXISTS lose_the_connection();"
-            " DROP SEQUENCE IF EXISTS lose_the_connection_count"
+            f"DROP TRIGGER IF EXISTS commit_fault ON {table}; DROP FUNCTION IF EXISTS commit_fault();"
+            " DROP SEQUENCE IF EXISTS commit_fault_count"
         )
+        await admin.close()
+
+
+def commits_lose_the_connection(
+    postgres_url: str, table: str, times: int = 2**31 - 1
+) -> contextlib.AbstractAsyncContextManager[None]:
+    return commits_that(postgres_url, table, LOSE_THE_CONNECTION, times)
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement waits 0.3 s for Postgres, and a writer 0.3 s for SQLite's lock (both 10 s)."""
+    monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.3)
+    monkeypatch.setattr(schemas.database, "sqlite_busy_timeout_ms", 300)
+
+
+@contextlib.asynccontextmanager
+async def writes_locked_out(database: str, service: str, table: str) -> AsyncIterator[None]:
+    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the block ends."""
+    url = service_url(service, database)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(url.database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    admin = await asyncpg.connect(postgres_dsn(url).dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # readers may, writers wait
+            yield
+    finally:
         await admin.close()
 
 
@@ -211,14 +255,82 @@ async def test_the_ledger_writer_answers_a_commit_the_lost_database_never_answer
         assert [entry.seq for entry in await writer.submit([second], batched=False)] == [2]  # nothing stood
 
 
+@pytest.mark.parametrize("commit_fault", [LOSE_THE_CONNECTION, OUTLAST_THE_TIMEOUT])
 async def test_the_ledger_writer_writes_a_batch_whose_commit_went_unanswered_again_once_the_database_is_back(
-    postgres_url: str,
+    postgres_url: str, commit_fault: str, short_timeouts: None
 ) -> None:
-    """As a client's retry with the same id would: its requesters get their entries, not a 500."""
+    """As a client's retry with the same id would: its requesters get their entries, not a 500.
+    A commit that outlasted the command timeout was a 500 until session 21."""
     async with running_writer(postgres_url) as writer:
-        async with commits_lose_the_connection(postgres_url, "ledger_entries", times=1):
+        async with commits_that(postgres_url, "ledger_entries", commit_fault, times=1):
             (entry,) = await writer.submit([Transfer("t1", "world", "user:1", 5, "EUR")], batched=False)
     assert (entry.seq, entry.id) == (1, "t1")
+
+
+async def test_a_commit_that_outlasts_the_timeout_is_unanswered_not_a_503(
+    postgres_url: str, short_timeouts: None
+) -> None:
+    """asyncpg gave up waiting, and the commit may stand or not: a retry finds out."""
+    async with emptied(postgres_url, "transactions") as db:
+        async with commits_that(postgres_url, "transactions", OUTLAST_THE_TIMEOUT):
+            with pytest.raises(CommitUnanswered) as at_commit:
+                async with transaction(db.writer) as conn:
+                    await TransactionSql(sqlite=False).insert_pending(conn, [NEW_DEPOSIT])
+        assert not nothing_recorded(at_commit.value)
+
+
+async def test_a_group_commit_kept_waiting_past_its_timeout_recorded_nothing_and_fails_at_once(
+    database: str, short_timeouts: None
+) -> None:
+    """A lock held elsewhere (SQLite's one writer, a Postgres table's lock) outlasting the
+    timeout: a 503, as the contract has it for a dependency that "did not answer in time".
+    It was a 500 `internal`, after each caller of the batch had waited its own turn alone."""
+    db = open_database(service_url("transactions", database))
+    commits, sql = GroupCommit(db.writer), TransactionSql(db.is_sqlite)
+    runs = 0
+
+    async def insert(conn: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await sql.insert_pending(conn, [NEW_DEPOSIT])
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(commits.commit_forever())
+            async with writes_locked_out(database, "transactions", "transactions"):
+                started = asyncio.get_running_loop().time()
+                failures = await asyncio.gather(*(commits.run(insert) for _ in range(5)), return_exceptions=True)
+                waited_s = asyncio.get_running_loop().time() - started
+            assert all(isinstance(failure, DatabaseTimeout) for failure in failures), failures
+            assert all(nothing_recorded(failure) for failure in failures)
+            assert waited_s < 1.0, waited_s  # one wait of 0.3 s for the batch, not one more per caller
+            assert runs <= 1  # SQLite waits at BEGIN, before any operation
+            row = await commits.apply(sql.insert_pending, NEW_DEPOSIT)
+            assert row.status == "pending"  # the lock gone, the same write goes through
+            running.cancel()
+    finally:
+        await db.dispose()
+
+
+async def test_a_ledger_batch_kept_waiting_past_its_timeout_recorded_nothing(
+    database: str, short_timeouts: None
+) -> None:
+    """A 503, and the writer goes on: the next batch is written once the lock is free."""
+    db = open_database(service_url("ledger", database))
+    writer = Writer(db, on_commit=lambda entries: asyncio.sleep(0))
+    transfer = Transfer("t1", "world", "user:1", 5, "EUR")
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(writer.run())
+            async with writes_locked_out(database, "ledger", "ledger_entries"):
+                with pytest.raises(DatabaseTimeout) as waited:
+                    await writer.submit([transfer], batched=False)
+            assert nothing_recorded(waited.value)
+            assert [entry.seq for entry in await writer.submit([transfer], batched=False)] == [1]
+            running.cancel()
+    finally:
+        await writer.close()
+        await db.dispose()
 
 
 async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once_the_database_is_back(
@@ -226,14 +338,13 @@ async def test_a_group_commit_whose_commit_went_unanswered_is_written_again_once
 ) -> None:
     """The saga's operations are idempotent by key: its callers get their rows, not a 500 (five
     creates got one in one Postgres stop of a session 20 chaos soak)."""
-    new = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
     async with emptied(postgres_url, "transactions") as db, asyncio.TaskGroup() as group:
         commits, sql = GroupCommit(db.writer), TransactionSql(sqlite=False)
         running = group.create_task(commits.commit_forever())
         async with commits_lose_the_connection(postgres_url, "transactions", times=1):
-            row = await commits.apply(sql.insert_pending, new)
+            row = await commits.apply(sql.insert_pending, NEW_DEPOSIT)
         assert (row.idempotency_key, row.status) == ("k1", "pending")
-        assert await commits.apply(sql.insert_pending, new) == row  # stored once
+        assert await commits.apply(sql.insert_pending, NEW_DEPOSIT) == row  # stored once
         running.cancel()
 
 

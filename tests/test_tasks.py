@@ -8,6 +8,7 @@ import pytest
 
 import bus.tasks
 from bus.tasks import stop, supervised
+from schemas.database import DatabaseTimeout
 
 
 async def test_a_crashed_task_is_restarted_until_it_finishes() -> None:
@@ -91,14 +92,21 @@ def short_outages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bus.tasks, "outage_pause_max_s", 0.02)
 
 
-async def test_a_lost_database_is_waited_out_without_counting_but_not_past_outage_max_s(short_outages: None) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [ConnectionRefusedError(111, "Connect call failed"), DatabaseTimeout("the database did not answer in time")],
+)
+async def test_a_lost_database_is_waited_out_without_counting_but_not_past_outage_max_s(
+    short_outages: None, failure: Exception
+) -> None:
+    """And so is one too slow to answer (`DatabaseTimeout`, session 21)."""
     attempts = []
 
     async def no_database() -> None:
         attempts.append(asyncio.get_running_loop().time())
-        raise ConnectionRefusedError(111, "Connect call failed")
+        raise failure
 
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(type(failure)):
         await supervised("relay", no_database, restarts_max=1)
     assert len(attempts) > 10  # past restarts_max: an outage is not a crash
     assert len(attempts) <= 0.5 / 0.01 + 1  # paused between attempts
