@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -431,6 +431,13 @@ def data_dir() -> Path:
     return Path(os.environ.get("BITNEXUS_DATA_DIR", ".bitnexus")).resolve()
 
 
+STATUS_SUBJECT = "mesh.status"
+SUPERVISOR_ID_FILE = "mesh.id"
+"""In the data directory: the instance id of the supervisor `up` runs there, whose own
+`mesh.status.<id>` `bitnexus status` asks. `mesh.status` is answered by any supervisor on the
+NATS, and a health check in a scaled compose (`--scale mesh=2`) may hear the other one's."""
+
+
 def package_version() -> str:
     return version("bitnexus-mesh")
 
@@ -487,6 +494,7 @@ async def up(config: MeshConfig) -> int:
     from bus.events import require_jetstream
     from bus.service import Service
 
+    (data_dir() / SUPERVISOR_ID_FILE).unlink(missing_ok=True)  # a crashed run's: not ours
     await migrations.upgrade_async()  # first: a database that takes no connection stops us before anything runs
     server = None
     if not os.environ.get("NATS_URL"):
@@ -500,7 +508,9 @@ async def up(config: MeshConfig) -> int:
     supervisor = Supervisor(config.supervisor)
     nc = await connect(Settings.from_env(service=SUPERVISOR), name="mesh")
     service = Service(nc, "mesh", package_version(), "the BitNexus Mesh supervisor")
-    service.add_endpoint("mesh.status", mesh_status, supervisor)
+    service.add_endpoint(STATUS_SUBJECT, mesh_status, supervisor)
+    service.add_endpoint(f"{STATUS_SUBJECT}.{service.id}", mesh_status, supervisor)
+    (data_dir() / SUPERVISOR_ID_FILE).write_text(service.id + "\n")
     exit_code = 0
     try:
         await require_jetstream(nc.jetstream(), os.environ["NATS_URL"])
@@ -547,10 +557,14 @@ async def status(url: str, json_output: bool) -> int:
         reason = failures[-1] if failures else exc
         print(f"bitnexus: cannot reach NATS at {without_secrets(url)}: {reason}", file=sys.stderr)
         return 1
+    subject = status_subject()
     try:
-        reply = await nc.request("mesh.status", b"{}", timeout=2)
+        if subject is None:
+            print(f"bitnexus: the mesh running from {data_dir()} is starting", file=sys.stderr)
+            return 1
+        reply = await nc.request(subject, b"{}", timeout=2)
     except Exception:
-        print(f"bitnexus: no mesh answers mesh.status at {without_secrets(url)}", file=sys.stderr)
+        print(f"bitnexus: no mesh answers {subject} at {without_secrets(url)}", file=sys.stderr)
         return 1
     finally:
         await nc.close()
@@ -559,6 +573,31 @@ async def status(url: str, json_output: bool) -> int:
         return 0
     print(render_status(msgspec.json.decode(reply.data, type=MeshStatus), time.time()))
     return 0
+
+
+def status_subject() -> str | None:
+    """Where to ask: the own subject of the supervisor `up` runs from this data directory (None
+    while it starts), else `mesh.status`, answered by any."""
+    if not up_running_here():
+        return STATUS_SUBJECT
+    saved = data_dir() / SUPERVISOR_ID_FILE
+    return f"{STATUS_SUBJECT}.{saved.read_text().strip()}" if saved.exists() else None
+
+
+def up_running_here() -> bool:
+    """Whether an `up` holds this data directory's `up.lock`: probed with a shared lock, given
+    back at once (`one_mesh_per_data_dir` tries again while a probe holds it)."""
+    try:
+        lock = open(data_dir() / "up.lock")  # closed below, and the probe's lock with it
+    except FileNotFoundError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
 
 
 def render_status(status: MeshStatus, now: float) -> str:
@@ -647,7 +686,7 @@ def one_mesh_per_data_dir() -> Iterator[None]:
     data_dir().mkdir(parents=True, exist_ok=True)
     with open(data_dir() / "up.lock", "a+") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_at_once(lock)
         except BlockingIOError:
             lock.seek(0)
             raise MeshAlreadyRunning(
@@ -658,6 +697,22 @@ def one_mesh_per_data_dir() -> Iterator[None]:
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+lock_attempts = 3
+lock_attempts_apart_s = 0.05
+
+
+def _lock_at_once(lock: IO[str]) -> None:
+    """The exclusive lock, or `BlockingIOError`; tried again briefly, as `bitnexus status` may
+    hold a shared one for a moment to see whether a mesh runs here (`up_running_here`)."""
+    for _ in range(lock_attempts - 1):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(lock_attempts_apart_s)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 @contextlib.contextmanager

@@ -118,6 +118,35 @@ def test_json_logs_are_one_object_per_line_tagged_with_child_and_pid(tmp_path: P
     assert started["child"] == "supervisor" and started["context"] == "child_started"
 
 
+def test_status_asks_the_supervisor_running_from_its_data_directory_not_any_on_the_nats(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """Two meshes on one NATS, as `--scale mesh=2` runs them: `mesh.status` is answered by
+    either, so each container's health check heard the other's supervisor half of the time."""
+    config = tmp_path / "mesh.toml"
+    config.write_text('[supervisor]\nstrategy = "one_for_one"\n')
+    envs = [{**os.environ, "NATS_URL": nats_server.url, "BITNEXUS_DATA_DIR": str(tmp_path / name)} for name in "ab"]
+    ups = [subprocess.Popen(bitnexus("up", "--config", str(config)), env=env) for env in envs]
+    try:
+        for env in envs:
+            wait_for_status(env)
+        for _ in range(8):  # either would answer `mesh.status` about half of the time
+            for up, env in zip(ups, envs, strict=True):
+                assert wait_for_status(env)["supervisor"]["pid"] == up.pid
+        anywhere = {**os.environ, "NATS_URL": nats_server.url, "BITNEXUS_DATA_DIR": str(tmp_path / "elsewhere")}
+        assert wait_for_status(anywhere)["supervisor"]["pid"] in {up.pid for up in ups}  # no mesh here: any
+        ups[0].send_signal(signal.SIGSTOP)  # hung: its lock held, its own subject unanswered
+        hung = subprocess.run(bitnexus("status"), env=envs[0], capture_output=True, text=True, timeout=20)
+        assert hung.returncode == 1
+        assert hung.stderr.startswith("bitnexus: no mesh answers mesh.status."), hung.stderr
+        ups[0].send_signal(signal.SIGCONT)
+    finally:
+        for up in ups:
+            up.send_signal(signal.SIGCONT)
+            up.send_signal(signal.SIGTERM)
+        assert [up.wait(timeout=30) for up in ups] == [0, 0]
+
+
 def embedded_server_pid(up_pid: int) -> int:
     children = subprocess.run(["pgrep", "-P", str(up_pid)], capture_output=True, text=True).stdout.split()
     (pid,) = [int(pid) for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "nats-server"]
