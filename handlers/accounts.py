@@ -30,7 +30,7 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import postgres_lookup, sqlite_json_list, sqlite_timestamp, transaction
+from schemas.database import inserted_once, postgres_lookup, sqlite_json_list, sqlite_timestamp, transaction
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -58,11 +58,22 @@ async def create_user(request: CreateUser, repo: Repo) -> User:
     password_hash = await hash_password(request.password)
     now = datetime.now(UTC)
     values = {"email": request.email.lower(), "name": request.name, "password_hash": password_hash}
-    try:
+
+    async def insert_user() -> User:
         async with transaction(repo.db.writer) as conn:
             statement = insert(users).values(**values, inserted_at=now, updated_at=now).returning(*USER_COLUMNS)
             user = user_from((await conn.execute(statement)).one())
             await write_event(conn, accounts_outbox, SOURCE, "accounts.user.created", user, now)
+        return user
+
+    async def this_insert() -> User | None:
+        """The user this request inserted: its email, inserted at the same microsecond."""
+        async with repo.db.reader.connect() as conn:
+            row = (await conn.execute(select(*USER_COLUMNS).where(users.c.email == values["email"]))).one_or_none()
+        return user_from(row) if row is not None and row.inserted_at == now else None
+
+    try:
+        user = await inserted_once(insert_user, this_insert)
     except IntegrityError:
         raise email_taken() from None
     repo.relay.wake()

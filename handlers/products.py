@@ -25,7 +25,7 @@ from bus.service import Service
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
-from schemas.database import settled, transaction
+from schemas.database import inserted_once, settled, transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -82,11 +82,22 @@ async def check_seller(repo: Repo, seller_id: int) -> None:
 async def create_product(request: CreateProduct, repo: Repo) -> Product:
     await check_seller(repo, request.seller_id)
     now = datetime.now(UTC)
-    try:
+
+    async def insert_product() -> Product:
         async with transaction(repo.db.writer) as conn:
             statement = insert(products).values(**structs.asdict(request), inserted_at=now, updated_at=now)
             product = product_from((await conn.execute(statement.returning(*PRODUCT_COLUMNS))).one())
             await write_event(conn, products_outbox, SOURCE, "products.product.created", product, now)
+        return product
+
+    async def this_insert() -> Product | None:
+        """The product this request inserted: its sku, inserted at the same microsecond."""
+        async with repo.db.reader.connect() as conn:
+            row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.sku == request.sku))).one_or_none()
+        return product_from(row) if row is not None and row.inserted_at == now else None
+
+    try:
+        product = await inserted_once(insert_product, this_insert)
     except IntegrityError:
         raise sku_taken() from None
     repo.relay.wake()

@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -326,6 +326,25 @@ async def settled(write: Callable[[], Awaitable[T]]) -> T:
                 if not nothing_recorded(exc):  # unanswered again, or a fault
                     raise
         raise unanswered
+
+
+async def inserted_once(insert: Callable[[], Awaitable[T]], stood: Callable[[], Awaitable[T | None]]) -> T:
+    """`insert()` of a row with a unique value, `settled`: written again if its commit went
+    unanswered. A unique value found taken (`IntegrityError`) is this very insert when `stood()`
+    finds its row, the first commit having stood; otherwise the error stands, for the caller to
+    say. Accounts' and products' creates answered such a commit 500 until session 21, and the
+    client's retry then got `email_taken` for its own user."""
+
+    async def once() -> T:
+        try:
+            return await insert()
+        except IntegrityError:
+            row = await stood()
+            if row is None:
+                raise
+            return row
+
+    return await settled(once)
 
 
 def nothing_recorded(exc: BaseException) -> bool:

@@ -16,18 +16,21 @@ from typing import Any
 import asyncpg
 import pytest
 from nats.aio.client import Client
-from sqlalchemy import insert, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.engine import make_url
 
 import migrations
 import schemas.database
+from bus.errors import Conflict
 from bus.events import OutboxRelay
 from bus.jetstream import BatchPublisher
-from handlers import products
+from handlers import accounts, products
 from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, TransactionSql
 from ledger.writer import Writer
+from schemas.accounts import CreateUser, accounts_outbox
+from schemas.accounts import users as users_table
 from schemas.database import (
     CommitUnanswered,
     Database,
@@ -49,7 +52,7 @@ from schemas.database import (
     wal_pages_max,
 )
 from schemas.ledger import Transfer
-from schemas.products import StockChange, products_outbox
+from schemas.products import CreateProduct, StockChange, products_outbox
 from schemas.products import products as products_table
 from tests.conftest import empty_tables
 
@@ -366,6 +369,105 @@ async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_th
         async with db.reader.connect() as conn:
             stock = (await conn.execute(select(products_table.c.stock))).scalar_one()
         assert stock == 8
+
+
+class LinkLosingACommitsAnswer:
+    """A TCP hop to Postgres that passes the first COMMIT a client sends on to the server, but
+    not the server's answer: it closes the client's side instead, once the server has had time
+    to commit. A commit that stood, its answer lost with the network."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.commits_to_lose = 1
+
+    async def carry(self, client: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        server, server_out = await asyncio.open_connection("127.0.0.1", self.port)
+        losing = asyncio.Event()
+
+        async def to_server() -> None:
+            with contextlib.suppress(OSError):
+                while data := await client.read(65_536):
+                    if b"COMMIT" in data and self.commits_to_lose:
+                        self.commits_to_lose -= 1
+                        losing.set()
+                    server_out.write(data)
+                    await server_out.drain()
+                    if losing.is_set():
+                        await asyncio.sleep(0.5)  # the server commits meanwhile
+                        client_out.close()
+                        break
+            server_out.close()
+
+        async def to_client() -> None:
+            with contextlib.suppress(OSError):
+                while (data := await server.read(65_536)) and not losing.is_set():
+                    client_out.write(data)
+                    await client_out.drain()
+            client_out.close()
+
+        await asyncio.gather(to_server(), to_client())
+
+
+@contextlib.asynccontextmanager
+async def a_commits_answer_lost(postgres_url: str, table: str, commit_stood: bool) -> AsyncIterator[str]:
+    """A URL on which the next COMMIT of a write to `table` goes unanswered: it stood, its answer
+    lost on the way (`LinkLosingACommitsAnswer`); or the server went away with it."""
+    if not commit_stood:
+        async with commits_lose_the_connection(postgres_url, table, times=1):
+            yield postgres_url
+        return
+    url = make_url(postgres_url)
+    link = LinkLosingACommitsAnswer(url.port or 5432)
+    server = await asyncio.start_server(link.carry, "127.0.0.1", 0)
+    async with server:
+        yield url.set(port=server.sockets[0].getsockname()[1]).render_as_string(hide_password=False)
+    assert link.commits_to_lose == 0
+
+
+def repo_of(db: Database, nc: Client, outbox: Table) -> Repo:
+    return Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
+
+
+async def rows_and_events(db: Database, table: Table, outbox: Table) -> tuple[int, list[str]]:
+    async with db.reader.connect() as conn:
+        rows = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+        return rows, [row.subject for row in await conn.execute(select(outbox.c.subject))]
+
+
+@pytest.mark.parametrize("commit_stood", [True, False])
+async def test_a_user_or_product_create_whose_commit_went_unanswered_answers_its_row_created_once(
+    nc: Client, postgres_url: str, commit_stood: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Created once, with one event, whether the unanswered commit stood (its answer lost) or not
+    (the server gone with it). Both were a 500 until session 21, and a client's retry then got
+    `email_taken` or `sku_taken` for its own row."""
+    async with emptied(postgres_url, "accounts") as accounts_db, emptied(postgres_url, "products") as products_db:
+        async with a_commits_answer_lost(postgres_url, "users", commit_stood) as url:
+            db = open_database(service_url("accounts", url))
+            try:
+                ada = await accounts.create_user(
+                    CreateUser("ada@x.io", "Ada", "a password"), repo_of(db, nc, accounts_outbox)
+                )
+            finally:
+                await db.dispose()
+        assert await rows_and_events(accounts_db, users_table, accounts_outbox) == (1, ["events.accounts.user.created"])
+        with pytest.raises(Conflict):  # another create of the email is refused as before
+            await accounts.create_user(
+                CreateUser("ada@x.io", "Ada", "a password"), repo_of(accounts_db, nc, accounts_outbox)
+            )
+
+        monkeypatch.setenv("DATABASE_URL", postgres_url)
+        async with accounts.serving(nc), a_commits_answer_lost(postgres_url, "products", commit_stood) as url:
+            db = open_database(service_url("products", url))
+            try:
+                mug = await products.create_product(
+                    CreateProduct("MUG", "Mug", 5, "EUR", 3, ada.id), repo_of(db, nc, products_outbox)
+                )
+            finally:
+                await db.dispose()
+        assert (mug.sku, mug.seller_id) == ("MUG", ada.id)
+        stored = await rows_and_events(products_db, products_table, products_outbox)
+        assert stored == (1, ["events.products.product.created"])
 
 
 class LinkHidingTheServersClose:
