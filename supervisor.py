@@ -537,6 +537,10 @@ async def status(url: str, json_output: bool) -> int:
 
     from bus.connection import Settings, without_secrets
 
+    subject = status_subject()
+    if subject is None:
+        print(f"bitnexus: the mesh running from {data_dir()} is starting", file=sys.stderr)
+        return 1
     settings = Settings.from_env(service=SUPERVISOR)  # the server may require the supervisor's credentials
     failures: list[Exception] = []
 
@@ -557,11 +561,7 @@ async def status(url: str, json_output: bool) -> int:
         reason = failures[-1] if failures else exc
         print(f"bitnexus: cannot reach NATS at {without_secrets(url)}: {reason}", file=sys.stderr)
         return 1
-    subject = status_subject()
     try:
-        if subject is None:
-            print(f"bitnexus: the mesh running from {data_dir()} is starting", file=sys.stderr)
-            return 1
         reply = await nc.request(subject, b"{}", timeout=2)
     except Exception:
         print(f"bitnexus: no mesh answers {subject} at {without_secrets(url)}", file=sys.stderr)

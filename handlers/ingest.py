@@ -112,9 +112,9 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
 
 
 async def handle(msg: Msg, saga: Saga) -> None:
-    """Apply one message; a lost (or too slow) database is transient too. Raised instead, it ended the
-    consumer's task group, every message in flight with it, and they came back only after
-    `ack_wait_s`."""
+    """Apply one message; a lost (or too slow) database is transient too. Raised instead, it
+    ended the consumer's task group, every message in flight with it, and they came back only
+    after `ack_wait_s`."""
     try:
         await apply_message(msg, saga)
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -145,6 +146,16 @@ def test_status_asks_the_supervisor_running_from_its_data_directory_not_any_on_t
             up.send_signal(signal.SIGCONT)
             up.send_signal(signal.SIGTERM)
         assert [up.wait(timeout=30) for up in ups] == [0, 0]
+
+
+def test_status_while_the_mesh_of_its_data_directory_starts_says_so(tmp_path: Path, nats_server: EmbeddedNats) -> None:
+    """Its lock held, its id not written yet: not another mesh's answer."""
+    env = {**os.environ, "NATS_URL": nats_server.url, "BITNEXUS_DATA_DIR": str(tmp_path)}
+    with open(tmp_path / "up.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(bitnexus("status"), env=env, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"bitnexus: the mesh running from {tmp_path.resolve()} is starting"
 
 
 def embedded_server_pid(up_pid: int) -> int:
