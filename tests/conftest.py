@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from nats.js.errors import NotFoundError
 from sqlalchemy.engine import make_url
 
 import migrations
+import schemas.database
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.events import EVENTS_STREAM, ensure_stream
-from schemas.database import open_database, service_url
+from schemas.database import open_database, postgres_dsn, service_url
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +121,35 @@ async def database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     await empty_tables(database_url)
     monkeypatch.setenv("DATABASE_URL", database_url)
     return database_url
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement waits 0.3 s for Postgres, and a writer 0.3 s for SQLite's lock (both 10 s)."""
+    monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.3)
+    monkeypatch.setattr(schemas.database, "sqlite_busy_timeout_ms", 300)
+
+
+@contextlib.asynccontextmanager
+async def writes_locked_out(database: str, service: str, table: str) -> AsyncIterator[None]:
+    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the block ends."""
+    url = service_url(service, database)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(url.database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    admin = await asyncpg.connect(postgres_dsn(url).dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # readers may, writers wait
+            yield
+    finally:
+        await admin.close()
 
 
 class Mesh:

@@ -54,7 +54,7 @@ from schemas.database import (
 from schemas.ledger import Transfer
 from schemas.products import CreateProduct, StockChange, products_outbox
 from schemas.products import products as products_table
-from tests.conftest import empty_tables
+from tests.conftest import empty_tables, writes_locked_out
 
 NEW_DEPOSIT = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
 
@@ -161,35 +161,6 @@ def commits_lose_the_connection(
     postgres_url: str, table: str, times: int = 2**31 - 1
 ) -> contextlib.AbstractAsyncContextManager[None]:
     return commits_that(postgres_url, table, LOSE_THE_CONNECTION, times)
-
-
-@pytest.fixture
-def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A statement waits 0.3 s for Postgres, and a writer 0.3 s for SQLite's lock (both 10 s)."""
-    monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.3)
-    monkeypatch.setattr(schemas.database, "sqlite_busy_timeout_ms", 300)
-
-
-@contextlib.asynccontextmanager
-async def writes_locked_out(database: str, service: str, table: str) -> AsyncIterator[None]:
-    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the block ends."""
-    url = service_url(service, database)
-    if url.get_backend_name() == "sqlite":
-        holder = sqlite3.connect(url.database or "", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    admin = await asyncpg.connect(postgres_dsn(url).dsn)
-    try:
-        async with admin.transaction():
-            await admin.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # readers may, writers wait
-            yield
-    finally:
-        await admin.close()
 
 
 async def test_a_database_lost_before_the_commit_recorded_nothing_and_at_the_commit_is_unanswered(

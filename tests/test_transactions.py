@@ -21,7 +21,7 @@ from handlers.transaction_store import Stored, TransactionSql
 from schemas.accounts import User, UserId
 from schemas.database import open_database, service_url
 from schemas.transactions import transactions_outbox
-from tests.conftest import Mesh, fresh_streams
+from tests.conftest import Mesh, fresh_streams, writes_locked_out
 from tests.ledger_checks import assert_ledger_invariants
 
 TRANSACTION_FIELDS = [
@@ -212,6 +212,29 @@ async def test_a_rejection_applied_twice_is_one_event(mesh: Mesh, database: str)
     rejected = [event for subject, _, event in events if subject == "events.transactions.transaction.rejected"]
     assert len(rejected) == 1, rejected
     assert rejected[0]["data"]["error"]["details"] == ["$.idempotency_key"]
+
+
+async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_soon_after(
+    mesh: Mesh, database: str, short_timeouts: None
+) -> None:
+    """Its write outlasted the timeout (a lock held elsewhere): the message comes again after a
+    short delay, as after a lost database. Raised instead (until session 21), it ended the
+    consumer's task group, every message in flight with it, back only after `ack_wait_s`."""
+    alice = await user(mesh, "alice")
+    deposit = {"idempotency_key": "kept-waiting", "user_id": alice, "amount": 7, "currency": "EUR"}
+    await mesh.js.publish("ingest.elsewhere.deposits", json.dumps(deposit).encode())  # beyond the service's consumer
+    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream="INGEST")
+    (msg,) = await inbox.fetch(1, timeout=5)
+    async with second_driver(mesh, database, None) as (saga, _), asyncio.TaskGroup() as group:
+        loader = group.create_task(saga.by_key.run())
+        async with writes_locked_out(database, "transactions", "transactions"):
+            await ingest.handle(msg, saga)
+        (again,) = await inbox.fetch(1, timeout=5)
+        assert (again.data, again.metadata.num_delivered) == (msg.data, 2)
+        await ingest.handle(again, saga)
+        loader.cancel()
+    listed = await mesh.ok("transactions.transactions.list", {"user_id": alice})
+    assert [(item["idempotency_key"], item["status"]) for item in listed["items"]] == [("kept-waiting", "committed")]
 
 
 async def test_purchase_pays_the_seller_and_takes_the_stock(mesh: Mesh) -> None:
