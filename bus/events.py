@@ -172,7 +172,7 @@ class OutboxRelay:
         query = select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject, self.outbox.c.payload)
         query = query.order_by(self.outbox.c.seq).limit(relay_batch_max)
         if self.db.is_sqlite:
-            async with self.db.reader.connect() as conn:
+            async with self.db.read() as conn:
                 rows = (await conn.execute(query)).all()
             await self._publish(rows)
             async with self.db.writer.begin() as conn:

@@ -68,7 +68,7 @@ async def create_user(request: CreateUser, repo: Repo) -> User:
 
     async def this_insert() -> User | None:
         """The user this request inserted: its email, inserted at the same microsecond."""
-        async with repo.db.reader.connect() as conn:
+        async with repo.db.read() as conn:
             row = (await conn.execute(select(*USER_COLUMNS).where(users.c.email == values["email"]))).one_or_none()
         return user_from(row) if row is not None and row.inserted_at == now else None
 
@@ -98,7 +98,7 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
     number of ids (so nothing is recompiled per batch size) and no per-row ORM-level processing."""
 
     async def fetch(ids: list[int]) -> dict[int, User]:
-        async with repo.db.reader.connect() as conn:
+        async with repo.db.read() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             if repo.db.is_sqlite:
                 rows = await driver.execute_fetchall(USERS_BY_IDS_SQLITE, (sqlite_json_list(ids),))
@@ -113,7 +113,7 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
 
 async def list_users(request: ListUsers, repo: Repo) -> UserPage:
     query = select(*USER_COLUMNS).where(users.c.id > request.after_id).order_by(users.c.id).limit(request.limit + 1)
-    async with repo.db.reader.connect() as conn:
+    async with repo.db.read() as conn:
         rows = (await conn.execute(query)).all()
     items = [user_from(row) for row in rows[: request.limit]]
     return UserPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
@@ -155,7 +155,7 @@ async def delete_user(request: UserId, repo: Repo) -> Deleted:
 async def authenticate(request: Authenticate, repo: Repo) -> User:
     """The same work whether or not the email exists; the reply does not say which was wrong."""
     query = select(*USER_COLUMNS, users.c.password_hash).where(users.c.email == request.email.lower())
-    async with repo.db.reader.connect() as conn:
+    async with repo.db.read() as conn:
         row = (await conn.execute(query)).one_or_none()
     if not await verify_password(request.password, row.password_hash if row else None):
         raise InvalidCredentials("invalid email or password")

@@ -92,7 +92,7 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
 
     async def this_insert() -> Product | None:
         """The product this request inserted: its sku, inserted at the same microsecond."""
-        async with repo.db.reader.connect() as conn:
+        async with repo.db.read() as conn:
             row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.sku == request.sku))).one_or_none()
         return product_from(row) if row is not None and row.inserted_at == now else None
 
@@ -105,7 +105,7 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
 
 
 async def get_product(request: ProductId, repo: Repo) -> Product:
-    async with repo.db.reader.connect() as conn:
+    async with repo.db.read() as conn:
         row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.id == request.id))).one_or_none()
     if row is None:
         raise product_not_found(request.id)
@@ -114,7 +114,7 @@ async def get_product(request: ProductId, repo: Repo) -> Product:
 
 async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
     query = select(*PRODUCT_COLUMNS).where(products.c.id > request.after_id).order_by(products.c.id)
-    async with repo.db.reader.connect() as conn:
+    async with repo.db.read() as conn:
         rows = (await conn.execute(query.limit(request.limit + 1))).all()
     items = [product_from(row) for row in rows[: request.limit]]
     return ProductPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)

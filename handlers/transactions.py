@@ -286,7 +286,7 @@ async def forget(saga: Saga, row: Stored) -> None:
 
 
 async def get_transaction(request: TransactionId, saga: Saga) -> Transaction:
-    async with saga.repo.db.reader.connect() as conn:
+    async with saga.repo.db.read() as conn:
         row = (await conn.execute(select(transactions).where(transactions.c.id == request.id))).one_or_none()
     if row is None or row.status == "pending":
         raise NotFound(f"transaction {request.id} not found")
@@ -298,7 +298,7 @@ async def list_transactions(request: ListTransactions, saga: Saga) -> Transactio
     if request.user_id is not None:
         account = wallet(request.user_id)
         query = query.where(or_(transactions.c.from_account == account, transactions.c.to_account == account))
-    async with saga.repo.db.reader.connect() as conn:
+    async with saga.repo.db.read() as conn:
         rows = (await conn.execute(query.order_by(transactions.c.id).limit(request.limit + 1))).all()
     items = [transaction_from(stored_from(row)) for row in rows[: request.limit]]
     return TransactionPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
@@ -314,7 +314,7 @@ async def recover_forever(saga: Saga) -> None:
 async def recover_once(saga: Saga) -> int:
     stale = datetime.now(UTC) - timedelta(seconds=recovery_age_s)
     query = select(transactions).where(transactions.c.status == "pending", transactions.c.updated_at < stale)
-    async with saga.repo.db.reader.connect() as conn:
+    async with saga.repo.db.read() as conn:
         rows = (await conn.execute(query.order_by(transactions.c.id).limit(recovery_batch_max))).all()
     for row in rows:
         try:
@@ -326,7 +326,7 @@ async def recover_once(saga: Saga) -> int:
 
 def keys_loader(repo: Repo, sql: TransactionSql) -> BatchLoader[str, Stored]:
     async def fetch(keys: list[str]) -> dict[str, Stored]:
-        async with repo.db.reader.connect() as conn:
+        async with repo.db.read() as conn:
             return await sql.by_keys((await conn.get_raw_connection()).driver_connection, keys)
 
     return BatchLoader(fetch, fetchers=2)

@@ -181,7 +181,7 @@ class ChainRelay:
         return []
 
     async def _next_entries(self) -> list[Committed]:
-        async with self.db.reader.connect() as conn:
+        async with self.db.read() as conn:
             query = select(ledger_cursors.c.seq).where(ledger_cursors.c.name == EVENTS_CURSOR)
             cursor = max((await conn.execute(query)).scalar_one(), self._published.seq)
             driver = (await conn.get_raw_connection()).driver_connection

@@ -76,13 +76,13 @@ async def balance(request: BalanceRequest, db: Database) -> Balances:
     query = select(ledger_balances.c.currency, ledger_balances.c.balance).where(
         ledger_balances.c.account == request.account
     )
-    async with db.reader.connect() as conn:
+    async with db.read() as conn:
         rows = (await conn.execute(query.order_by(ledger_balances.c.currency))).all()
     return Balances(account=request.account, balances={row.currency: row.balance for row in rows})
 
 
 async def history(request: HistoryRequest, db: Database) -> EntryPage:
-    async with db.reader.connect() as conn:
+    async with db.read() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         entries = await history_after(driver, db.is_sqlite, request.account, request.after_seq, request.limit + 1)
     return _paged(entries, request.limit)
@@ -93,7 +93,7 @@ async def chain(request: ChainRequest, db: Database) -> EntryPage:
 
 
 async def _chain_page(db: Database, after_seq: int, limit: int) -> EntryPage:
-    async with db.reader.connect() as conn:
+    async with db.read() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         entries = await entries_after(driver, db.is_sqlite, after_seq, limit + 1)
     return _paged(entries, limit)

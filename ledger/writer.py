@@ -38,9 +38,9 @@ from schemas.database import (
     PostgresThread,
     SqliteThread,
     committing,
+    given_up_waiting,
     nothing_recorded,
     settled,
-    timed_out_transaction,
 )
 from schemas.ledger import Entry, Transfer, record_batch_transfers_max
 
@@ -206,7 +206,7 @@ class Writer:
             balances = self._balances_at(head, keys, stored)
             return plan(requests, head, recorded, balances, timestamp(now), batched, kept, refused)
 
-        with timed_out_transaction():  # a failed batch's transaction is rolled back (or its commit unanswered)
+        with given_up_waiting():  # a failed batch's transaction is rolled back (or its commit unanswered)
             if self.sqlite is not None:
                 result = await self.sqlite.run(lambda conn: self._write_sqlite(conn, ids, kept_ids, keys, now, decide))
             else:

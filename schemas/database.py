@@ -211,8 +211,8 @@ def _waited_too_long(exc: BaseException) -> bool:
 
 
 class DatabaseTimeout(Exception):
-    """A transaction's statement waited past its limit (a lock held long, a server too busy to
-    answer), and the transaction was rolled back: nothing recorded. Answered as the contract's
+    """A statement waited past its limit (a lock held long, a server too busy to answer) in a
+    read or in a transaction that was rolled back: nothing recorded. Answered as the contract's
     503, "did not answer in time", like an outage; it was a 500 `internal` until session 21."""
 
 
@@ -271,9 +271,10 @@ async def committing(commit: Awaitable[T]) -> T:
 
 
 @contextlib.contextmanager
-def timed_out_transaction() -> Iterator[None]:
-    """Around the statements of a transaction that an exception rolls back: one that waited too
-    long for the database becomes `DatabaseTimeout`. A `CommitUnanswered` stays one."""
+def given_up_waiting() -> Iterator[None]:
+    """Around statements whose failure records nothing (a read, a transaction that an exception
+    rolls back): one that waited too long for the database becomes `DatabaseTimeout`. A
+    `CommitUnanswered` stays one."""
     try:
         yield
     except CommitUnanswered:
@@ -296,7 +297,7 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     statements each committed on their own, and two replicas closing one transaction each wrote
     its event. (SQLite's writer sends BEGIN IMMEDIATE at `begin`, `_sqlite_engine`.)"""
     async with engine.connect() as conn:
-        with timed_out_transaction():  # rolled back as the block ends
+        with given_up_waiting():  # rolled back as the block ends
             await conn.begin()  # SQLite's BEGIN IMMEDIATE waits for the file's writer lock
             if engine.dialect.name == "postgresql":
                 await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
@@ -390,6 +391,14 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.writer.dialect.name == "sqlite"
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A reader's connection; a read kept waiting past its timeout is `DatabaseTimeout` (a
+        503), as a write's is: a statement blocked by a migration's lock, say."""
+        async with self.reader.connect() as conn:
+            with given_up_waiting():
+                yield conn
 
     async def dispose(self) -> None:
         await self.writer.dispose()

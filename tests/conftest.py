@@ -131,8 +131,9 @@ def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextlib.asynccontextmanager
-async def writes_locked_out(database: str, service: str, table: str) -> AsyncIterator[None]:
-    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the block ends."""
+async def writes_locked_out(database: str, service: str, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
+    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the
+    block ends; on Postgres in `mode`: `ACCESS EXCLUSIVE`, as `ALTER TABLE` takes it, holds reads too."""
     url = service_url(service, database)
     if url.get_backend_name() == "sqlite":
         holder = sqlite3.connect(url.database or "", isolation_level=None)
@@ -146,7 +147,7 @@ async def writes_locked_out(database: str, service: str, table: str) -> AsyncIte
     admin = await asyncpg.connect(postgres_dsn(url).dsn)
     try:
         async with admin.transaction():
-            await admin.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # readers may, writers wait
+            await admin.execute(f"LOCK TABLE {table} IN {mode} MODE")  # EXCLUSIVE: readers may, writers wait
             yield
     finally:
         await admin.close()

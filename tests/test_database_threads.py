@@ -54,7 +54,7 @@ from schemas.database import (
 from schemas.ledger import Transfer
 from schemas.products import CreateProduct, StockChange, products_outbox
 from schemas.products import products as products_table
-from tests.conftest import empty_tables, writes_locked_out
+from tests.conftest import Mesh, empty_tables, writes_locked_out
 
 NEW_DEPOSIT = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
 
@@ -284,6 +284,25 @@ async def test_a_group_commit_kept_waiting_past_its_timeout_recorded_nothing_and
             running.cancel()
     finally:
         await db.dispose()
+
+
+async def test_reads_kept_waiting_past_their_timeout_are_503s(
+    nc: Client, postgres_url: str, short_timeouts: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration's lock on a table (`ALTER TABLE` takes ACCESS EXCLUSIVE) holds its reads too:
+    a grouped read (`accounts.users.get`) and a plain one (`accounts.users.list`). Both were 500
+    `internal` with a traceback until session 21; a read records nothing, so it is a 503."""
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    async with emptied(postgres_url, "accounts"), accounts.serving(nc):
+        mesh = Mesh(nc)
+        ada = await mesh.ok("accounts.users.create", {"email": "ada@x.io", "name": "Ada", "password": "a password"})
+        async with writes_locked_out(postgres_url, "accounts", "users", "ACCESS EXCLUSIVE"):
+            answers = [
+                await mesh.request("accounts.users.get", {"id": ada["id"]}),
+                await mesh.request("accounts.users.list", {}),
+            ]
+        assert [(code, reply["error"]["type"]) for code, reply in answers] == [(503, "unavailable")] * 2
+        assert await mesh.ok("accounts.users.get", {"id": ada["id"]}) == ada  # the pool's connections serve on
 
 
 async def test_a_ledger_batch_kept_waiting_past_its_timeout_recorded_nothing(
