@@ -11,12 +11,13 @@ pending transaction to its end again: no money moves twice and no stock is lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
 import signal
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -79,6 +80,10 @@ class Saga:
     repo: Repo
     sql: TransactionSql
     by_key: BatchLoader[str, Stored]
+    driving: collections.Counter[int] = field(default_factory=collections.Counter)
+    """Transactions this process drives now (a request, a retry, an ingest message), by id: its
+    recovery leaves them to their drivers. A ledger slower than `recovery_age_s` kept them
+    pending, and the recovery loop drove each a second time (session 20: safe, but wasted)."""
 
 
 def wallet(user_id: int) -> str:
@@ -161,6 +166,16 @@ async def insert_pending(saga: Saga, new: NewTransaction, user_ids: list[int]) -
 
 async def drive(saga: Saga, row: Stored) -> Transaction:
     """Take a transaction from wherever it stands to its end; raises its refusal if it was refused."""
+    saga.driving[row.id] += 1
+    try:
+        return await _drive(saga, row)
+    finally:
+        saga.driving[row.id] -= 1
+        if not saga.driving[row.id]:
+            del saga.driving[row.id]
+
+
+async def _drive(saga: Saga, row: Stored) -> Transaction:
     if row.status == "pending" and row.refusal is not None:
         await release_stock(saga, row)
         row = await finish(saga, Close(row.id, "rejected"))
@@ -312,16 +327,19 @@ async def recover_forever(saga: Saga) -> None:
 
 
 async def recover_once(saga: Saga) -> int:
+    """Drive the pending transactions older than `recovery_age_s` that no one in this process
+    drives (another replica's may still be driven: that is safe); how many it drove."""
     stale = datetime.now(UTC) - timedelta(seconds=recovery_age_s)
     query = select(transactions).where(transactions.c.status == "pending", transactions.c.updated_at < stale)
     async with saga.repo.db.read() as conn:
         rows = (await conn.execute(query.order_by(transactions.c.id).limit(recovery_batch_max))).all()
-    for row in rows:
+    orphans = [row for row in rows if row.id not in saga.driving]
+    for row in orphans:
         try:
             await drive(saga, stored_from(row))
         except (Unavailable, RemoteError, NotFound) as outcome:
             log.info("recovered transaction %s: %s", row.idempotency_key, outcome.message)
-    return len(rows)
+    return len(orphans)
 
 
 def keys_loader(repo: Repo, sql: TransactionSql) -> BatchLoader[str, Stored]:

@@ -217,7 +217,7 @@ class DatabaseTimeout(Exception):
 
 
 def database_did_not_answer(exc: BaseException) -> bool:
-    """`database_unreachable`, or a transaction given up on by its timeout (`DatabaseTimeout`)."""
+    """`database_unreachable`, or a read or transaction given up on by its timeout (`DatabaseTimeout`)."""
     return database_unreachable(exc) or any(isinstance(seen, DatabaseTimeout) for seen in _causes(exc))
 
 

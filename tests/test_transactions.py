@@ -7,9 +7,12 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.events import OutboxRelay, relay_poll_interval_s
 from bus.jetstream import BatchPublisher
@@ -17,9 +20,10 @@ from bus.service import Service
 from handlers import ingest, transactions
 from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
-from handlers.transaction_store import Stored, TransactionSql
+from handlers.transaction_store import NewTransaction, Stored, TransactionSql
 from schemas.accounts import User, UserId
 from schemas.database import open_database, service_url
+from schemas.transactions import transactions as transactions_table
 from schemas.transactions import transactions_outbox
 from tests.conftest import Mesh, fresh_streams, writes_locked_out
 from tests.ledger_checks import assert_ledger_invariants
@@ -235,6 +239,28 @@ async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_s
         loader.cancel()
     listed = await mesh.ok("transactions.transactions.list", {"user_id": alice})
     assert [(item["idempotency_key"], item["status"]) for item in listed["items"]] == [("kept-waiting", "committed")]
+
+
+async def test_recovery_leaves_a_transaction_this_process_drives_to_its_driver(core_mesh: Mesh, database: str) -> None:
+    """A live request whose ledger answers slower than `recovery_age_s` keeps its row pending:
+    the recovery loop drove it a second time (safe since session 20, but a second ledger
+    request for nothing). An orphan is still driven. No transactions service runs beside."""
+    alice = await user(core_mesh, "alice")
+    new = NewTransaction("slow", "f", "deposit", "world", f"user:{alice}", 5, "EUR")
+    async with second_driver(core_mesh, database, None) as (saga, _):
+        pending = await saga.repo.commits.apply(saga.sql.insert_pending, new)
+        past = datetime.now(UTC) - timedelta(seconds=10 * transactions.recovery_age_s)
+
+        async def age(conn: AsyncConnection) -> None:
+            await conn.execute(update(transactions_table).values(updated_at=past))
+
+        await saga.repo.commits.run(age)
+        saga.driving[pending.id] += 1  # its driver waits for the ledger
+        assert await transactions.recover_once(saga) == 0
+        saga.driving.clear()  # its driver died
+        assert await transactions.recover_once(saga) == 1
+    listed = await core_mesh.ok("ledger.history", {"account": f"user:{alice}"})
+    assert [entry["id"] for entry in listed["items"]] == ["tx:slow"]
 
 
 async def test_purchase_pays_the_seller_and_takes_the_stock(mesh: Mesh) -> None:
