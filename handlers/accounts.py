@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
@@ -10,6 +11,7 @@ from nats.aio.client import Client
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from bus.codec import timestamp
 from bus.errors import Conflict, InvalidCredentials, NotFound
@@ -30,7 +32,7 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import inserted_once, postgres_lookup, sqlite_json_list, sqlite_timestamp, transaction
+from schemas.database import postgres_lookup, settled, sqlite_json_list, sqlite_timestamp, transaction
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -66,14 +68,11 @@ async def create_user(request: CreateUser, repo: Repo) -> User:
             await write_event(conn, accounts_outbox, SOURCE, "accounts.user.created", user, now)
         return user
 
-    async def this_insert() -> User | None:
-        """The user this request inserted: its email, inserted at the same microsecond."""
-        async with repo.db.read() as conn:
-            row = (await conn.execute(select(*USER_COLUMNS).where(users.c.email == values["email"]))).one_or_none()
-        return user_from(row) if row is not None and row.inserted_at == now else None
+    def inserted() -> Awaitable[User | None]:
+        return _user_where(repo, (users.c.email == values["email"]) & (users.c.inserted_at == now))
 
     try:
-        user = await inserted_once(insert_user, this_insert)
+        user = await settled(insert_user, inserted)
     except IntegrityError:
         raise email_taken() from None
     repo.relay.wake()
@@ -129,13 +128,21 @@ async def update_user(request: UpdateUser, repo: Repo) -> User:
         changes["password_hash"] = await hash_password(request.password)
     now = datetime.now(UTC)
     statement = update(users).where(users.c.id == request.id).values(**changes, updated_at=now)
-    try:
+
+    async def update_once() -> User:
         async with transaction(repo.db.writer) as conn:
             row = (await conn.execute(statement.returning(*USER_COLUMNS))).one_or_none()
             if row is None:
                 raise user_not_found(request.id)
             user = user_from(row)
             await write_event(conn, accounts_outbox, SOURCE, "accounts.user.updated", user, now)
+        return user
+
+    def updated() -> Awaitable[User | None]:
+        return _user_where(repo, (users.c.id == request.id) & (users.c.updated_at == now))
+
+    try:
+        user = await settled(update_once, updated)
     except IntegrityError:
         raise email_taken() from None
     repo.relay.wake()
@@ -143,13 +150,30 @@ async def update_user(request: UpdateUser, repo: Repo) -> User:
 
 
 async def delete_user(request: UserId, repo: Repo) -> Deleted:
-    async with transaction(repo.db.writer) as conn:
-        row = (await conn.execute(delete(users).where(users.c.id == request.id).returning(*USER_COLUMNS))).one_or_none()
-        if row is None:
-            raise user_not_found(request.id)
-        await write_event(conn, accounts_outbox, SOURCE, "accounts.user.deleted", user_from(row))
+    async def delete_once() -> Deleted:
+        async with transaction(repo.db.writer) as conn:
+            statement = delete(users).where(users.c.id == request.id).returning(*USER_COLUMNS)
+            row = (await conn.execute(statement)).one_or_none()
+            if row is None:
+                raise user_not_found(request.id)
+            await write_event(conn, accounts_outbox, SOURCE, "accounts.user.deleted", user_from(row))
+        return Deleted(id=request.id)
+
+    async def gone() -> Deleted | None:
+        """It stood (the row was there when the DELETE was sent: else a 404 before any commit)."""
+        return Deleted(id=request.id) if await _user_where(repo, users.c.id == request.id) is None else None
+
+    deleted = await settled(delete_once, gone)
     repo.relay.wake()
-    return Deleted(id=request.id)
+    return deleted
+
+
+async def _user_where(repo: Repo, condition: ColumnElement[bool]) -> User | None:
+    """The user `condition` finds: after a commit went unanswered, whether it stood (a user
+    written at this request's own microsecond, `settled`)."""
+    async with repo.db.read() as conn:
+        row = (await conn.execute(select(*USER_COLUMNS).where(condition))).one_or_none()
+    return user_from(row) if row is not None else None
 
 
 async def authenticate(request: Authenticate, repo: Repo) -> User:

@@ -7,6 +7,7 @@ and answer `{reservation_id, status, quantity, product}`; stock moves by a condi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
@@ -16,6 +17,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from bus.client import call
 from bus.codec import timestamp
@@ -25,7 +27,7 @@ from bus.service import Service
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
-from schemas.database import inserted_once, settled, transaction
+from schemas.database import settled, transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -90,14 +92,11 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
             await write_event(conn, products_outbox, SOURCE, "products.product.created", product, now)
         return product
 
-    async def this_insert() -> Product | None:
-        """The product this request inserted: its sku, inserted at the same microsecond."""
-        async with repo.db.read() as conn:
-            row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.sku == request.sku))).one_or_none()
-        return product_from(row) if row is not None and row.inserted_at == now else None
+    def inserted() -> Awaitable[Product | None]:
+        return _product_where(repo, (products.c.sku == request.sku) & (products.c.inserted_at == now))
 
     try:
-        product = await inserted_once(insert_product, this_insert)
+        product = await settled(insert_product, inserted)
     except IntegrityError:
         raise sku_taken() from None
     repo.relay.wake()
@@ -105,11 +104,10 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
 
 
 async def get_product(request: ProductId, repo: Repo) -> Product:
-    async with repo.db.read() as conn:
-        row = (await conn.execute(select(*PRODUCT_COLUMNS).where(products.c.id == request.id))).one_or_none()
-    if row is None:
+    product = await _product_where(repo, products.c.id == request.id)
+    if product is None:
         raise product_not_found(request.id)
-    return product_from(row)
+    return product
 
 
 async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
@@ -126,9 +124,16 @@ async def update_product(request: UpdateProduct, repo: Repo) -> Product:
         await check_seller(repo, request.seller_id)  # type: ignore[arg-type]
     now = datetime.now(UTC)
     statement = update(products).where(products.c.id == request.id).values(**changes, updated_at=now)
-    try:
+
+    async def update_once() -> Product:
         async with transaction(repo.db.writer) as conn:
-            product = await _changed(conn, statement, request.id, "products.product.updated", now)
+            return await _changed(conn, statement, request.id, "products.product.updated", now)
+
+    def updated() -> Awaitable[Product | None]:
+        return _product_where(repo, (products.c.id == request.id) & (products.c.updated_at == now))
+
+    try:
+        product = await settled(update_once, updated)
     except IntegrityError:
         raise sku_taken() from None
     repo.relay.wake()
@@ -136,16 +141,29 @@ async def update_product(request: UpdateProduct, repo: Repo) -> Product:
 
 
 async def delete_product(request: ProductId, repo: Repo) -> Deleted:
-    async with transaction(repo.db.writer) as conn:
-        await _changed(
-            conn,
-            delete(products).where(products.c.id == request.id),
-            request.id,
-            "products.product.deleted",
-            datetime.now(UTC),
-        )
+    now = datetime.now(UTC)
+
+    async def delete_once() -> Deleted:
+        async with transaction(repo.db.writer) as conn:
+            statement = delete(products).where(products.c.id == request.id)
+            await _changed(conn, statement, request.id, "products.product.deleted", now)
+        return Deleted(id=request.id)
+
+    async def gone() -> Deleted | None:
+        """It stood (the row was there when the DELETE was sent: else a 404 before any commit)."""
+        return Deleted(id=request.id) if await _product_where(repo, products.c.id == request.id) is None else None
+
+    deleted = await settled(delete_once, gone)
     repo.relay.wake()
-    return Deleted(id=request.id)
+    return deleted
+
+
+async def _product_where(repo: Repo, condition: ColumnElement[bool]) -> Product | None:
+    """The product `condition` finds; after a commit went unanswered, whether it stood (a
+    product written at this request's own microsecond, `settled`)."""
+    async with repo.db.read() as conn:
+        row = (await conn.execute(select(*PRODUCT_COLUMNS).where(condition))).one_or_none()
+    return product_from(row) if row is not None else None
 
 
 async def _changed(conn: AsyncConnection, statement, product_id: int, event_type: str, now: datetime) -> Product:  # type: ignore[no-untyped-def]

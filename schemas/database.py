@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -310,42 +310,28 @@ settle_pause_s = 0.5
 """A write whose commit went unanswered is written again for up to 2 s: a Postgres restart."""
 
 
-async def settled(write: Callable[[], Awaitable[T]]) -> T:
+async def settled(write: Callable[[], Awaitable[T]], stood: Callable[[], Awaitable[T | None]] | None = None) -> T:
     """`write()`; if its commit went unanswered, `write()` again once the database is back (up to
-    `settle_attempts_max` times, `settle_pause_s` apart), as a client's retry would: for writes
-    that are idempotent, where a second run finds what the first left and answers the same.
-    Their callers then learn what stands instead of a 500 (the ledger: 3-4 per Postgres stop
-    under load before, session 19; the saga: 5 in one stop of a session 20 chaos soak)."""
+    `settle_attempts_max` times, `settle_pause_s` apart), as a client's retry would. For writes
+    that are idempotent, where a second run finds what the first left and answers the same; or
+    for writes whose effect `stood()` can recognize (their answer, else None), asked first at
+    each try: a user or product written at this request's own microsecond, say. Their callers
+    then learn what stands instead of a 500 (the ledger: 3-4 per Postgres stop under load
+    before, session 19; the saga: 5 in one stop of a session 20 chaos soak; accounts' and
+    products' writes until session 21, whose retried create then got `email_taken`)."""
     try:
         return await write()
     except CommitUnanswered as unanswered:
         for _ in range(settle_attempts_max):
             await asyncio.sleep(settle_pause_s)
             try:
+                if stood is not None and (answer := await stood()) is not None:
+                    return answer
                 return await write()
             except Exception as exc:
                 if not nothing_recorded(exc):  # unanswered again, or a fault
                     raise
         raise unanswered
-
-
-async def inserted_once(insert: Callable[[], Awaitable[T]], stood: Callable[[], Awaitable[T | None]]) -> T:
-    """`insert()` of a row with a unique value, `settled`: written again if its commit went
-    unanswered. A unique value found taken (`IntegrityError`) is this very insert when `stood()`
-    finds its row, the first commit having stood; otherwise the error stands, for the caller to
-    say. Accounts' and products' creates answered such a commit 500 until session 21, and the
-    client's retry then got `email_taken` for its own user."""
-
-    async def once() -> T:
-        try:
-            return await insert()
-        except IntegrityError:
-            row = await stood()
-            if row is None:
-                raise
-            return row
-
-    return await settled(once)
 
 
 def nothing_recorded(exc: BaseException) -> bool:

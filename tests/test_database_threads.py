@@ -29,8 +29,9 @@ from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, TransactionSql
 from ledger.writer import Writer
-from schemas.accounts import CreateUser, accounts_outbox
+from schemas.accounts import CreateUser, UpdateUser, UserId, accounts_outbox
 from schemas.accounts import users as users_table
+from schemas.common import Deleted
 from schemas.database import (
     CommitUnanswered,
     Database,
@@ -52,7 +53,7 @@ from schemas.database import (
     wal_pages_max,
 )
 from schemas.ledger import Transfer
-from schemas.products import CreateProduct, StockChange, products_outbox
+from schemas.products import CreateProduct, ProductId, StockChange, UpdateProduct, products_outbox
 from schemas.products import products as products_table
 from tests.conftest import Mesh, empty_tables, writes_locked_out
 
@@ -136,16 +137,18 @@ asyncpg gives up and cancels it."""
 
 
 @contextlib.asynccontextmanager
-async def commits_that(postgres_url: str, table: str, action: str, times: int = 2**31 - 1) -> AsyncIterator[None]:
-    """A deferred trigger on `table` that performs `action` at the COMMIT, the first `times` times
-    (counted by a sequence, which the rollback does not undo)."""
+async def commits_that(
+    postgres_url: str, table: str, action: str, times: int = 2**31 - 1, writes: str = "INSERT"
+) -> AsyncIterator[None]:
+    """A deferred trigger on `table`'s `writes` that performs `action` at the COMMIT, the first
+    `times` times (counted by a sequence, which the rollback does not undo)."""
     admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)).dsn)
     try:
         await admin.execute(
             "CREATE SEQUENCE commit_fault_count;"
             " CREATE FUNCTION commit_fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
             f" IF nextval('commit_fault_count') <= {times} THEN PERFORM {action}; END IF; RETURN NULL; END $$;"
-            f" CREATE CONSTRAINT TRIGGER commit_fault AFTER INSERT ON {table}"
+            f" CREATE CONSTRAINT TRIGGER commit_fault AFTER {writes} ON {table}"
             " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fault()"
         )
         yield
@@ -399,65 +402,76 @@ class LinkLosingACommitsAnswer:
 
 
 @contextlib.asynccontextmanager
-async def a_commits_answer_lost(postgres_url: str, table: str, commit_stood: bool) -> AsyncIterator[str]:
-    """A URL on which the next COMMIT of a write to `table` goes unanswered: it stood, its answer
-    lost on the way (`LinkLosingACommitsAnswer`); or the server went away with it."""
-    if not commit_stood:
-        async with commits_lose_the_connection(postgres_url, table, times=1):
-            yield postgres_url
-        return
-    url = make_url(postgres_url)
-    link = LinkLosingACommitsAnswer(url.port or 5432)
-    server = await asyncio.start_server(link.carry, "127.0.0.1", 0)
-    async with server:
-        yield url.set(port=server.sockets[0].getsockname()[1]).render_as_string(hide_password=False)
-    assert link.commits_to_lose == 0
-
-
-def repo_of(db: Database, nc: Client, outbox: Table) -> Repo:
-    return Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
+async def answer_lost(
+    nc: Client, postgres_url: str, service: str, table: str, commit_stood: bool
+) -> AsyncIterator[Repo]:
+    """`service`'s store, on which the next COMMIT of a write to `table` goes unanswered: it
+    stood, its answer lost on the way (`LinkLosingACommitsAnswer`); or the server went away with it."""
+    outbox = {"accounts": accounts_outbox, "products": products_outbox}[service]
+    async with contextlib.AsyncExitStack() as stack:
+        url = postgres_url
+        if commit_stood:
+            link = LinkLosingACommitsAnswer(make_url(postgres_url).port or 5432)
+            server = await stack.enter_async_context(await asyncio.start_server(link.carry, "127.0.0.1", 0))
+            url = make_url(postgres_url).set(port=server.sockets[0].getsockname()[1])
+        else:
+            lost = commits_that(postgres_url, table, LOSE_THE_CONNECTION, 1, "INSERT OR UPDATE OR DELETE")
+            await stack.enter_async_context(lost)
+        db = open_database(service_url(service, url))
+        try:
+            yield Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
+        finally:
+            await db.dispose()
+    assert not commit_stood or link.commits_to_lose == 0
 
 
 async def rows_and_events(db: Database, table: Table, outbox: Table) -> tuple[int, list[str]]:
     async with db.reader.connect() as conn:
         rows = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
-        return rows, [row.subject for row in await conn.execute(select(outbox.c.subject))]
+        return rows, sorted(row.subject.rsplit(".", 1)[-1] for row in await conn.execute(select(outbox.c.subject)))
 
 
 @pytest.mark.parametrize("commit_stood", [True, False])
-async def test_a_user_or_product_create_whose_commit_went_unanswered_answers_its_row_created_once(
+async def test_user_and_product_writes_whose_commit_went_unanswered_answer_what_stands_done_once(
     nc: Client, postgres_url: str, commit_stood: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Created once, with one event, whether the unanswered commit stood (its answer lost) or not
-    (the server gone with it). Both were a 500 until session 21, and a client's retry then got
-    `email_taken` or `sku_taken` for its own row."""
+    """A create, an update and a delete: each answered, done once and with one event, whether
+    its unanswered commit stood (its answer lost) or not (the server gone with it). Each was a
+    500 until session 21, and a client's retry of a create then got `email_taken` or
+    `sku_taken` for its own row, of a delete a 404."""
+    users_at = {"service": "accounts", "table": "users", "commit_stood": commit_stood}
+    products_at = {"service": "products", "table": "products", "commit_stood": commit_stood}
     async with emptied(postgres_url, "accounts") as accounts_db, emptied(postgres_url, "products") as products_db:
-        async with a_commits_answer_lost(postgres_url, "users", commit_stood) as url:
-            db = open_database(service_url("accounts", url))
-            try:
-                ada = await accounts.create_user(
-                    CreateUser("ada@x.io", "Ada", "a password"), repo_of(db, nc, accounts_outbox)
-                )
-            finally:
-                await db.dispose()
-        assert await rows_and_events(accounts_db, users_table, accounts_outbox) == (1, ["events.accounts.user.created"])
-        with pytest.raises(Conflict):  # another create of the email is refused as before
-            await accounts.create_user(
-                CreateUser("ada@x.io", "Ada", "a password"), repo_of(accounts_db, nc, accounts_outbox)
-            )
+        async with answer_lost(nc, postgres_url, **users_at) as repo:
+            ada = await accounts.create_user(CreateUser("ada@x.io", "Ada", "a password"), repo)
+        async with answer_lost(nc, postgres_url, **users_at) as repo:
+            renamed = await accounts.update_user(UpdateUser(ada.id, name="Ada L."), repo)
+        assert (renamed.id, renamed.name) == (ada.id, "Ada L.")
+        async with answer_lost(nc, postgres_url, **users_at) as repo:
+            assert await accounts.delete_user(UserId(ada.id), repo) == Deleted(id=ada.id)
+        assert await rows_and_events(accounts_db, users_table, accounts_outbox) == (
+            0,
+            ["created", "deleted", "updated"],
+        )
 
+        bob = await accounts.create_user(CreateUser("bob@x.io", "Bob", "a password"), repo_of(accounts_db, nc))
+        with pytest.raises(Conflict):  # another create of the email is refused as before
+            await accounts.create_user(CreateUser("bob@x.io", "Bob", "a password"), repo_of(accounts_db, nc))
         monkeypatch.setenv("DATABASE_URL", postgres_url)
-        async with accounts.serving(nc), a_commits_answer_lost(postgres_url, "products", commit_stood) as url:
-            db = open_database(service_url("products", url))
-            try:
-                mug = await products.create_product(
-                    CreateProduct("MUG", "Mug", 5, "EUR", 3, ada.id), repo_of(db, nc, products_outbox)
-                )
-            finally:
-                await db.dispose()
-        assert (mug.sku, mug.seller_id) == ("MUG", ada.id)
+        async with accounts.serving(nc):  # the sellers' check
+            async with answer_lost(nc, postgres_url, **products_at) as repo:
+                mug = await products.create_product(CreateProduct("MUG", "Mug", 5, "EUR", 3, bob.id), repo)
+            async with answer_lost(nc, postgres_url, **products_at) as repo:
+                dearer = await products.update_product(UpdateProduct(mug.id, price=7), repo)
+            assert (dearer.sku, dearer.price) == ("MUG", 7)
+            async with answer_lost(nc, postgres_url, **products_at) as repo:
+                assert await products.delete_product(ProductId(mug.id), repo) == Deleted(id=mug.id)
         stored = await rows_and_events(products_db, products_table, products_outbox)
-        assert stored == (1, ["events.products.product.created"])
+        assert stored == (0, ["created", "deleted", "updated"])
+
+
+def repo_of(db: Database, nc: Client) -> Repo:
+    return Repo(db, OutboxRelay(BatchPublisher(nc), db, accounts_outbox), nc, GroupCommit(db.writer))
 
 
 class LinkHidingTheServersClose:
