@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -92,21 +92,17 @@ async def final_answer(nc: Client, chaos: Chaos, subject: str, body: dict) -> tu
 
 
 def new_request(chaos: Chaos, client: int, n: int, users: list[int], products: list[int]) -> tuple[str, dict]:
+    """A kind of transaction and its body, under a key of its own."""
     rng, key = chaos.rng, f"c{client}-{n}"
     kind = rng.choice(["deposits", "withdrawals", "transfers", "purchases"])
-    if kind == "deposits":
-        return kind, {"idempotency_key": key, "user_id": rng.choice(users), "amount": rng.randint(1, 500)}
-    if kind == "withdrawals":
-        return kind, {"idempotency_key": key, "user_id": rng.choice(users), "amount": rng.randint(1, 300)}
-    if kind == "transfers":
+    if kind == "purchases":
+        body = {"buyer_id": rng.choice(users), "product_id": rng.choice(products), "quantity": rng.randint(1, 3)}
+    elif kind == "transfers":
         payer, payee = rng.sample(users, 2)
-        return kind, {"idempotency_key": key, "from_user_id": payer, "to_user_id": payee, "amount": rng.randint(1, 300)}
-    body = {"idempotency_key": key, "buyer_id": rng.choice(users), "product_id": rng.choice(products)}
-    return kind, {**body, "quantity": rng.randint(1, 3)}
-
-
-def with_currency(kind: str, body: dict) -> dict:
-    return body if kind == "purchases" else {**body, "currency": CURRENCY}
+        body = {"from_user_id": payer, "to_user_id": payee, "amount": rng.randint(1, 300), "currency": CURRENCY}
+    else:
+        body = {"user_id": rng.choice(users), "amount": rng.randint(1, 500), "currency": CURRENCY}
+    return kind, {"idempotency_key": key, **body}
 
 
 async def client(
@@ -117,7 +113,6 @@ async def client(
     while not stop.is_set():
         n += 1
         kind, body = new_request(chaos, number, n, users, products)
-        body = with_currency(kind, body)
         if chaos.rng.random() < 0.2:
             with contextlib.suppress(Exception):  # a publish JetStream did not acknowledge: the key is not counted
                 await js.publish(f"ingest.transactions.{kind}", json.dumps(body).encode(), timeout=request_timeout_s)
@@ -206,7 +201,7 @@ async def paged(nc: Client, subject: str, body: dict, cursor: str, after: str) -
         body = {**body, after: page[cursor]}
 
 
-async def settled(nc: Client, chaos: Chaos, deadline: float) -> list[dict]:
+async def settled_transactions(nc: Client, chaos: Chaos, deadline: float) -> list[dict]:
     """Every transaction, once every child runs and every ingested key has its end."""
     while time.monotonic() < deadline:
         children = await mesh_children(nc)
@@ -234,8 +229,17 @@ async def events(nc: Client) -> list[dict]:
 
 
 async def check(nc: Client, chaos: Chaos, initial_stock: dict[int, int]) -> None:
-    problem = chaos.problems.append
-    transactions = await settled(nc, chaos, time.monotonic() + settle_timeout_s)
+    transactions = await settled_transactions(nc, chaos, time.monotonic() + settle_timeout_s)
+    chain = await check_chain(nc, chaos.problems.append)
+    check_transactions(chaos, chain, transactions)
+    await check_stock(nc, chaos.problems.append, transactions, initial_stock)
+    published = await check_events(nc, chaos.problems.append, chain, transactions)
+    chaos.counts |= {"transactions": len(transactions), "entries": len(chain), "events": published}
+
+
+async def check_chain(nc: Client, problem: Callable[[str], None]) -> list[dict]:
+    """The chain verifies, its seqs are dense, and the stored balances are its replay: summing to
+    zero, none below zero but `world`'s."""
     code, verified = await request(nc, "ledger.verify", {})
     if code != 200 or not verified["ok"]:
         problem(f"ledger.verify: {code} {verified}")
@@ -254,7 +258,12 @@ async def check(nc: Client, chaos: Chaos, initial_stock: dict[int, int]) -> None
             problem(f"{account} below zero: {replayed}")
     if sum(balances.values()) != 0:
         problem(f"balances sum to {sum(balances.values())}")
+    return chain
 
+
+def check_transactions(chaos: Chaos, chain: list[dict], transactions: list[dict]) -> None:
+    """Every committed transaction has its one entry and no other has one; every answer stands."""
+    problem = chaos.problems.append
     entries = {entry["id"]: entry for entry in chain}
     by_key = {item["idempotency_key"]: item for item in transactions}
     for key, item in by_key.items():
@@ -275,6 +284,11 @@ async def check(nc: Client, chaos: Chaos, initial_stock: dict[int, int]) -> None
         elif code == 200 and reply["id"] != item["id"]:
             problem(f"{key} answered id {reply['id']}, stored {item['id']}")
 
+
+async def check_stock(
+    nc: Client, problem: Callable[[str], None], transactions: list[dict], initial_stock: dict[int, int]
+) -> None:
+    """Each product's stock is what it started with less what committed purchases took."""
     for product_id, stock in initial_stock.items():
         sold = sum(
             item["quantity"]
@@ -285,6 +299,9 @@ async def check(nc: Client, chaos: Chaos, initial_stock: dict[int, int]) -> None
         if product.get("stock") != stock - sold:
             problem(f"product {product_id}: stock {product.get('stock')}, expected {stock} - {sold}")
 
+
+async def check_events(nc: Client, problem: Callable[[str], None], chain: list[dict], transactions: list[dict]) -> int:
+    """No event id twice; one `transfer.recorded` per entry, one end per transaction. How many."""
     published = await events(nc)
     ids = collections.Counter(event["id"] for event in published)
     if twice := [event_id for event_id, count in ids.items() if count > 1]:
@@ -295,27 +312,22 @@ async def check(nc: Client, chaos: Chaos, initial_stock: dict[int, int]) -> None
     ends = collections.Counter(
         e["data"]["idempotency_key"] for e in published if e["type"].startswith("transactions.transaction.")
     )
-    if wrong := [key for key in by_key if ends[key] != 1]:
+    if wrong := [item["idempotency_key"] for item in transactions if ends[item["idempotency_key"]] != 1]:
         problem(f"{len(wrong)} transactions without exactly one committed or rejected event, say {wrong[:3]}")
-    chaos.counts["transactions"] = len(transactions)
-    chaos.counts["entries"] = len(chain)
-    chaos.counts["events"] = len(published)
+    return len(published)
 
 
-async def seed(nc: Client) -> tuple[list[int], dict[int, int]]:
+async def seed(nc: Client, chaos: Chaos) -> tuple[list[int], dict[int, int]]:
+    """The users (ids), and the products with their stock, before any fault."""
     users = []
     for n in range(USERS):
-        _, user = await final_answer(nc, Chaos(random.Random()), "accounts.users.create", {
-            "email": f"chaos{n}@example.com", "name": f"Chaos {n}", "password": "chaos password",
-        })  # fmt: skip
-        users.append(user["id"])
+        user = {"email": f"chaos{n}@example.com", "name": f"Chaos {n}", "password": "chaos password"}
+        users.append((await final_answer(nc, chaos, "accounts.users.create", user))[1]["id"])
     stock = {}
     for n in range(PRODUCTS):
-        body = {"sku": f"CHAOS-{n}", "name": f"Chaos {n}", "price": 10 * (n + 1), "currency": CURRENCY}
-        _, product = await final_answer(nc, Chaos(random.Random()), "products.products.create", {
-            **body, "stock": STOCK, "seller_id": users[n],
-        })  # fmt: skip
-        stock[product["id"]] = STOCK
+        product = {"sku": f"CHAOS-{n}", "name": f"Chaos {n}", "price": 10 * (n + 1), "currency": CURRENCY}
+        product |= {"stock": STOCK, "seller_id": users[n]}
+        stock[(await final_answer(nc, chaos, "products.products.create", product))[1]["id"]] = STOCK
     return users, stock
 
 
@@ -327,7 +339,7 @@ async def soak(url: str, up: subprocess.Popen, database_url: str, options: argpa
 
     nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=said)
     try:
-        users, stock = await seed(nc)
+        users, stock = await seed(nc, chaos)
         stop = asyncio.Event()
         async with asyncio.TaskGroup() as group:
             for number in range(options.clients):
