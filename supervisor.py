@@ -589,7 +589,7 @@ def up_running_here() -> bool:
     back at once (`one_mesh_per_data_dir` tries again while a probe holds it)."""
     try:
         lock = open(data_dir() / "up.lock")  # closed below, and the probe's lock with it
-    except FileNotFoundError:
+    except OSError:  # none, or another user's that we may not read: no mesh of ours here
         return False
     with lock:
         try:
