@@ -30,21 +30,19 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import nats
 from nats.aio.client import Client
 
-from bench.services import POSTGRES_ADMIN
+from bench.services import POSTGRES_ADMIN, fresh_postgres, table_locked
 from bus.embedded import free_port
-from schemas.database import service_url
 
 CHAOS_DATABASE = "bitnexus_chaos"
 CURRENCY = "EUR"
@@ -56,7 +54,13 @@ FINAL = {200, 404, 409, 422}
 request_timeout_s = 6.0
 retry_pause_s = 0.2
 settle_timeout_s = 90.0
-LOCKED_TABLES = ("transactions", "ledger_entries", "product_reservations", "users")
+LOCKED_TABLES = (
+    ("transactions", "transactions"),
+    ("ledger", "ledger_entries"),
+    ("products", "product_reservations"),
+    ("accounts", "users"),
+)
+"""A service and a table of it (on SQLite the service's whole file is locked)."""
 
 
 class Chaos:
@@ -162,32 +166,9 @@ async def faults(
             await asyncio.sleep(chaos.rng.uniform(0.5, 3))
             subprocess.run([*cluster, "start"], check=True, capture_output=True)
         else:
-            async with table_locked(database_url, chaos.rng.choice(LOCKED_TABLES)):
+            service, table = chaos.rng.choice(LOCKED_TABLES)
+            async with table_locked(database_url, service, table, "ACCESS EXCLUSIVE"):
                 await asyncio.sleep(chaos.rng.uniform(1, 12))
-
-
-@contextlib.asynccontextmanager
-async def table_locked(database_url: str, table: str) -> AsyncIterator[None]:
-    """Reads and writes of `table` held (SQLite: writes of its service's file)."""
-    if database_url.startswith("sqlite"):
-        service = {"transactions": "transactions", "ledger_entries": "ledger", "users": "accounts"}.get(
-            table, "products"
-        )
-        holder = sqlite3.connect(service_url(service, database_url).database or "", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    holder = await asyncpg.connect(database_url.replace("+asyncpg", ""))
-    try:
-        async with holder.transaction():
-            await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-            yield
-    finally:
-        await holder.close()
 
 
 async def paged(nc: Client, subject: str, body: dict, cursor: str, after: str) -> list[dict]:
@@ -362,14 +343,6 @@ def mesh_config(directory: Path, replicas: int) -> Path:
     return config
 
 
-async def fresh_database() -> str:
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{CHAOS_DATABASE}" WITH (FORCE)')
-    await admin.execute(f'CREATE DATABASE "{CHAOS_DATABASE}"')
-    await admin.close()
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{CHAOS_DATABASE}"
-
-
 async def drop_database() -> None:
     admin = await asyncpg.connect(POSTGRES_ADMIN)
     await admin.execute(f'DROP DATABASE IF EXISTS "{CHAOS_DATABASE}" WITH (FORCE)')
@@ -390,7 +363,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         data = Path(directory)
         if options.store == "postgres":
-            database_url = asyncio.run(fresh_database())
+            database_url = asyncio.run(fresh_postgres(CHAOS_DATABASE))
         else:
             database_url = f"sqlite+aiosqlite:///{data}/mesh.db"
         env = {**os.environ, "BITNEXUS_DATA_DIR": str(data), "DATABASE_URL": database_url}

@@ -15,11 +15,12 @@ import contextlib
 import json
 import os
 import select
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -33,7 +34,7 @@ from bench.harness import Result, closed_loop, median_result, raw_echo, run_requ
 from bus.embedded import EmbeddedNats, free_port
 from bus.runner import READY_FD_ENV
 from schemas.accounts import users
-from schemas.database import open_database, service_url
+from schemas.database import open_database, postgres_dsn, service_url
 
 SEEDED_USERS = 10_000
 service_start_timeout_s = 30.0
@@ -70,12 +71,13 @@ async def seed(database_url: str, count: int = SEEDED_USERS) -> None:
     await db.dispose()
 
 
-async def fresh_postgres() -> str:
+async def fresh_postgres(name: str = BENCH_DATABASE) -> str:
+    """A new, empty database on the machine's Postgres (dropped first if it is there)."""
     admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
-    await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}"
+    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
 WAL_FILES = """SELECT (pg_current_wal_lsn() - '0/0')::bigint / setting::bigint, setting::bigint,
@@ -107,6 +109,30 @@ def wal_segments_created(before: WalPosition, after: WalPosition) -> int:
     between two positions: those used beyond the ones that were ready. A commit waits for it:
     the Postgres tail at c512 (bench/RESULTS.md, session 21)."""
     return max(0, after.segment - before.segment - before.ready)
+
+
+@contextlib.asynccontextmanager
+async def table_locked(database_url: str, service: str, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
+    """Another connection holds a lock on `service`'s `table` until the block ends: on Postgres
+    in `mode` (EXCLUSIVE: reads go on, writes wait; ACCESS EXCLUSIVE, as `ALTER TABLE` takes it:
+    reads wait too), on SQLite the write lock of the service's file."""
+    url = service_url(service, database_url)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(url.database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    admin = await asyncpg.connect(postgres_dsn(url).dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute(f"LOCK TABLE {table} IN {mode} MODE")
+            yield
+    finally:
+        await admin.close()
 
 
 def postgres_pids() -> list[int]:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import schemas.database
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.events import EVENTS_STREAM, ensure_stream
-from schemas.database import open_database, postgres_dsn, service_url
+from schemas.database import open_database, service_url
 
 
 @pytest.fixture(scope="session")
@@ -128,29 +127,6 @@ def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     """A statement waits 0.3 s for Postgres, and a writer 0.3 s for SQLite's lock (both 10 s)."""
     monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.3)
     monkeypatch.setattr(schemas.database, "sqlite_busy_timeout_ms", 300)
-
-
-@contextlib.asynccontextmanager
-async def writes_locked_out(database: str, service: str, table: str, mode: str = "EXCLUSIVE") -> AsyncIterator[None]:
-    """Another connection holds `table`'s write lock (SQLite: the service's file's) until the
-    block ends; on Postgres in `mode`: `ACCESS EXCLUSIVE`, as `ALTER TABLE` takes it, holds reads too."""
-    url = service_url(service, database)
-    if url.get_backend_name() == "sqlite":
-        holder = sqlite3.connect(url.database or "", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    admin = await asyncpg.connect(postgres_dsn(url).dsn)
-    try:
-        async with admin.transaction():
-            await admin.execute(f"LOCK TABLE {table} IN {mode} MODE")  # EXCLUSIVE: readers may, writers wait
-            yield
-    finally:
-        await admin.close()
 
 
 class Mesh:

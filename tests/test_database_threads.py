@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 import migrations
 import schemas.database
+from bench.services import table_locked
 from bus.errors import Conflict
 from bus.events import OutboxRelay
 from bus.jetstream import BatchPublisher
@@ -55,7 +56,7 @@ from schemas.database import (
 from schemas.ledger import Transfer
 from schemas.products import CreateProduct, ProductId, StockChange, UpdateProduct, products_outbox
 from schemas.products import products as products_table
-from tests.conftest import Mesh, empty_tables, writes_locked_out
+from tests.conftest import Mesh, empty_tables
 
 NEW_DEPOSIT = NewTransaction("k1", "f", "deposit", "world", "user:1", 5, "EUR")
 
@@ -274,7 +275,7 @@ async def test_a_group_commit_kept_waiting_past_its_timeout_recorded_nothing_and
     try:
         async with asyncio.TaskGroup() as group:
             running = group.create_task(commits.commit_forever())
-            async with writes_locked_out(database, "transactions", "transactions"):
+            async with table_locked(database, "transactions", "transactions"):
                 started = asyncio.get_running_loop().time()
                 failures = await asyncio.gather(*(commits.run(insert) for _ in range(5)), return_exceptions=True)
                 waited_s = asyncio.get_running_loop().time() - started
@@ -299,7 +300,7 @@ async def test_reads_kept_waiting_past_their_timeout_are_503s(
     async with emptied(postgres_url, "accounts"), accounts.serving(nc):
         mesh = Mesh(nc)
         ada = await mesh.ok("accounts.users.create", {"email": "ada@x.io", "name": "Ada", "password": "a password"})
-        async with writes_locked_out(postgres_url, "accounts", "users", "ACCESS EXCLUSIVE"):
+        async with table_locked(postgres_url, "accounts", "users", "ACCESS EXCLUSIVE"):
             answers = [
                 await mesh.request("accounts.users.get", {"id": ada["id"]}),
                 await mesh.request("accounts.users.list", {}),
@@ -318,7 +319,7 @@ async def test_a_ledger_batch_kept_waiting_past_its_timeout_recorded_nothing(
     try:
         async with asyncio.TaskGroup() as group:
             running = group.create_task(writer.run())
-            async with writes_locked_out(database, "ledger", "ledger_entries"):
+            async with table_locked(database, "ledger", "ledger_entries"):
                 with pytest.raises(DatabaseTimeout) as waited:
                     await writer.submit([transfer], batched=False)
             assert nothing_recorded(waited.value)

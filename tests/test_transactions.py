@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bench.services import table_locked
 from bus.events import OutboxRelay, relay_poll_interval_s
 from bus.jetstream import BatchPublisher
 from bus.service import Service
@@ -25,7 +26,7 @@ from schemas.accounts import User, UserId
 from schemas.database import open_database, service_url
 from schemas.transactions import transactions as transactions_table
 from schemas.transactions import transactions_outbox
-from tests.conftest import Mesh, fresh_streams, writes_locked_out
+from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
 
 TRANSACTION_FIELDS = [
@@ -231,7 +232,7 @@ async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_s
     (msg,) = await inbox.fetch(1, timeout=5)
     async with second_driver(mesh, database, None) as (saga, _), asyncio.TaskGroup() as group:
         loader = group.create_task(saga.by_key.run())
-        async with writes_locked_out(database, "transactions", "transactions"):
+        async with table_locked(database, "transactions", "transactions"):
             await ingest.handle(msg, saga)
         (again,) = await inbox.fetch(1, timeout=5)
         assert (again.data, again.metadata.num_delivered) == (msg.data, 2)
