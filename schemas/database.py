@@ -296,13 +296,33 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     adapter sends BEGIN only before its own first statement: until session 20 the saga's
     statements each committed on their own, and two replicas closing one transaction each wrote
     its event. (SQLite's writer sends BEGIN IMMEDIATE at `begin`, `_sqlite_engine`.)"""
-    async with engine.connect() as conn:
+    async with _begun(engine) as conn:
         with given_up_waiting():  # rolled back as the block ends
-            await conn.begin()  # SQLite's BEGIN IMMEDIATE waits for the file's writer lock
-            if engine.dialect.name == "postgresql":
-                await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
             yield conn
         await committing(conn.commit())
+
+
+@contextlib.asynccontextmanager
+async def _begun(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection with its transaction open. On Postgres the BEGIN goes at once, with a
+    `SELECT 1`: a pooled connection the server ended (a restart) is found dead before anything
+    is written, and the transaction opens on a new one; SQLAlchemy replaces the pool's others.
+    The first write of each pool after a restart was a 503 (session 19). SQLite's writer sends
+    BEGIN IMMEDIATE at `begin`, which waits for the file's writer lock."""
+    postgres = engine.dialect.name == "postgresql"
+    for first_try in (True, False):
+        async with engine.connect() as conn:
+            with given_up_waiting():
+                try:
+                    await conn.begin()
+                    if postgres:
+                        await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
+                except Exception as exc:
+                    if postgres and first_try and database_unreachable(exc):
+                        continue  # nothing was written: on a new connection
+                    raise
+            yield conn
+            return
 
 
 settle_attempts_max = 4

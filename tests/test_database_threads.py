@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from nats.aio.client import Client
 from sqlalchemy import Table, func, insert, select, text
@@ -243,6 +244,29 @@ async def test_the_ledger_writer_writes_a_batch_whose_commit_went_unanswered_aga
         async with commits_that(postgres_url, "ledger_entries", commit_fault, times=1):
             (entry,) = await writer.submit([Transfer("t1", "world", "user:1", 5, "EUR")], batched=False)
     assert (entry.seq, entry.id) == (1, "t1")
+
+
+async def test_a_write_after_the_server_ended_the_pooled_connections_goes_to_a_fresh_one(postgres_url: str) -> None:
+    """As after a Postgres restart: the first write of each pool was a 503 (session 19). The BEGIN
+    and `SELECT 1` that open every write now find the connection dead before anything is
+    written, and the write goes to a new connection."""
+    async with emptied(postgres_url, "transactions") as db:
+        sql = TransactionSql(sqlite=False)
+        async with transaction(db.writer) as conn:
+            await sql.insert_pending(conn, [NEW_DEPOSIT])
+        admin = await asyncpg.connect(postgres_dsn(make_url(postgres_url)).dsn)
+        try:
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert ended >= 1
+        await asyncio.sleep(0.2)  # each pooled connection has had its server's goodbye
+        async with transaction(db.writer) as conn:
+            stored = await sql.insert_pending(conn, [msgspec.structs.replace(NEW_DEPOSIT, idempotency_key="k2")])
+        assert [row.idempotency_key for row in stored] == ["k2"]
 
 
 async def test_a_commit_that_outlasts_the_timeout_is_unanswered_not_a_503(
