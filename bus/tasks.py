@@ -6,9 +6,10 @@ started again, so one bad moment does not take the process's endpoints down with
 the OS-level supervisor restarts it from durable state.
 
 A database that went away (a restart, a failover) or did not answer in time is waited out
-instead, up to `outage_max_s`, starting the task again after a growing pause: restarted at once, every task
-crashed three times in the second a Postgres restart took, every process exited, and the
-supervisor gave the whole mesh up. Such failures do not count against the intensity.
+instead, up to `outage_max_s`, starting the task again after a growing pause: restarted at
+once, every task crashed three times in the second a Postgres restart took, every process
+exited, and the supervisor gave the whole mesh up. Such failures do not count against the
+intensity.
 """
 
 from __future__ import annotations

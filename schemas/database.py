@@ -296,10 +296,10 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     adapter sends BEGIN only before its own first statement: until session 20 the saga's
     statements each committed on their own, and two replicas closing one transaction each wrote
     its event. (SQLite's writer sends BEGIN IMMEDIATE at `begin`, `_sqlite_engine`.)"""
-    async with _begun(engine) as conn:
-        with given_up_waiting():  # rolled back as the block ends
+    with given_up_waiting():  # at BEGIN or in the block: rolled back as the connection is given back
+        async with _begun(engine) as conn:
             yield conn
-        await committing(conn.commit())
+            await committing(conn.commit())
 
 
 @contextlib.asynccontextmanager
@@ -312,15 +312,14 @@ async def _begun(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     postgres = engine.dialect.name == "postgresql"
     for first_try in (True, False):
         async with engine.connect() as conn:
-            with given_up_waiting():
-                try:
-                    await conn.begin()
-                    if postgres:
-                        await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
-                except Exception as exc:
-                    if postgres and first_try and database_unreachable(exc):
-                        continue  # nothing was written: on a new connection
-                    raise
+            try:
+                await conn.begin()
+                if postgres:
+                    await conn.exec_driver_sql("SELECT 1")  # the adapter's BEGIN goes before it
+            except Exception as exc:
+                if postgres and first_try and database_unreachable(exc):
+                    continue  # nothing was written: on a new connection
+                raise
             yield conn
             return
 

@@ -376,7 +376,7 @@ async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_th
     moves once."""
     now = datetime.now(UTC)
     async with emptied(postgres_url, "products") as db:
-        repo = Repo(db, OutboxRelay(BatchPublisher(nc), db, products_outbox), nc, GroupCommit(db.writer))
+        repo = repo_of(db, nc, products_outbox)
         async with db.writer.begin() as conn:
             row = {"sku": "S", "name": "S", "description": "", "price": 1, "currency": "EUR", "stock": 10}
             values = {**row, "seller_id": 1, "inserted_at": now, "updated_at": now}
@@ -444,7 +444,7 @@ async def answer_lost(
             await stack.enter_async_context(lost)
         db = open_database(service_url(service, url))
         try:
-            yield Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
+            yield repo_of(db, nc, outbox)
         finally:
             await db.dispose()
     assert not commit_stood or link.commits_to_lose == 0
@@ -479,9 +479,10 @@ async def test_user_and_product_writes_whose_commit_went_unanswered_answer_what_
             ["created", "deleted", "updated"],
         )
 
-        bob = await accounts.create_user(CreateUser("bob@x.io", "Bob", "a password"), repo_of(accounts_db, nc))
+        accounts_repo, bob_body = repo_of(accounts_db, nc, accounts_outbox), CreateUser("bob@x.io", "Bob", "a password")
+        bob = await accounts.create_user(bob_body, accounts_repo)
         with pytest.raises(Conflict):  # another create of the email is refused as before
-            await accounts.create_user(CreateUser("bob@x.io", "Bob", "a password"), repo_of(accounts_db, nc))
+            await accounts.create_user(bob_body, accounts_repo)
         monkeypatch.setenv("DATABASE_URL", postgres_url)
         async with accounts.serving(nc):  # the sellers' check
             async with answer_lost(nc, postgres_url, **products_at) as repo:
@@ -495,8 +496,9 @@ async def test_user_and_product_writes_whose_commit_went_unanswered_answer_what_
         assert stored == (0, ["created", "deleted", "updated"])
 
 
-def repo_of(db: Database, nc: Client) -> Repo:
-    return Repo(db, OutboxRelay(BatchPublisher(nc), db, accounts_outbox), nc, GroupCommit(db.writer))
+def repo_of(db: Database, nc: Client, outbox: Table) -> Repo:
+    """A service's store as its process builds it, without its background tasks running."""
+    return Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
 
 
 class LinkHidingTheServersClose:
