@@ -33,6 +33,11 @@ class Repo:
     """Jobs that run as long as the service serves (batch loaders, consumers), started in its task
     group in this order and stopped in the reverse: a job may depend on the ones before it."""
 
+    @classmethod
+    def of(cls, db: Database, nc: Client, outbox: Table) -> Repo:
+        """A service's store as its process builds it, its background jobs not yet added."""
+        return cls(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc, commits=GroupCommit(db.writer))
+
 
 def instance_metadata() -> dict[str, str]:
     """ADR-32 metadata of this replica: which OS process and which supervisor child it is."""
@@ -47,7 +52,7 @@ async def serving_with_outbox(
     db = open_database(service_url(name))
     js = nc.jetstream()
     await ensure_stream(js, EVENTS_STREAM, ["events.>"])
-    repo = Repo(db=db, relay=OutboxRelay(BatchPublisher(nc), db, outbox), nc=nc, commits=GroupCommit(db.writer))
+    repo = Repo.of(db, nc, outbox)
     repo.background.append(repo.commits.commit_forever)
     service = Service(nc, name, version("bitnexus-mesh"), description, instance_metadata())
     add_endpoints(service, repo)

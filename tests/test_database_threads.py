@@ -24,8 +24,6 @@ import migrations
 import schemas.database
 from bench.services import table_locked
 from bus.errors import Conflict
-from bus.events import OutboxRelay
-from bus.jetstream import BatchPublisher
 from handlers import accounts, products
 from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
@@ -376,7 +374,7 @@ async def test_a_stock_change_whose_commit_went_unanswered_is_made_again_once_th
     moves once."""
     now = datetime.now(UTC)
     async with emptied(postgres_url, "products") as db:
-        repo = repo_of(db, nc, products_outbox)
+        repo = Repo.of(db, nc, products_outbox)
         async with db.writer.begin() as conn:
             row = {"sku": "S", "name": "S", "description": "", "price": 1, "currency": "EUR", "stock": 10}
             values = {**row, "seller_id": 1, "inserted_at": now, "updated_at": now}
@@ -444,7 +442,7 @@ async def answer_lost(
             await stack.enter_async_context(lost)
         db = open_database(service_url(service, url))
         try:
-            yield repo_of(db, nc, outbox)
+            yield Repo.of(db, nc, outbox)
         finally:
             await db.dispose()
     assert not commit_stood or link.commits_to_lose == 0
@@ -479,7 +477,7 @@ async def test_user_and_product_writes_whose_commit_went_unanswered_answer_what_
             ["created", "deleted", "updated"],
         )
 
-        accounts_repo, bob_body = repo_of(accounts_db, nc, accounts_outbox), CreateUser("bob@x.io", "Bob", "a password")
+        accounts_repo, bob_body = Repo.of(accounts_db, nc, accounts_outbox), CreateUser("bob@x.io", "Bob", "a password")
         bob = await accounts.create_user(bob_body, accounts_repo)
         with pytest.raises(Conflict):  # another create of the email is refused as before
             await accounts.create_user(bob_body, accounts_repo)
@@ -494,11 +492,6 @@ async def test_user_and_product_writes_whose_commit_went_unanswered_answer_what_
                 assert await products.delete_product(ProductId(mug.id), repo) == Deleted(id=mug.id)
         stored = await rows_and_events(products_db, products_table, products_outbox)
         assert stored == (0, ["created", "deleted", "updated"])
-
-
-def repo_of(db: Database, nc: Client, outbox: Table) -> Repo:
-    """A service's store as its process builds it, without its background tasks running."""
-    return Repo(db, OutboxRelay(BatchPublisher(nc), db, outbox), nc, GroupCommit(db.writer))
 
 
 class LinkHidingTheServersClose:

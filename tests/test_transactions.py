@@ -15,11 +15,9 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bench.services import table_locked
-from bus.events import OutboxRelay, relay_poll_interval_s
-from bus.jetstream import BatchPublisher
+from bus.events import relay_poll_interval_s
 from bus.service import Service
 from handlers import ingest, transactions
-from handlers.group_commit import GroupCommit
 from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, Stored, TransactionSql
 from schemas.accounts import User, UserId
@@ -150,10 +148,10 @@ async def second_driver(
     """Another driver of transaction `key` (a client's retry beside its recovery, or two
     replicas), late: it still holds the row as it was before the first driver moved it on."""
     db = open_database(service_url("transactions", database))
-    repo = Repo(db, OutboxRelay(BatchPublisher(mesh.nc), db, transactions_outbox), mesh.nc, GroupCommit(db.writer))
+    repo = Repo.of(db, mesh.nc, transactions_outbox)
     sql = TransactionSql(db.is_sqlite)
     try:
-        async with db.reader.connect() as conn:
+        async with db.read() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             row = (await sql.by_keys(driver, [key]))[key] if key is not None else None
         async with asyncio.TaskGroup() as group:
