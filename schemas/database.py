@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
@@ -412,10 +412,25 @@ class Database:
 
 
 def create_engine(url: URL, **options: Any) -> AsyncEngine:
-    """An async engine for `url`; on Postgres each connection made by `connect_postgres`."""
-    if url.get_backend_name() == "postgresql":
-        options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url))
-    return create_async_engine(url, **options)
+    """An async engine for `url`; on Postgres each connection made by `connect_postgres`, and
+    checked at checkout (`_alive_at_checkout`)."""
+    if url.get_backend_name() != "postgresql":
+        return create_async_engine(url, **options)
+    options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url))
+    engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "checkout", _alive_at_checkout)
+    return engine
+
+
+def _alive_at_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection whose server ended it (a restart, a failover, an administrator's
+    `pg_terminate_backend`) is replaced before anyone uses it: SQLAlchemy's pool drops one that
+    raises `DisconnectionError` here and checks out another. asyncpg has already seen the
+    server's close on the event loop, so this costs no round trip (SQLAlchemy's `pool_pre_ping`
+    would send one per checkout). Until session 22 each pool's first read after a Postgres
+    restart was a 503; writes found out at their BEGIN (`_begun`)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server ended this pooled connection")
 
 
 def open_database(url: URL) -> Database:
