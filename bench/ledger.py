@@ -5,7 +5,8 @@
 
 Every transfer is durably committed before its reply (SQLite synchronous=FULL, Postgres
 synchronous_commit=on). Accounts are funded from `world` first; each transfer moves 1 cent
-between 1,000 funded accounts, so none is refused.
+between 1,000 funded accounts, so none is refused. Each c512 `ledger.record` row ends with a
+line that says which of issue 4's targets it met.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ RETRY_DISTANCE = 1_000
 """`--retry-every N`: every Nth `ledger.record` repeats the one sent this many requests before,
 as a client retrying after a timeout would (same id, same body: answered with its entry)."""
 
+
+TARGET_CONCURRENCY = 512
+TARGET_RATE = 10_000
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 50.0
+"""Issue 4's bar for `ledger.record` at c512, on each store: transfers/s, the ratio to the raw
+echo of the same run, and p99."""
 
 RUN = f"b{os.getpid()}-{time.monotonic_ns()}".encode()
 """Transfer ids are unique across requester processes and runs: this prefix and a counter."""
@@ -163,11 +171,34 @@ def main() -> None:
     print(table(rows))
     print()
     print(cpu_table(rows))
+    verdicts = [
+        against_targets(echo, measured)
+        for echo, measured in rows
+        if measured.concurrency == TARGET_CONCURRENCY and measured.label.startswith("ledger.record ")
+    ]
+    if verdicts:
+        print()
+        print("\n".join(verdicts))
     if options.rounds > 1:
         print()
         for label, pairs in rounds.items():
             each = ", ".join(f"{measured.rate / echo.rate:.2f} ({round_figures(measured)})" for echo, measured in pairs)
             print(f"{label} ratios by round: {each}")
+
+
+def against_targets(echo: Result, measured: Result) -> str:
+    """One c512 row against issue 4's targets, each figure marked met or not."""
+
+    def mark(met: bool) -> str:
+        return "met" if met else "NOT met"
+
+    ratio = measured.rate / echo.rate
+    return (
+        f"{measured.label} c{measured.concurrency} against the targets: "
+        f"{measured.rate:,.0f}/s (>= {TARGET_RATE:,}: {mark(measured.rate >= TARGET_RATE)}), "
+        f"ratio {ratio:.2f} (>= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}), "
+        f"p99 {measured.p99_ms:.1f} ms (< {TARGET_P99_MS:g}: {mark(measured.p99_ms < TARGET_P99_MS)})"
+    )
 
 
 def round_figures(measured: Result) -> str:
