@@ -424,11 +424,11 @@ def create_engine(url: URL, **options: Any) -> AsyncEngine:
 
 def _alive_at_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """A pooled connection whose server ended it (a restart, a failover, an administrator's
-    `pg_terminate_backend`) is replaced before anyone uses it: SQLAlchemy's pool drops one that
-    raises `DisconnectionError` here and checks out another. asyncpg has already seen the
-    server's close on the event loop, so this costs no round trip (SQLAlchemy's `pool_pre_ping`
-    would send one per checkout). Until session 22 each pool's first read after a Postgres
-    restart was a 503; writes found out at their BEGIN (`_begun`)."""
+    `pg_terminate_backend`) is replaced before anyone uses it: SQLAlchemy's pool invalidates one
+    that raises `DisconnectionError` here and connects anew in its place. asyncpg has already
+    seen the server's close on the event loop, so this costs no round trip (SQLAlchemy's
+    `pool_pre_ping` would send one per checkout). Until session 22 each pool's first read after
+    a Postgres restart was a 503; writes found out at their BEGIN (`_begun`)."""
     if dbapi_connection.driver_connection.is_closed():
         raise DisconnectionError("the server ended this pooled connection")
 
