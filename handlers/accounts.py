@@ -171,16 +171,14 @@ async def delete_user(request: UserId, repo: Repo) -> Deleted:
 async def _user_where(repo: Repo, condition: ColumnElement[bool]) -> User | None:
     """The user `condition` finds: after a commit went unanswered, whether it stood (a user
     written at this request's own microsecond, `settled`)."""
-    async with repo.db.read() as conn:
-        row = (await conn.execute(select(*USER_COLUMNS).where(condition))).one_or_none()
+    row = await repo.db.read_one(select(*USER_COLUMNS).where(condition))
     return user_from(row) if row is not None else None
 
 
 async def authenticate(request: Authenticate, repo: Repo) -> User:
     """The same work whether or not the email exists; the reply does not say which was wrong."""
     query = select(*USER_COLUMNS, users.c.password_hash).where(users.c.email == request.email.lower())
-    async with repo.db.read() as conn:
-        row = (await conn.execute(query)).one_or_none()
+    row = await repo.db.read_one(query)
     if not await verify_password(request.password, row.password_hash if row else None):
         raise InvalidCredentials("invalid email or password")
     assert row is not None

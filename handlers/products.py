@@ -161,8 +161,7 @@ async def delete_product(request: ProductId, repo: Repo) -> Deleted:
 async def _product_where(repo: Repo, condition: ColumnElement[bool]) -> Product | None:
     """The product `condition` finds; after a commit went unanswered, whether it stood (a
     product written at this request's own microsecond, `settled`)."""
-    async with repo.db.read() as conn:
-        row = (await conn.execute(select(*PRODUCT_COLUMNS).where(condition))).one_or_none()
+    row = await repo.db.read_one(select(*PRODUCT_COLUMNS).where(condition))
     return product_from(row) if row is not None else None
 
 

@@ -301,8 +301,7 @@ async def forget(saga: Saga, row: Stored) -> None:
 
 
 async def get_transaction(request: TransactionId, saga: Saga) -> Transaction:
-    async with saga.repo.db.read() as conn:
-        row = (await conn.execute(select(transactions).where(transactions.c.id == request.id))).one_or_none()
+    row = await saga.repo.db.read_one(select(transactions).where(transactions.c.id == request.id))
     if row is None or row.status == "pending":
         raise NotFound(f"transaction {request.id} not found")
     return transaction_from(stored_from(row))

@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 from sqlalchemy import DateTime, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
@@ -305,10 +306,11 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 @contextlib.asynccontextmanager
 async def _begun(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection with its transaction open. On Postgres the BEGIN goes at once, with a
-    `SELECT 1`: a pooled connection the server ended (a restart) is found dead before anything
-    is written, and the transaction opens on a new one; SQLAlchemy replaces the pool's others.
-    The first write of each pool after a restart was a 503 (session 19). SQLite's writer sends
-    BEGIN IMMEDIATE at `begin`, which waits for the file's writer lock."""
+    `SELECT 1`: a pooled connection the server ended (a restart) that the checkout did not yet
+    know to be closed (`_alive_at_checkout`: its FATAL came, its close not yet) is found dead
+    before anything is written, and the transaction opens on a new one; SQLAlchemy replaces the
+    pool's others. The first write of each pool after a restart was a 503 (session 19). SQLite's
+    writer sends BEGIN IMMEDIATE at `begin`, which waits for the file's writer lock."""
     postgres = engine.dialect.name == "postgresql"
     for first_try in (True, False):
         async with engine.connect() as conn:
@@ -404,6 +406,11 @@ class Database:
         async with self.reader.connect() as conn:
             with given_up_waiting():
                 yield conn
+
+    async def read_one(self, query: Executable) -> Row | None:
+        """The one row `query` finds, or None, read as `read()` reads."""
+        async with self.read() as conn:
+            return (await conn.execute(query)).one_or_none()
 
     async def dispose(self) -> None:
         await self.writer.dispose()
