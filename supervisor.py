@@ -718,9 +718,9 @@ def _lock_at_once(lock: IO[str]) -> None:
 @contextlib.contextmanager
 def setting_faults_said() -> Iterator[None]:
     """A config that cannot be read, a `DATABASE_URL` that names no usable database or takes no
-    connection, tables not migrated (`serve` alone), credentials NATS refuses, a NATS without
-    JetStream or a mesh already running is said in one line, exit 1: not a traceback, and not a
-    restart storm of every service."""
+    connection, a migration locked out, tables not migrated (`serve` alone), credentials NATS
+    refuses, a NATS without JetStream or a mesh already running is said in one line, exit 1: not
+    a traceback, and not a restart storm of every service."""
     from bus.connection import LoginRefused
     from bus.events import NoJetStream
     from schemas.database import BadDatabaseUrl
@@ -729,6 +729,7 @@ def setting_faults_said() -> Iterator[None]:
         BadConfig,
         BadDatabaseUrl,
         migrations.DatabaseUnreachable,
+        migrations.MigrationLockedOut,
         migrations.NotMigrated,
         LoginRefused,
         NoJetStream,

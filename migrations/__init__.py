@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -21,6 +22,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+import schemas.database
 from schemas.database import create_engine, service_url
 
 SERVICES_WITH_TABLES = ("accounts", "products", "ledger", "transactions")
@@ -34,15 +36,22 @@ class DatabaseUnreachable(Exception):
         super().__init__(f"cannot reach the database at {url.render_as_string(hide_password=True)}: {reason}")
 
 
+class MigrationLockedOut(Exception):
+    """A migration waited `migration_lock_wait_s` for a table another session holds (a long
+    transaction, `pg_dump`) and gave up. The services' statements queue behind a migration that
+    waits for a lock, so it waits no longer. Its transaction is rolled back: nothing of it applied."""
+
+
 class NotMigrated(Exception):
     """A service's tables are missing or behind its migrations: `bitnexus migrate` first."""
 
 
 @contextlib.asynccontextmanager
-async def connected(url: URL | str) -> AsyncIterator[AsyncConnection]:
-    """A connection to the database at `url`, or `DatabaseUnreachable` when it takes none (down,
-    refused, no such database, login refused, no file); closed and disposed after."""
-    engine = create_engine(make_url(url))
+async def connected(url: URL | str, migrating: bool = False) -> AsyncIterator[AsyncConnection]:
+    """A connection to the database at `url` (a migration's, `migrating`: see `connect_postgres`),
+    or `DatabaseUnreachable` when it takes none (down, refused, no such database, login refused,
+    no file); closed and disposed after."""
+    engine = create_engine(make_url(url), migrating)
     try:
         try:
             connection = await engine.connect()
@@ -82,12 +91,30 @@ def _targets(url: str | None) -> list[tuple[URL, str]]:
 
 def upgrade(url: str | None = None) -> None:
     for database, branch in _targets(url):
-        command.upgrade(_config(database), f"{branch}@head" if branch else "heads")
+        with lockout_said(database):
+            command.upgrade(_config(database), f"{branch}@head" if branch else "heads")
 
 
 def downgrade(url: str | None = None) -> None:
     for database, branch in _targets(url):
-        command.downgrade(_config(database), f"{branch}@base" if branch else "base")
+        with lockout_said(database):
+            command.downgrade(_config(database), f"{branch}@base" if branch else "base")
+
+
+@contextlib.contextmanager
+def lockout_said(database: URL) -> Iterator[None]:
+    """A migration's lock wait that ran out is `MigrationLockedOut`, said in one line by `bitnexus migrate`."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not isinstance(exc.orig.__cause__, asyncpg.LockNotAvailableError):
+            raise
+        where = database.render_as_string(hide_password=True)
+        raise MigrationLockedOut(
+            f"a migration of {where} waited {schemas.database.migration_lock_wait_s:g} s for a lock another session "
+            "holds (a long transaction, a dump) and gave up; nothing of it was applied: "
+            "run `bitnexus migrate` again once that session ends"
+        ) from exc
 
 
 async def upgrade_async(url: str | None = None) -> None:
@@ -106,14 +133,19 @@ def _current_heads(conn: Connection) -> tuple[str, ...]:
         quiet.setLevel(level)
 
 
+def head_of(service: str) -> str:
+    """The revision the service's branch of the history ends at."""
+    scripts = ScriptDirectory.from_config(_config(make_url("sqlite://")))  # the scripts, for any database
+    (head,) = (script.revision for script in scripts.get_revisions(f"{service}@head"))
+    return head
+
+
 async def require_current(service: str, url: str | None = None) -> None:
     """`NotMigrated` unless the service's branch is at its head in its database. `bitnexus up`
     migrates before it starts anything; a replica started on its own (`bitnexus serve`, one per
     container) would otherwise serve, and crash on its first missing table with a traceback."""
     database = service_url(service, url)
-    (head,) = (
-        script.revision for script in ScriptDirectory.from_config(_config(database)).get_revisions(f"{service}@head")
-    )
+    head = head_of(service)
     async with connected(database) as conn:
         current = await conn.run_sync(_current_heads)
     if head not in current:

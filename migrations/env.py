@@ -17,7 +17,7 @@ def run_with(connection: Connection) -> None:
 
 
 async def run_online() -> None:
-    async with connected(context.config.get_main_option("sqlalchemy.url")) as connection:
+    async with connected(context.config.get_main_option("sqlalchemy.url"), migrating=True) as connection:
         await connection.run_sync(run_with)
         await connection.commit()
 

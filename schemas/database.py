@@ -42,6 +42,9 @@ sqlite_readers_max = 8
 postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
+migration_lock_wait_s = 5.0
+"""How long a migration waits for a table's lock (Postgres' `lock_timeout`) before it gives up.
+Its statements themselves have no limit: rebuilding a long chain's indexes takes what it takes."""
 postgres_connect_timeout_s = 5.0
 postgres_unacknowledged_max_s = 5.0
 """How long what a connection sent may go unacknowledged before the kernel ends it
@@ -418,12 +421,12 @@ class Database:
             await self.reader.dispose()
 
 
-def create_engine(url: URL, **options: Any) -> AsyncEngine:
-    """An async engine for `url`; on Postgres each connection made by `connect_postgres`, and
-    checked at checkout (`_alive_at_checkout`)."""
+def create_engine(url: URL, migrating: bool = False, **options: Any) -> AsyncEngine:
+    """An async engine for `url`; on Postgres each connection made by `connect_postgres` (a
+    migration's with its limits, `migrating`), and checked at checkout (`_alive_at_checkout`)."""
     if url.get_backend_name() != "postgresql":
         return create_async_engine(url, **options)
-    options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url))
+    options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url), migrating)
     engine = create_async_engine(url, **options)
     event.listen(engine.sync_engine, "checkout", _alive_at_checkout)
     return engine
@@ -514,13 +517,20 @@ def postgres_dsn(url: URL) -> PostgresDsn:
     return PostgresDsn(dsn, connect_timeout_s, unacknowledged_max_ms)
 
 
-async def connect_postgres(target: PostgresDsn) -> asyncpg.Connection:
+async def connect_postgres(target: PostgresDsn, migrating: bool = False) -> asyncpg.Connection:
     """A connection to Postgres, or `ConnectTimeout` within `connect_timeout_s`: asyncpg waits
-    60 s by default, and a server behind a dropped route answers neither yes nor no."""
+    60 s by default, and a server behind a dropped route answers neither yes nor no.
+
+    A service's statements give up after `postgres_command_timeout_s`. A migration's may take as
+    long as the data asks, and only its waits for a lock are bounded (`migration_lock_wait_s`):
+    with the services' limit, ledger_0003 gave up with a bare `TimeoutError` after 10 s on a
+    chain of 7M entries, whose indexes took 13 s to rebuild without it (session 23)."""
+    if migrating:
+        limits: dict[str, Any] = {"server_settings": {"lock_timeout": f"{round(migration_lock_wait_s * 1000)}ms"}}
+    else:
+        limits = {"command_timeout": postgres_command_timeout_s}
     try:
-        connection = await asyncpg.connect(
-            target.dsn, timeout=target.connect_timeout_s, command_timeout=postgres_command_timeout_s
-        )
+        connection = await asyncpg.connect(target.dsn, timeout=target.connect_timeout_s, **limits)
     except TimeoutError as exc:
         raise ConnectTimeout(f"no connection to the database within {target.connect_timeout_s:g} s") from exc
     sock = connection._transport.get_extra_info("socket")  # asyncpg offers no option for it

@@ -1,0 +1,106 @@
+"""`bitnexus migrate` on Postgres: a migration's statements may run long, its waits for a lock may not."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from alembic import command
+from sqlalchemy.engine import make_url
+
+import migrations
+import schemas.database
+from supervisor import setting_faults_said
+
+ENTRIES = 50_000
+"""Enough that rebuilding the chain's indexes (ledger_0003) outlasts the shortened statement limit."""
+
+
+@pytest.fixture
+async def scratch_database(postgres_url: str) -> AsyncIterator[str]:
+    """A database of its own, migrated to ledger_0002 (before the chain's key columns became
+    bytewise, ledger_0003), dropped after."""
+    name = f"bitnexus_migrations_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(postgres_url).set(database=name)
+        await asyncio.to_thread(command.upgrade, migrations._config(url), "ledger_0002")
+        yield url.render_as_string(hide_password=False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def raw_connection(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
+
+
+async def ledger_revision(url: str) -> str:
+    conn = await raw_connection(url)
+    try:
+        revisions = [row[0] for row in await conn.fetch("SELECT version_num FROM alembic_version")]
+    finally:
+        await conn.close()
+    return next(revision for revision in revisions if revision.startswith("ledger_"))
+
+
+async def test_a_migration_may_take_longer_than_a_services_statement(
+    scratch_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until session 23 a migration's statements had the services' limit (10 s): ledger_0003 gave
+    up with a bare `TimeoutError` on a chain of 7M entries, whose indexes took 13 s to rebuild."""
+    conn = await raw_connection(scratch_database)
+    try:
+        await conn.execute(
+            "INSERT INTO ledger_entries SELECT n, 'transfer-' || n, 'user:' || n % 1000, 'user:' || n % 997 + 1000,"
+            " 1, 'EUR', '', now(), repeat('0', 64), repeat('a', 64) FROM generate_series(1, $1::bigint) AS n",
+            ENTRIES,
+        )
+    finally:
+        await conn.close()
+    monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.05)
+
+    started = time.monotonic()
+    await migrations.upgrade_async(scratch_database)
+
+    assert time.monotonic() - started > schemas.database.postgres_command_timeout_s
+    assert await ledger_revision(scratch_database) == migrations.head_of("ledger")
+    conn = await raw_connection(scratch_database)
+    try:
+        collation = "SELECT collation_name FROM information_schema.columns WHERE table_name = $1 AND column_name = $2"
+        assert await conn.fetchval(collation, "ledger_entries", "id") == "C"
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == ENTRIES
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_locked_out_gives_up_within_its_wait_and_says_so_in_one_line(
+    scratch_database: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A session holding the chain's table (a dump, a long transaction) would keep ledger_0003's
+    ALTER TABLE waiting, and every service's statement queued behind it."""
+    monkeypatch.setattr(schemas.database, "migration_lock_wait_s", 0.3)
+    holder = await raw_connection(scratch_database)
+    try:
+        await holder.execute("BEGIN; LOCK TABLE ledger_entries IN ACCESS SHARE MODE")
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as exited, setting_faults_said():
+            async with asyncio.timeout(10):  # a lock wait without a limit would last until the COMMIT below
+                await migrations.upgrade_async(scratch_database)
+        waited = time.monotonic() - started
+        await holder.execute("COMMIT")
+    finally:
+        await holder.close()
+
+    assert exited.value.code == 1 and waited < 5
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "Traceback" not in said
+    assert "waited 0.3 s for a lock another session holds" in said and "nothing of it was applied" in said
+    assert await ledger_revision(scratch_database) == "ledger_0002"
+    await migrations.upgrade_async(scratch_database)  # the lock released: it goes through
+    assert await ledger_revision(scratch_database) == migrations.head_of("ledger")
