@@ -37,6 +37,7 @@ log = logging.getLogger("bitnexus.events")
 
 EVENTS_STREAM = "EVENTS"
 duplicate_window_s = 120.0
+events_kept_s = 7 * 86_400.0
 relay_batch_max = 256
 relay_poll_interval_s = 0.5
 relay_retry_wait_s_max = 5.0
@@ -99,10 +100,11 @@ def stream_replicas() -> int:
     return int(text)
 
 
-async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) -> None:
+async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], **retention: Any) -> None:
     """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is.
 
-    A new stream allows fast-ingest batches (`bus.jetstream`) where the server has them."""
+    A new stream allows fast-ingest batches (`bus.jetstream`) where the server has them.
+    `retention`: what it keeps, and for how long (`StreamConfig`'s fields)."""
     batched = True if fast_ingest_supported(js._nc) else None  # older servers: the field left out
     config = StreamConfig(
         name=name,
@@ -110,12 +112,19 @@ async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str]) ->
         duplicate_window=duplicate_window_s,
         allow_batched=batched,
         num_replicas=stream_replicas(),
+        **retention,
     )
     try:
         await js.add_stream(config)
     except BadRequestError as exc:
         if exc.err_code != 10058:  # stream name already in use with a different configuration
             raise
+
+
+async def ensure_events_stream(js: JetStreamContext) -> None:
+    """EVENTS keeps each event `events_kept_s`: an integration may be away that long and still
+    read everything it missed. It kept every event for ever until session 23."""
+    await ensure_stream(js, EVENTS_STREAM, ["events.>"], max_age=events_kept_s)
 
 
 def new_envelope(source: str, type: str, data: Any, moment: datetime, id: str | None = None) -> Envelope:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
@@ -47,6 +47,7 @@ fetch_wait_s = 1.0
 ack_wait_s = 30.0
 deliveries_max = 50
 redelivery_delay_s_max = 30.0
+ingest_backlog_bytes_max = 2**30
 
 Create = Callable[[msgspec.Struct, Saga], Awaitable[object]]
 ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
@@ -57,11 +58,26 @@ ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
 }
 
 
+async def ensure_ingest_stream(js: JetStreamContext) -> None:
+    """INGEST is a work queue: a message leaves it once the mesh acknowledged it (after its outcome
+    committed), and at most `ingest_backlog_bytes_max` wait there (the mesh down, or behind); past
+    that a publisher gets an error instead of an ack, so nothing acknowledged is dropped. Until
+    session 23 it kept every message for ever, applied or not."""
+    await ensure_stream(
+        js,
+        INGEST_STREAM,
+        ["ingest.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_bytes=ingest_backlog_bytes_max,
+        discard=DiscardPolicy.NEW,
+    )
+
+
 async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
     """One fetcher keeps up to `in_flight_max` messages being applied at once, each in its own
     task of this task group. (Fetching on one pull subscription from several tasks mixes their
     replies; one message at a time per worker measured 1/4 of this throughput.)"""
-    await ensure_stream(js, INGEST_STREAM, ["ingest.>"])
+    await ensure_ingest_stream(js)
     config = ConsumerConfig(
         durable_name=CONSUMER,
         ack_policy=AckPolicy.EXPLICIT,

@@ -13,7 +13,7 @@ from typing import Any
 from nats.aio.client import Client
 from sqlalchemy import Table
 
-from bus.events import EVENTS_STREAM, OutboxRelay, ensure_stream
+from bus.events import OutboxRelay, ensure_events_stream
 from bus.jetstream import BatchPublisher
 from bus.service import Service
 from bus.tasks import stop, supervised
@@ -51,7 +51,7 @@ async def serving_with_outbox(
     """Serve until the block ends; then drain requests, publish what is left in the outbox, close."""
     db = open_database(service_url(name))
     js = nc.jetstream()
-    await ensure_stream(js, EVENTS_STREAM, ["events.>"])
+    await ensure_events_stream(js)
     repo = Repo.of(db, nc, outbox)
     repo.background.append(repo.commits.commit_forever)
     service = Service(nc, name, version("bitnexus-mesh"), description, instance_metadata())

@@ -34,7 +34,7 @@ from sqlalchemy import select, update
 
 from bus.codec import encode
 from bus.connection import MeshClient, require_subscriptions
-from bus.events import EVENTS_STREAM, ensure_stream, relay_forever, relay_poll_interval_s
+from bus.events import ensure_events_stream, relay_forever, relay_poll_interval_s
 from bus.jetstream import BatchPublisher, Message
 from bus.tasks import stop, supervised
 from ledger.plan import Head
@@ -195,7 +195,7 @@ class ChainRelay:
 async def serving(nc: MeshClient) -> AsyncIterator[ChainRelay]:
     """Relay until the block ends; then publish what is left and store the cursor."""
     db = open_database(service_url("ledger"))
-    await ensure_stream(nc.jetstream(), EVENTS_STREAM, ["events.>"])
+    await ensure_events_stream(nc.jetstream())
     relay = ChainRelay(BatchPublisher(nc), db)
 
     async def nudged(msg: Msg) -> None:

@@ -20,7 +20,8 @@ import migrations
 import schemas.database
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
-from bus.events import EVENTS_STREAM, ensure_stream
+from bus.events import EVENTS_STREAM, ensure_events_stream
+from handlers.ingest import INGEST_STREAM, ensure_ingest_stream
 from schemas.database import open_database, service_url
 
 
@@ -166,10 +167,10 @@ class Mesh:
 
 async def fresh_streams(mesh: Mesh) -> None:
     """Empty EVENTS and INGEST, and a fresh durable ingest consumer, for each test."""
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await ensure_events_stream(mesh.js)
     await mesh.js.purge_stream(EVENTS_STREAM)
-    await ensure_stream(mesh.js, "INGEST", ["ingest.>"])
-    await mesh.js.purge_stream("INGEST")
+    await ensure_ingest_stream(mesh.js)
+    await mesh.js.purge_stream(INGEST_STREAM)
     with contextlib.suppress(NotFoundError):
         await mesh.js.delete_consumer("INGEST", "transactions")
 

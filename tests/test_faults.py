@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from sqlalchemy.engine import make_url
 
 import migrations
-from bus.events import EVENTS_STREAM, ensure_stream
+from bus.events import EVENTS_STREAM, ensure_events_stream
 from handlers import products
 from tests.conftest import Mesh, empty_tables, fresh_streams
 
@@ -60,7 +60,7 @@ async def test_event_committed_before_a_kill_is_published_after_restart_exactly_
         await asyncio.sleep(0.3)
         accounts.send_signal(signal.SIGKILL)  # committed, never published
         accounts.wait(10)
-        await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+        await ensure_events_stream(mesh.js)
         assert await mesh.event_count() == 0
         accounts = start_service("accounts", nats_url, database)
         events = await mesh.events(1)

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
-from bus.events import EVENTS_STREAM, ensure_stream
+from bus.events import EVENTS_STREAM, ensure_events_stream
 from tests.conftest import Mesh, fresh_streams
 from tests.ledger_checks import assert_ledger_invariants
 from tests.test_faults import start_service, wait_until_serving
@@ -25,7 +25,7 @@ async def test_two_ledger_processes_on_one_database_never_fork_reuse_a_seq_or_ov
 ) -> None:
     monkeypatch.setenv("BITNEXUS_LEDGER_POSTINGS_RUN", "16")  # both writers index history in runs
     mesh = Mesh(nc)
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await ensure_events_stream(mesh.js)
     ledgers = [start_service("ledger", nats_url, database) for _ in range(2)]
     try:
         await wait_until_serving(nc, "ledger")
@@ -91,7 +91,7 @@ async def test_ledger_killed_after_commit_recovers_its_head_and_publishes_every_
         for process in (relay, ledger):
             process.send_signal(signal.SIGKILL)
             process.wait(10)
-        await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+        await ensure_events_stream(mesh.js)
         relay, ledger = await start_relay_and_ledger(nc, nats_url, database)
         third = await mesh.ok("ledger.record", {"id": "c", "from": "u:2", "to": "u:1", "amount": 1, "currency": "EUR"})
         assert (first["seq"], second["seq"], third["seq"]) == (1, 2, 3)
@@ -145,7 +145,7 @@ async def test_a_nats_server_killed_and_restarted_under_load_loses_no_acknowledg
     url = server.start()
     nc = await connect(Settings(servers=[url]), name="test")
     mesh = Mesh(nc)
-    await ensure_stream(mesh.js, EVENTS_STREAM, ["events.>"])
+    await ensure_events_stream(mesh.js)
     relay, ledger = await start_relay_and_ledger(nc, url, database)
     acknowledged: dict[str, dict] = {}
     loading = True

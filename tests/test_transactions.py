@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,6 +19,7 @@ from bench.services import table_locked
 from bus.events import relay_poll_interval_s
 from bus.service import Service
 from handlers import ingest, transactions
+from handlers.ingest import INGEST_STREAM
 from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, Stored, TransactionSql
 from schemas.accounts import User, UserId
@@ -205,9 +207,8 @@ async def test_a_rejection_applied_twice_is_one_event(mesh: Mesh, database: str)
     rejected again: under the same event id, which the outbox and JetStream keep once (until
     session 20 each rejection had an id of its own, so consumers could not tell the copy)."""
     await mesh.js.publish("ingest.elsewhere.deposits", b"{}")  # malformed; beyond the service's consumer
-    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream="INGEST")
-    (msg,) = await inbox.fetch(1, timeout=5)
-    async with second_driver(mesh, database, None) as (saga, _):
+    async with elsewhere_inbox(mesh) as inbox, second_driver(mesh, database, None) as (saga, _):
+        (msg,) = await inbox.fetch(1, timeout=5)
         await ingest.apply_message(msg, saga)
         await ingest.apply_message(dataclasses.replace(msg, _ackd=False), saga)  # its redelivery
     await asyncio.sleep(2 * relay_poll_interval_s + 0.5)  # the service's relay publishes the outbox
@@ -226,18 +227,29 @@ async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_s
     alice = await user(mesh, "alice")
     deposit = {"idempotency_key": "kept-waiting", "user_id": alice, "amount": 7, "currency": "EUR"}
     await mesh.js.publish("ingest.elsewhere.deposits", json.dumps(deposit).encode())  # beyond the service's consumer
-    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream="INGEST")
-    (msg,) = await inbox.fetch(1, timeout=5)
-    async with second_driver(mesh, database, None) as (saga, _), asyncio.TaskGroup() as group:
-        loader = group.create_task(saga.by_key.run())
-        async with table_locked(database, "transactions", "transactions"):
-            await ingest.handle(msg, saga)
-        (again,) = await inbox.fetch(1, timeout=5)
-        assert (again.data, again.metadata.num_delivered) == (msg.data, 2)
-        await ingest.handle(again, saga)
-        loader.cancel()
+    async with elsewhere_inbox(mesh) as inbox, second_driver(mesh, database, None) as (saga, _):
+        (msg,) = await inbox.fetch(1, timeout=5)
+        async with asyncio.TaskGroup() as group:
+            loader = group.create_task(saga.by_key.run())
+            async with table_locked(database, "transactions", "transactions"):
+                await ingest.handle(msg, saga)
+            (again,) = await inbox.fetch(1, timeout=5)
+            assert (again.data, again.metadata.num_delivered) == (msg.data, 2)
+            await ingest.handle(again, saga)
+            loader.cancel()
     listed = await mesh.ok("transactions.transactions.list", {"user_id": alice})
     assert [(item["idempotency_key"], item["status"]) for item in listed["items"]] == [("kept-waiting", "committed")]
+
+
+@contextlib.asynccontextmanager
+async def elsewhere_inbox(mesh: Mesh) -> AsyncIterator[JetStreamContext.PullSubscription]:
+    """A consumer of `ingest.elsewhere.>`, beside the service's, deleted after: INGEST is a work
+    queue, where no two consumers may take the same subject."""
+    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream=INGEST_STREAM)
+    try:
+        yield inbox
+    finally:
+        await mesh.js.delete_consumer(INGEST_STREAM, (await inbox.consumer_info()).name)
 
 
 async def test_recovery_leaves_a_transaction_this_process_drives_to_its_driver(core_mesh: Mesh, database: str) -> None:
@@ -349,8 +361,9 @@ async def test_ingested_messages_are_applied_once_each_and_malformed_ones_reject
     assert all(r["error"]["code"] == 400 for r in rejections)
     assert len(events) == 6
     await asyncio.sleep(0.5)
-    info = await mesh.js.consumer_info("INGEST", "transactions")
+    info = await mesh.js.consumer_info(INGEST_STREAM, ingest.CONSUMER)
     assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert (await mesh.js.stream_info(INGEST_STREAM)).state.messages == 0  # a work queue: acknowledged, gone
 
 
 async def committed_keys(mesh: Mesh, user_id: int) -> list[str]:

@@ -1,0 +1,72 @@
+"""What the mesh's streams keep, on a server of their own: each test's streams are new."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import APIError
+
+import bus.events
+from bus.connection import Settings, connect
+from bus.embedded import EmbeddedNats, free_port
+from bus.events import EVENTS_STREAM, ensure_events_stream
+from handlers import ingest
+from handlers.ingest import INGEST_STREAM, ensure_ingest_stream
+
+BODY = b'{"idempotency_key": "backlog", "user_id": 1, "amount": 5, "currency": "EUR"}'
+
+
+@pytest.fixture
+async def own_nc(tmp_path: Path) -> AsyncIterator[Client]:
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=free_port())
+    server.start()
+    try:
+        client = await connect(Settings(servers=[server.url]), name="streams")
+        yield client
+        await client.close()
+    finally:
+        server.stop()
+
+
+async def test_ingest_refuses_a_publish_past_its_backlog_and_lets_go_of_what_the_mesh_acknowledged(
+    own_nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher is told, not acknowledged, when the backlog is full: nothing it was told is
+    stored is dropped. A message the mesh acknowledged leaves the stream and makes room."""
+    monkeypatch.setattr(ingest, "ingest_backlog_bytes_max", 4096)
+    js = own_nc.jetstream()
+    await ensure_ingest_stream(js)
+    acknowledged = 0
+    with pytest.raises(APIError, match="maximum bytes exceeded"):
+        for _ in range(100):
+            await js.publish("ingest.transactions.deposits", BODY)
+            acknowledged += 1
+    assert 0 < acknowledged < 100
+    assert (await js.stream_info(INGEST_STREAM)).state.messages == acknowledged
+
+    mesh_consumer = await js.pull_subscribe("ingest.transactions.*", durable=ingest.CONSUMER, stream=INGEST_STREAM)
+    (applied,) = await mesh_consumer.fetch(1, timeout=5)
+    await applied.ack_sync()
+    assert (await js.stream_info(INGEST_STREAM)).state.messages == acknowledged - 1
+    await js.publish("ingest.transactions.deposits", BODY)  # room again
+    assert (await js.stream_info(INGEST_STREAM)).state.messages == acknowledged
+
+
+async def test_events_are_kept_for_their_time_and_then_let_go(own_nc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept for ever until session 23; `events_kept_s` is seven days (shortened here)."""
+    monkeypatch.setattr(bus.events, "events_kept_s", 1.0)
+    monkeypatch.setattr(bus.events, "duplicate_window_s", 0.5)  # at most the time kept
+    js = own_nc.jetstream()
+    await ensure_events_stream(js)
+    await js.publish("events.accounts.user.created", b"{}", headers={"Nats-Msg-Id": "kept-a-while"})
+    assert (await js.stream_info(EVENTS_STREAM)).state.messages == 1
+    await asyncio.sleep(0.5)
+    assert (await js.stream_info(EVENTS_STREAM)).state.messages == 1
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await js.stream_info(EVENTS_STREAM)).state.messages:
+        assert asyncio.get_running_loop().time() < deadline, "an event outlived its time by 4 s"
+        await asyncio.sleep(0.1)
