@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.connection import without_secrets
-from bus.jetstream import BatchPublisher, Message, fast_ingest_supported
+from bus.jetstream import BatchPublisher, JetStreamRefused, Message, fast_ingest_supported
 from schemas.database import Database
 from schemas.events import Envelope
 
@@ -54,8 +54,10 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
     that wake was lost and its event waited up to `relay_poll_interval_s` (a CI run caught a
     transaction's event missing 0.5 s after its commit).
 
-    JetStream not acknowledging (no stream, a timeout, a reconnect) is expected now and then:
-    the rows stay, and the relay retries with back-off instead of crashing its service.
+    JetStream not acknowledging (no stream, a timeout, a reconnect) or not storing for now (no
+    room: a full store, a stream's limits) is expected now and then: the rows stay, and the
+    relay retries with back-off instead of crashing its service. Until session 23 a full stream
+    crashed every relay, and each service restarted until the supervisor gave up.
     """
     retry_wait_s = 0.1
     while True:
@@ -63,8 +65,15 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
         try:
             await publish_pending()
             retry_wait_s = 0.1
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
-            log.warning("relay: JetStream did not acknowledge (%r); retrying in %.1f s", exc, retry_wait_s)
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+            JetStreamRefused,
+        ) as exc:
+            if isinstance(exc, JetStreamRefused) and not exc.for_now:
+                raise
+            log.warning("relay: JetStream did not store (%r); retrying in %.1f s", exc, retry_wait_s)
             await asyncio.sleep(retry_wait_s)
             retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
             continue

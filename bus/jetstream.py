@@ -58,11 +58,33 @@ class PubAck(msgspec.Struct):
     error: dict | None = None
 
 
+class _FlowError(msgspec.Struct):
+    """A fast batch's error message, `{"type": "err", "seq": n, "error": {...}}`."""
+
+    error: dict = {}
+
+
 _decode_ack = msgspec.json.Decoder(PubAck).decode
+_decode_flow_error = msgspec.json.Decoder(_FlowError).decode
 
 
 class _FastIngestRefused(Exception):
     pass
+
+
+class JetStreamRefused(Exception):
+    """JetStream answered a message with an error instead of storing it."""
+
+    def __init__(self, error: dict) -> None:
+        super().__init__(f"JetStream refused to store a message: {error}")
+        self.error = error
+
+    @property
+    def for_now(self) -> bool:
+        """A 503: no room (the stream's limits with `discard: new`, a full store) or no leader,
+        which passes once an operator makes room or a cluster elects one. Anything else is a
+        fault of the message or the stream's setup."""
+        return self.error.get("code") == 503
 
 
 @dataclass
@@ -175,12 +197,12 @@ class BatchPublisher:
             return
         if fast and msg.data.startswith(b'{"type":'):
             if not msg.data.startswith(b'{"type":"ack"'):  # flow acks only pace publishers; we wait for the end
-                batch.fail(RuntimeError(f"JetStream stopped a batch: {msg.data!r}"))
+                batch.fail(JetStreamRefused(_decode_flow_error(msg.data).error))
             return
         ack = _decode_ack(msg.data)
         if ack.error is not None:
             refused = fast and ack.error.get("err_code") == BATCH_PUBLISH_DISABLED
-            batch.fail(_FastIngestRefused() if refused else RuntimeError(f"JetStream refused a message: {ack.error}"))
+            batch.fail(_FastIngestRefused() if refused else JetStreamRefused(ack.error))
             return
         if fast and ack.count != batch.messages:
             batch.fail(RuntimeError(f"JetStream acknowledged {ack.count} of a batch of {batch.messages}"))

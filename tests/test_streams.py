@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import APIError
 
 import bus.events
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
-from bus.events import EVENTS_STREAM, ensure_events_stream
+from bus.events import EVENTS_STREAM, ensure_events_stream, relay_forever
+from bus.jetstream import BatchPublisher, Message
 from handlers import ingest
 from handlers.ingest import INGEST_STREAM, ensure_ingest_stream
 
@@ -70,3 +72,34 @@ async def test_events_are_kept_for_their_time_and_then_let_go(own_nc: Client, mo
     while (await js.stream_info(EVENTS_STREAM)).state.messages:
         assert asyncio.get_running_loop().time() < deadline, "an event outlived its time by 4 s"
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["fast batches", "an ack per message"])
+async def test_a_relay_waits_out_a_full_stream_and_publishes_once_there_is_room(own_nc: Client, batched: bool) -> None:
+    """An operator's EVENTS with a size limit that refuses new messages, full: JetStream answers
+    503 "maximum bytes exceeded". Until session 23 that crashed the relay, and its service."""
+    js = own_nc.jetstream()
+    full = StreamConfig(
+        name=EVENTS_STREAM, subjects=["events.>"], max_bytes=4096, discard=DiscardPolicy.NEW, allow_batched=batched
+    )
+    await js.add_stream(full)
+    with pytest.raises(APIError, match="maximum bytes exceeded"):
+        for n in range(100):
+            await js.publish("events.accounts.user.created", BODY, headers={"Nats-Msg-Id": f"filler-{n}"})
+    publisher = BatchPublisher(own_nc)
+    pending = [Message("events.accounts.user.updated", BODY, f"pending-{n}") for n in range(3)]
+    published = asyncio.Event()
+
+    async def publish_pending() -> None:
+        await publisher.publish(pending)
+        published.set()
+
+    async with asyncio.TaskGroup() as group:
+        relay = group.create_task(relay_forever(publish_pending, asyncio.Event()))
+        await asyncio.sleep(1.0)  # refused at 0, 0.1, 0.3 and 0.7 s
+        assert not relay.done() and not published.is_set()
+        await js.purge_stream(EVENTS_STREAM)  # room made
+        async with asyncio.timeout(5):
+            await published.wait()
+        relay.cancel()
+    assert (await js.stream_info(EVENTS_STREAM)).state.messages == len(pending)
