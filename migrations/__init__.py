@@ -37,8 +37,8 @@ class DatabaseUnreachable(Exception):
 
 
 class MigrationLockedOut(Exception):
-    """A migration waited `migration_lock_wait_s` for a table another session holds (a long
-    transaction, `pg_dump`) and gave up. The services' statements queue behind a migration that
+    """A migration waited `migration_lock_wait_s` for a lock another session holds (another
+    migration, a long transaction, `pg_dump`) and gave up. The services' statements queue behind a migration that
     waits for a lock, so it waits no longer. Its transaction is rolled back: nothing of it applied."""
 
 
@@ -112,7 +112,7 @@ def lockout_said(database: URL) -> Iterator[None]:
         where = database.render_as_string(hide_password=True)
         raise MigrationLockedOut(
             f"a migration of {where} waited {schemas.database.migration_lock_wait_s:g} s for a lock another session "
-            "holds (a long transaction, a dump) and gave up; nothing of it was applied: "
+            "holds (another migration, a long transaction, a dump) and gave up; nothing of it was applied: "
             "run `bitnexus migrate` again once that session ends"
         ) from exc
 

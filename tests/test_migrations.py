@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -21,19 +23,23 @@ ENTRIES = 50_000
 
 
 @pytest.fixture
-async def scratch_database(postgres_url: str) -> AsyncIterator[str]:
-    """A database of its own, migrated to ledger_0002 (before the chain's key columns became
-    bytewise, ledger_0003), dropped after."""
+async def new_database(postgres_url: str) -> AsyncIterator[str]:
+    """A database of its own, with no tables; dropped after."""
     name = f"bitnexus_migrations_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    admin = await raw_connection(postgres_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(postgres_url).set(database=name)
-        await asyncio.to_thread(command.upgrade, migrations._config(url), "ledger_0002")
-        yield url.render_as_string(hide_password=False)
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+async def scratch_database(new_database: str) -> str:
+    """Migrated to ledger_0002: before the chain's key columns became bytewise (ledger_0003)."""
+    await asyncio.to_thread(command.upgrade, migrations._config(make_url(new_database)), "ledger_0002")
+    return new_database
 
 
 async def raw_connection(url: str) -> asyncpg.Connection:
@@ -100,7 +106,26 @@ async def test_a_migration_locked_out_gives_up_within_its_wait_and_says_so_in_on
     assert exited.value.code == 1 and waited < 5
     said = capsys.readouterr().err
     assert said.count("\n") == 1 and "Traceback" not in said
-    assert "waited 0.3 s for a lock another session holds" in said and "nothing of it was applied" in said
+    assert (
+        "waited 0.3 s for a lock another session holds (another migration" in said
+        and "nothing of it was applied" in said
+    )
     assert await ledger_revision(scratch_database) == "ledger_0002"
     await migrations.upgrade_async(scratch_database)  # the lock released: it goes through
     assert await ledger_revision(scratch_database) == migrations.head_of("ledger")
+
+
+async def test_two_migrators_at_once_on_a_new_database_both_succeed(new_database: str) -> None:
+    """Two meshes started together (`bitnexus migrate` runs first in each): each created
+    `alembic_version`, and one failed with a traceback (session 23). One at a time now: the
+    second finds nothing left to do."""
+    env = {**os.environ, "DATABASE_URL": new_database}
+    migrators = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "supervisor", "migrate", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    said = [(await migrator.communicate())[1].decode() for migrator in migrators]
+    assert [migrator.returncode for migrator in migrators] == [0, 0], said
+    assert await ledger_revision(new_database) == migrations.head_of("ledger")
