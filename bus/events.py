@@ -22,7 +22,7 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, ServiceUnavailableError
-from sqlalchemy import Table, delete, insert, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -158,11 +158,8 @@ async def write_event(
     moment = moment or datetime.now(UTC)
     envelope = new_envelope(source, type, data, moment, event_id)
     row = {"event_id": envelope.id, "subject": f"events.{type}", "payload": encode(envelope), "created_at": moment}
-    if event_id is None:
-        await conn.execute(insert(outbox).values(**row))
-    else:
-        dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgres_insert
-        await conn.execute(dialect_insert(outbox).values(**row).on_conflict_do_nothing(index_elements=["event_id"]))
+    dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgres_insert
+    await conn.execute(dialect_insert(outbox).values(**row).on_conflict_do_nothing(index_elements=["event_id"]))
     return envelope
 
 
