@@ -186,6 +186,7 @@ _OUTAGES = (
     asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
+    asyncpg.TooManyConnectionsError,  # 53300: `max_connections`, or a role's or database's limit: no new session now
     PoolTimeout,  # every pooled connection taken (say, each waiting out a connect) for `pool_timeout_s`
 )
 

@@ -7,11 +7,13 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
+import asyncpg
 from nats.aio.client import Client
 from sqlalchemy.engine import make_url
 
@@ -151,24 +153,33 @@ async def services_through_link(
     nc: Client, nats_url: str, postgres_url: str, names: tuple[str, ...]
 ) -> AsyncIterator[tuple[Mesh, CuttableLink, list[subprocess.Popen]]]:
     """`names` served on a migrated, empty Postgres reached through a `CuttableLink`."""
+    database = make_url(postgres_url)
+    async with cuttable_link(database.port or 5432) as (link, port):
+        through_link = database.set(port=port, query={"connect_timeout": str(CONNECT_TIMEOUT_S)})
+        served = services_on(nc, nats_url, postgres_url, through_link.render_as_string(hide_password=False), names)
+        async with served as (mesh, services):
+            yield mesh, link, services
+
+
+@contextlib.asynccontextmanager
+async def services_on(
+    nc: Client, nats_url: str, postgres_url: str, service_url: str, names: tuple[str, ...]
+) -> AsyncIterator[tuple[Mesh, list[subprocess.Popen]]]:
+    """`names` served on `postgres_url`, migrated and emptied, reached at `service_url`."""
     await migrations.upgrade_async(postgres_url)
     await empty_tables(postgres_url)
     mesh = Mesh(nc)
     await fresh_streams(mesh)
-    database = make_url(postgres_url)
-    async with cuttable_link(database.port or 5432) as (link, port):
-        through_link = database.set(port=port, query={"connect_timeout": str(CONNECT_TIMEOUT_S)})
-        through_link = through_link.render_as_string(hide_password=False)
-        services = [start_service(name, nats_url, through_link) for name in names]
-        try:
-            for name in names:
-                await wait_until_serving(nc, name)
-            yield mesh, link, services
-        finally:
-            for service in services:
-                service.send_signal(signal.SIGTERM)
-            for service in services:  # the link runs on this loop: waiting must not block it
-                await asyncio.to_thread(service.wait, 15)
+    services = [start_service(name, nats_url, service_url) for name in names]
+    try:
+        for name in names:
+            await wait_until_serving(nc, name)
+        yield mesh, services
+    finally:
+        for service in services:
+            service.send_signal(signal.SIGTERM)
+        for service in services:  # a link may run on this loop: waiting must not block it
+            await asyncio.to_thread(service.wait, 15)
 
 
 TRANSFER = {"from": "world", "to": "user:1", "amount": 1, "currency": "EUR"}
@@ -234,6 +245,43 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
         link.heal()
         await recorded_nothing_during_the_outage(mesh)
         assert [service.poll() for service in services] == [None, None]
+
+
+@contextlib.asynccontextmanager
+async def limited_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A role of the test's own with the privileges of the URL's (a member of it), dropped after:
+    yields its URL and an administrator's connection that sets its `CONNECTION LIMIT`."""
+    role = f"bitnexus_limited_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE "{make_url(postgres_url).username}"')
+        yield make_url(postgres_url).set(username=role).render_as_string(hide_password=False), admin
+    finally:
+        await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+
+
+async def test_a_database_refusing_new_sessions_is_answered_503_and_waited_out(
+    nc: Client, nats_url: str, postgres_url: str
+) -> None:
+    """Postgres' `max_connections` reached (more replicas than it was sized for), or a role's or a
+    database's `CONNECTION LIMIT`: "too many connections" (53300) at every connect. Until
+    session 23 each service's outbox relay crashed on it three times at once, and the service
+    exited; requests got 500s."""
+    async with limited_role(postgres_url) as (role_url, admin):
+        role = make_url(role_url).username
+        async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
+            await mesh.ok("accounts.users.create", user("before@x.io"))
+            await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
+            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+            await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            assert await answers_during_outage(mesh, 5.0) == [(503, "unavailable")] * 4
+            await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
+            assert [service.poll() for service in services] == [None, None]
+            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+            await recorded_nothing_during_the_outage(mesh)
+            assert [service.poll() for service in services] == [None, None]
 
 
 async def test_an_ingest_message_that_met_a_lost_database_is_applied_soon_after_it_is_back(
