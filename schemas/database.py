@@ -181,13 +181,19 @@ URL_FORMS = "sqlite+aiosqlite:///path/mesh.db or postgresql+asyncpg://user@host/
 
 _CAUSES_MAX = 16
 """How far down an exception's causes to look: SQLAlchemy's wrapping is two or three deep."""
+_REFUSED = (
+    asyncpg.TooManyConnectionsError,  # 53300: `max_connections`, or a role's or database's limit
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: no writes now (a failover's old primary, a maintenance)
+)
+"""The server up but taking no new session, or no write, now, and saying so in answer to the
+connect or the statement: nothing sent was written (not even by a statement that commits itself)."""
 _OUTAGES = (
     OSError,  # refused, reset, unreachable: no server to talk to (not a timeout: NATS's are OSErrors too)
     asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
-    asyncpg.TooManyConnectionsError,  # 53300: `max_connections`, or a role's or database's limit: no new session now
     PoolTimeout,  # every pooled connection taken (say, each waiting out a connect) for `pool_timeout_s`
+    *_REFUSED,
 )
 
 
@@ -268,7 +274,9 @@ async def committing(commit: Awaitable[T]) -> T:
     try:
         return await commit
     except Exception as exc:
-        if database_unreachable(exc) and not any(_dead_before_sending(seen) for seen in _causes(exc)):
+        if database_unreachable(exc) and not any(
+            _dead_before_sending(seen) or isinstance(seen, _REFUSED) for seen in _causes(exc)
+        ):
             raise CommitUnanswered("the database went away during a commit") from exc
         if _waited_too_long(exc):
             raise CommitUnanswered("the database did not answer a commit in time") from exc

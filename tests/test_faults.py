@@ -248,16 +248,16 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
 
 
 @contextlib.asynccontextmanager
-async def limited_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+async def own_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     """A role of the test's own with the privileges of the URL's (a member of it), dropped after:
-    yields its URL and an administrator's connection that sets its `CONNECTION LIMIT`."""
-    role = f"bitnexus_limited_{secrets.token_hex(3)}"
+    yields its URL and an administrator's connection that changes its settings."""
+    role = f"bitnexus_role_{secrets.token_hex(3)}"
     admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
     try:
         await admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE "{make_url(postgres_url).username}"')
         yield make_url(postgres_url).set(username=role).render_as_string(hide_password=False), admin
     finally:
-        await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+        await end_sessions(admin, role)
         await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
 
@@ -269,19 +269,53 @@ async def test_a_database_refusing_new_sessions_is_answered_503_and_waited_out(
     database's `CONNECTION LIMIT`: "too many connections" (53300) at every connect. Until
     session 23 each service's outbox relay crashed on it three times at once, and the service
     exited; requests got 500s."""
-    async with limited_role(postgres_url) as (role_url, admin):
+    async with own_role(postgres_url) as (role_url, admin):
         role = make_url(role_url).username
         async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
             await mesh.ok("accounts.users.create", user("before@x.io"))
             await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
             await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-            await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            await end_sessions(admin, role)
             assert await answers_during_outage(mesh, 5.0) == [(503, "unavailable")] * 4
             await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
             assert [service.poll() for service in services] == [None, None]
             await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
             await recorded_nothing_during_the_outage(mesh)
             assert [service.poll() for service in services] == [None, None]
+
+
+async def test_a_database_taking_no_writes_is_answered_503_for_them_and_waited_out(
+    nc: Client, nats_url: str, postgres_url: str
+) -> None:
+    """A failover's old primary still reached, or `default_transaction_read_only` set for a
+    maintenance: every write is refused "cannot execute ... in a read-only transaction"
+    (25006), reads go on. Until session 23 the writes got 500s, and each service's outbox
+    relay crashed on its delete three times at once, and the service exited."""
+    async with own_role(postgres_url) as (role_url, admin):
+        role = make_url(role_url).username
+        async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
+            await mesh.ok("accounts.users.create", user("before@x.io"))
+            await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
+            await admin.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+            await end_sessions(admin, role)
+            await answered_again(mesh, "accounts.users.get", {"id": 1})  # a read finds its connection ended once
+            assert await answers_during_outage(mesh, 5.0) == [
+                (503, "unavailable"),
+                (None, ""),
+                (503, "unavailable"),
+                (None, ""),
+            ]
+            await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
+            assert [service.poll() for service in services] == [None, None]
+            await admin.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
+            await end_sessions(admin, role)
+            await recorded_nothing_during_the_outage(mesh)
+            assert [service.poll() for service in services] == [None, None]
+
+
+async def end_sessions(admin: asyncpg.Connection, role: str) -> None:
+    """End every session of `role`: what it connects with next has the role's settings."""
+    await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
 
 
 async def test_an_ingest_message_that_met_a_lost_database_is_applied_soon_after_it_is_back(
