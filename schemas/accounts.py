@@ -8,7 +8,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import Column, String, Table
 
-from schemas.common import BigId, ById, Id, Name, PageRequest, Request, metadata
+from schemas.common import BigId, ById, Id, Name, Page, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
@@ -59,6 +59,7 @@ class User(msgspec.Struct, frozen=True):
     updated_at: str
 
 
-class UserPage(msgspec.Struct, frozen=True):
+class UserPage(Page, frozen=True):
+    key = "id"
     items: list[User]
     next_after_id: int | None

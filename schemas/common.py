@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -43,6 +43,20 @@ class ById(Request):
 class PageRequest(Request):
     limit: Limit = LIMIT_DEFAULT
     after_id: Annotated[int, Meta(ge=0)] = 0
+
+
+class Page(msgspec.Struct, frozen=True):
+    """A page of a list (contract §1): `items`, and `next_after_<key>`, the `key` of its last item
+    when more follow. A page may hold fewer than the `limit` asked for (`fitted`)."""
+
+    key: ClassVar[str]
+    items: list[Any]
+
+    def cut(self, count: int) -> Page:
+        """Its first `count` items, with the cursor after the last of them: more follow."""
+        assert 0 < count < len(self.items)
+        head = self.items[:count]
+        return msgspec.structs.replace(self, items=head, **{f"next_after_{self.key}": getattr(head[-1], self.key)})
 
 
 class Deleted(msgspec.Struct, frozen=True):

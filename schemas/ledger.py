@@ -10,7 +10,7 @@ from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 from sqlalchemy.types import TypeEngine
 
-from schemas.common import CURRENCY, INT64_MAX, LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Request, metadata
+from schemas.common import CURRENCY, INT64_MAX, LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Page, Request, metadata
 from schemas.database import UtcDateTime
 
 KEY = "[A-Za-z0-9._:-]{1,128}"
@@ -214,7 +214,8 @@ class Entries(msgspec.Struct, frozen=True):
     items: list[Entry]
 
 
-class EntryPage(msgspec.Struct, frozen=True):
+class EntryPage(Page, frozen=True):
+    key = "seq"
     items: list[Entry]
     next_after_seq: int | None
 

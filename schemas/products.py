@@ -8,7 +8,20 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 
-from schemas.common import NO_NUL, BigId, ById, Cents, Currency, Id, Name, NonNegative, PageRequest, Request, metadata
+from schemas.common import (
+    NO_NUL,
+    BigId,
+    ById,
+    Cents,
+    Currency,
+    Id,
+    Name,
+    NonNegative,
+    Page,
+    PageRequest,
+    Request,
+    metadata,
+)
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 
@@ -107,6 +120,7 @@ class Reservation(msgspec.Struct, frozen=True):
     product: Product
 
 
-class ProductPage(msgspec.Struct, frozen=True):
+class ProductPage(Page, frozen=True):
+    key = "id"
     items: list[Product]
     next_after_id: int | None

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, String, Table, Text
 
-from schemas.common import BigId, ById, Cents, Currency, Id, PageRequest, Request, metadata
+from schemas.common import BigId, ById, Cents, Currency, Id, Page, PageRequest, Request, metadata
 from schemas.database import UtcDateTime
 from schemas.events import outbox_table
 from schemas.ledger import KEY, Memo
@@ -98,7 +98,8 @@ class Transaction(msgspec.Struct, frozen=True):
     inserted_at: str
 
 
-class TransactionPage(msgspec.Struct, frozen=True):
+class TransactionPage(Page, frozen=True):
+    key = "id"
     items: list[Transaction]
     next_after_id: int | None
 

@@ -294,6 +294,38 @@ async def test_record_batch_bounds(mesh: Mesh) -> None:
     assert code == 400 and reply["error"]["details"] == ["$.transfers[0].amount"]
 
 
+async def test_a_batch_whose_reply_would_not_fit_the_servers_max_payload_is_refused_with_nothing_recorded(
+    mesh: Mesh,
+) -> None:
+    """Its request fits (868 KB), its reply would not (over 1 MiB): it was recorded, then
+    answered 500, and every retry the same (session 23)."""
+    long_memo = "m" * 770
+    batch = [transfer(f"long-{n}", "world", f"user:{n}", 1, memo=long_memo) for n in range(1000)]
+    code, reply = await mesh.request("ledger.record_batch", {"transfers": batch})
+    assert code == 400 and reply["error"]["details"] == ["$.transfers"], reply
+    assert "max payload of 1048576: send fewer at a time" in reply["error"]["message"]
+    assert await whole_chain(mesh) == []
+    first = await mesh.ok("ledger.record_batch", {"transfers": batch[:900]})
+    assert len(first["items"]) == 900
+
+
+async def test_a_page_too_large_for_the_servers_max_payload_is_cut_short_and_paging_goes_on(mesh: Mesh) -> None:
+    """1,000 entries with memos of 1,000 characters make 1.4 MB: the page was a 500, and a client
+    could never read past it (session 23). Cut, it ends where the server's max payload does."""
+    long_memo = "m" * 1000
+    for part in range(2):
+        batch = [transfer(f"p{part}-{n}", "world", "user:1", 1, memo=long_memo) for n in range(500)]
+        await mesh.ok("ledger.record_batch", {"transfers": batch})
+    reply = await mesh.nc.request("ledger.chain", b'{"limit": 1000}', timeout=10)
+    page = json.loads(reply.data)
+    assert 500 < len(page["items"]) < 1000 and len(reply.data) <= mesh.nc.max_payload
+    assert page["next_after_seq"] == page["items"][-1]["seq"]
+    chain = await whole_chain(mesh)
+    assert [entry["seq"] for entry in chain] == list(range(1, 1001))
+    history = await whole_history(mesh, "user:1", limit=1000)
+    assert history == chain
+
+
 async def test_invalid_transfers_are_400(mesh: Mesh) -> None:
     for body, field in [
         (transfer("", "world", "a", 1), "$.id"),

@@ -123,6 +123,22 @@ async def test_list_pages_products(mesh: Mesh) -> None:
     assert rest["next_after_id"] is None
 
 
+async def test_a_list_too_large_for_the_servers_max_payload_comes_in_shorter_pages(mesh: Mesh) -> None:
+    """300 products with descriptions of 4,000 characters make 1.2 MB: asked with limit 1000, the
+    page was a 500, every time (session 23)."""
+    seller_id = await seller(mesh)
+    creates = [
+        mesh.ok("products.products.create", widget(seller_id, sku=f"L{n}", description="d" * 4000)) for n in range(300)
+    ]
+    ids = sorted(product["id"] for product in await asyncio.gather(*creates))
+    listed, after, pages = [], 0, 0
+    while after is not None:
+        page = await mesh.ok("products.products.list", {"limit": 1000, "after_id": after})
+        listed += [product["id"] for product in page["items"]]
+        after, pages = page["next_after_id"], pages + 1
+    assert listed == ids and pages == 2
+
+
 def reservation(product_id: int, key: str, quantity: int = 1) -> dict:
     return {"reservation_id": key, "product_id": product_id, "quantity": quantity}
 
