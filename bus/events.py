@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bus.codec import encode, timestamp
 from bus.connection import without_secrets
 from bus.jetstream import BatchPublisher, JetStreamRefused, Message, fast_ingest_supported
-from schemas.database import Database
+from schemas.database import Database, given_up_waiting
 from schemas.events import Envelope
 
 log = logging.getLogger("bitnexus.events")
@@ -184,19 +184,25 @@ class OutboxRelay:
             pass
 
     async def _publish_batch(self) -> int:
+        """Statements kept waiting past their limit (a lock held elsewhere) are `DatabaseTimeout`,
+        which the relay's supervisor waits out; until session 23 SQLite's "database is locked"
+        crashed the relay three times and then its service."""
         query = select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject, self.outbox.c.payload)
         query = query.order_by(self.outbox.c.seq).limit(relay_batch_max)
         if self.db.is_sqlite:
             async with self.db.read() as conn:
                 rows = (await conn.execute(query)).all()
             await self._publish(rows)
-            async with self.db.writer.begin() as conn:
-                await self._delete(conn, rows)
+            with given_up_waiting():
+                async with self.db.writer.begin() as conn:
+                    await self._delete(conn, rows)
             return len(rows)
         async with self.db.writer.begin() as conn:
-            rows = (await conn.execute(query.with_for_update(skip_locked=True))).all()
+            with given_up_waiting():
+                rows = (await conn.execute(query.with_for_update(skip_locked=True))).all()
             await self._publish(rows)
-            await self._delete(conn, rows)
+            with given_up_waiting():
+                await self._delete(conn, rows)
         return len(rows)
 
     async def _publish(self, rows: list) -> None:

@@ -1,10 +1,11 @@
 """Ingest (contract §7): other systems publish to `ingest.transactions.*` on the stream `INGEST`;
 a durable pull consumer shared by all transactions replicas applies each message once.
 
-A message is acknowledged only after its outcome is committed (or refused, for good). A
-dependency that did not answer, or answered 5xx, or a lost database, is a transient failure:
-nak with a growing delay (at most `deliveries_max` deliveries). A malformed or refused message
-gets a `rejected` event and a terminal ack, never an endless redelivery.
+A message is acknowledged only after its outcome is committed (or refused, for good). An
+outage (a dependency that did not answer, a lost or too slow database) is waited out with the
+message held, however long it lasts; a dependency's 500 gets a nak with a growing delay, at most
+`deliveries_max` deliveries in all. A malformed or refused message gets a `rejected` event and a
+terminal ack, never an endless redelivery.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ fetch_wait_s = 1.0
 ack_wait_s = 30.0
 deliveries_max = 50
 redelivery_delay_s_max = 30.0
+outage_retry_wait_s_max = 10.0
+"""How long a held message waits between tries during an outage; it tells JetStream it is in
+progress before each wait, so its `ack_wait_s` never runs out meanwhile."""
+assert outage_retry_wait_s_max < ack_wait_s
 ingest_backlog_bytes_max = 2**30
 
 Create = Callable[[msgspec.Struct, Saga], Awaitable[object]]
@@ -128,15 +133,22 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
 
 
 async def handle(msg: Msg, saga: Saga) -> None:
-    """Apply one message; a lost (or too slow) database is transient too. Raised instead, it
-    ended the consumer's task group, every message in flight with it, and they came back only
-    after `ack_wait_s`."""
-    try:
-        await apply_message(msg, saga)
-    except Exception as exc:
-        if not database_did_not_answer(exc):
-            raise
-        await msg.nak(delay=redelivery_delay_s(msg))
+    """Apply one message; through an outage, again and again, the message held: an outage of any
+    length costs it no delivery. Until session 23 each try was a nak and a delivery, and a message
+    met by an outage longer than its `deliveries_max` deliveries (≈ 22 min) was never applied: the
+    consumer gave up on it, and it stayed in INGEST. Raised instead (until session 21), a lost
+    database ended the consumer's task group, every message in flight with it."""
+    wait_s = min(redelivery_delay_s(msg), outage_retry_wait_s_max)
+    while True:
+        try:
+            await apply_message(msg, saga)
+            return
+        except Exception as exc:
+            if not (database_did_not_answer(exc) or (isinstance(exc, ServiceError) and exc.code == 503)):
+                raise
+        await msg.in_progress()
+        await asyncio.sleep(wait_s)
+        wait_s = min(2 * wait_s, outage_retry_wait_s_max)
 
 
 def redelivery_delay_s(msg: Msg) -> float:
@@ -158,7 +170,9 @@ async def apply_message(msg: Msg, saga: Saga) -> None:
     try:
         await create(request, saga)
     except ServiceError as error:
-        if error.code >= 500:  # a dependency timed out or failed: the same message may succeed later
+        if error.code == 503:  # a dependency did not answer: `handle` tries again
+            raise
+        if error.code >= 500:  # a dependency failed: the same message may succeed later
             await msg.nak(delay=redelivery_delay_s(msg))
             return
         if error.code != 422:  # a 422 was recorded as rejected, with its event; anything else was not

@@ -10,11 +10,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+import nats.errors
+import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+import schemas.database
 from bench.services import table_locked
 from bus.events import relay_poll_interval_s
 from bus.service import Service
@@ -218,12 +221,14 @@ async def test_a_rejection_applied_twice_is_one_event(mesh: Mesh, database: str)
     assert rejected[0]["data"]["error"]["details"] == ["$.idempotency_key"]
 
 
-async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_soon_after(
-    mesh: Mesh, database: str, short_timeouts: None
+async def test_an_ingest_message_held_through_an_outage_longer_than_its_deliveries_is_applied_after_it(
+    mesh: Mesh, database: str, short_timeouts: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its write outlasted the timeout (a lock held elsewhere): the message comes again after a
-    short delay, as after a lost database. Raised instead (until session 21), it ended the
-    consumer's task group, every message in flight with it, back only after `ack_wait_s`."""
+    """Its write outlasted the timeout (a lock held elsewhere) try after try: the message is held
+    and tried again, applied once the lock goes, and delivered once. Until session 23 each try was
+    a nak and a delivery, and an outage outlasting the consumer's 50 deliveries (≈ 22 min) left
+    the message never applied; raised (until session 21), it ended the consumer's task group."""
+    monkeypatch.setattr(ingest, "outage_retry_wait_s_max", 0.1)
     alice = await user(mesh, "alice")
     deposit = {"idempotency_key": "kept-waiting", "user_id": alice, "amount": 7, "currency": "EUR"}
     await mesh.js.publish("ingest.elsewhere.deposits", json.dumps(deposit).encode())  # beyond the service's consumer
@@ -232,11 +237,14 @@ async def test_an_ingest_message_the_database_kept_waiting_is_nakd_and_applied_s
         async with asyncio.TaskGroup() as group:
             loader = group.create_task(saga.by_key.run())
             async with table_locked(database, "transactions", "transactions"):
-                await ingest.handle(msg, saga)
-            (again,) = await inbox.fetch(1, timeout=5)
-            assert (again.data, again.metadata.num_delivered) == (msg.data, 2)
-            await ingest.handle(again, saga)
+                handled = group.create_task(ingest.handle(msg, saga))
+                await asyncio.sleep(3 * (schemas.database.postgres_command_timeout_s + 0.1) + 1.0)
+                assert not handled.done()
+            async with asyncio.timeout(10):
+                await handled
             loader.cancel()
+        with pytest.raises(nats.errors.TimeoutError):  # acknowledged, never nak'd: nothing comes again
+            await inbox.fetch(1, timeout=1)
     listed = await mesh.ok("transactions.transactions.list", {"user_id": alice})
     assert [(item["idempotency_key"], item["status"]) for item in listed["items"]] == [("kept-waiting", "committed")]
 
