@@ -262,6 +262,29 @@ async def own_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connec
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def mesh_on_a_restricted_role(
+    nc: Client, nats_url: str, postgres_url: str, restrict: str, lift: str
+) -> AsyncIterator[Mesh]:
+    """accounts and ledger served on a role of their own, restricted (`ALTER ROLE ... <restrict>`,
+    their sessions ended so that the next ones have it) while the block runs; then lifted. The
+    services must run throughout, their background tasks waiting, and have recorded nothing."""
+    async with own_role(postgres_url) as (role_url, admin):
+        role = make_url(role_url).username
+        async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
+            await mesh.ok("accounts.users.create", user("before@x.io"))
+            await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
+            await admin.execute(f'ALTER ROLE "{role}" {restrict}')
+            await end_sessions(admin, role)
+            yield mesh
+            await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
+            assert [service.poll() for service in services] == [None, None]
+            await admin.execute(f'ALTER ROLE "{role}" {lift}')
+            await end_sessions(admin, role)
+            await recorded_nothing_during_the_outage(mesh)
+            assert [service.poll() for service in services] == [None, None]
+
+
 async def test_a_database_refusing_new_sessions_is_answered_503_and_waited_out(
     nc: Client, nats_url: str, postgres_url: str
 ) -> None:
@@ -269,19 +292,9 @@ async def test_a_database_refusing_new_sessions_is_answered_503_and_waited_out(
     database's `CONNECTION LIMIT`: "too many connections" (53300) at every connect. Until
     session 23 each service's outbox relay crashed on it three times at once, and the service
     exited; requests got 500s."""
-    async with own_role(postgres_url) as (role_url, admin):
-        role = make_url(role_url).username
-        async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
-            await mesh.ok("accounts.users.create", user("before@x.io"))
-            await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
-            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-            await end_sessions(admin, role)
-            assert await answers_during_outage(mesh, 5.0) == [(503, "unavailable")] * 4
-            await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
-            assert [service.poll() for service in services] == [None, None]
-            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
-            await recorded_nothing_during_the_outage(mesh)
-            assert [service.poll() for service in services] == [None, None]
+    limited = mesh_on_a_restricted_role(nc, nats_url, postgres_url, "CONNECTION LIMIT 0", "CONNECTION LIMIT -1")
+    async with limited as mesh:
+        assert await answers_during_outage(mesh, 5.0) == [(503, "unavailable")] * 4
 
 
 async def test_a_database_taking_no_writes_is_answered_503_for_them_and_waited_out(
@@ -291,26 +304,11 @@ async def test_a_database_taking_no_writes_is_answered_503_for_them_and_waited_o
     maintenance: every write is refused "cannot execute ... in a read-only transaction"
     (25006), reads go on. Until session 23 the writes got 500s, and each service's outbox
     relay crashed on its delete three times at once, and the service exited."""
-    async with own_role(postgres_url) as (role_url, admin):
-        role = make_url(role_url).username
-        async with services_on(nc, nats_url, postgres_url, role_url, ("accounts", "ledger")) as (mesh, services):
-            await mesh.ok("accounts.users.create", user("before@x.io"))
-            await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
-            await admin.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
-            await end_sessions(admin, role)
-            await answered_again(mesh, "accounts.users.get", {"id": 1})  # a read finds its connection ended once
-            assert await answers_during_outage(mesh, 5.0) == [
-                (503, "unavailable"),
-                (None, ""),
-                (503, "unavailable"),
-                (None, ""),
-            ]
-            await asyncio.sleep(2.0)  # the outbox relays and the ledger's writer meet it too
-            assert [service.poll() for service in services] == [None, None]
-            await admin.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
-            await end_sessions(admin, role)
-            await recorded_nothing_during_the_outage(mesh)
-            assert [service.poll() for service in services] == [None, None]
+    read_only = "SET default_transaction_read_only = on"
+    async with mesh_on_a_restricted_role(nc, nats_url, postgres_url, read_only, "RESET ALL") as mesh:
+        await answered_again(mesh, "accounts.users.get", {"id": 1})  # a read finds its connection ended once
+        written, read = (503, "unavailable"), (None, "")
+        assert await answers_during_outage(mesh, 5.0) == [written, read, written, read]
 
 
 async def end_sessions(admin: asyncpg.Connection, role: str) -> None:
