@@ -38,8 +38,9 @@ class DatabaseUnreachable(Exception):
 
 class MigrationLockedOut(Exception):
     """A migration waited `migration_lock_wait_s` for a lock another session holds (another
-    migration, a long transaction, `pg_dump`) and gave up. The services' statements queue behind a migration that
-    waits for a lock, so it waits no longer. Its transaction is rolled back: nothing of it applied."""
+    migration, a long transaction, `pg_dump`) and gave up. The services' statements queue behind
+    a migration that waits for a table's lock, so it waits no longer. Its transaction is rolled
+    back: nothing of it applied."""
 
 
 class NotMigrated(Exception):

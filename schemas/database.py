@@ -43,8 +43,9 @@ postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
 migration_lock_wait_s = 5.0
-"""How long a migration waits for a table's lock (Postgres' `lock_timeout`) before it gives up.
-Its statements themselves have no limit: rebuilding a long chain's indexes takes what it takes."""
+"""How long a migration waits for a lock (a table's, or another migrator's: Postgres' `lock_timeout`)
+before it gives up. Its statements themselves have no limit: rebuilding a long chain's indexes
+takes what it takes."""
 postgres_connect_timeout_s = 5.0
 postgres_unacknowledged_max_s = 5.0
 """How long what a connection sent may go unacknowledged before the kernel ends it
