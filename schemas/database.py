@@ -535,8 +535,9 @@ async def connect_postgres(target: PostgresDsn, migrating: bool = False) -> asyn
     long as the data asks, and only its waits for a lock are bounded (`migration_lock_wait_s`):
     with the services' limit, ledger_0003 gave up with a bare `TimeoutError` after 10 s on a
     chain of 7M entries, whose indexes took 13 s to rebuild without it (session 23)."""
-    if migrating:
-        limits: dict[str, Any] = {"server_settings": {"lock_timeout": f"{round(migration_lock_wait_s * 1000)}ms"}}
+    if migrating:  # no `statement_timeout` either, should the role or the database set one
+        waits = {"lock_timeout": f"{round(migration_lock_wait_s * 1000)}ms", "statement_timeout": "0"}
+        limits: dict[str, Any] = {"server_settings": waits}
     else:
         limits = {"command_timeout": postgres_command_timeout_s}
     try:

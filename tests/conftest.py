@@ -81,6 +81,27 @@ def postgres_url() -> Iterator[str]:
     asyncio.run(admin_execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
+@contextlib.asynccontextmanager
+async def own_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A role of the test's own with the privileges of the URL's (a member of it), dropped after:
+    yields its URL and an administrator's connection that changes its settings."""
+    role, owner = f"bitnexus_role_{secrets.token_hex(3)}", make_url(postgres_url).username
+    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE "{owner}"')
+        yield make_url(postgres_url).set(username=role).render_as_string(hide_password=False), admin
+    finally:
+        await end_sessions(admin, role)
+        await admin.execute(f'REASSIGN OWNED BY "{role}" TO "{owner}"')  # what it made (a migration's tables)
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+
+
+async def end_sessions(admin: asyncpg.Connection, role: str) -> None:
+    """End every session of `role`: what it connects with next has the role's settings."""
+    await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Each storage test runs twice: on SQLite (a file per service) and on Postgres."""

@@ -7,20 +7,18 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
-import asyncpg
 from nats.aio.client import Client
 from sqlalchemy.engine import make_url
 
 import migrations
 from bus.events import EVENTS_STREAM, ensure_events_stream
 from handlers import products
-from tests.conftest import Mesh, empty_tables, fresh_streams
+from tests.conftest import Mesh, empty_tables, end_sessions, fresh_streams, own_role
 
 
 async def test_product_create_is_503_when_accounts_does_not_answer(nc: Client, database: str) -> None:
@@ -248,21 +246,6 @@ async def test_a_database_that_answers_nothing_is_a_503_within_the_connect_timeo
 
 
 @contextlib.asynccontextmanager
-async def own_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
-    """A role of the test's own with the privileges of the URL's (a member of it), dropped after:
-    yields its URL and an administrator's connection that changes its settings."""
-    role = f"bitnexus_role_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
-    try:
-        await admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE "{make_url(postgres_url).username}"')
-        yield make_url(postgres_url).set(username=role).render_as_string(hide_password=False), admin
-    finally:
-        await end_sessions(admin, role)
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-        await admin.close()
-
-
-@contextlib.asynccontextmanager
 async def mesh_on_a_restricted_role(
     nc: Client, nats_url: str, postgres_url: str, restrict: str, lift: str
 ) -> AsyncIterator[Mesh]:
@@ -309,11 +292,6 @@ async def test_a_database_taking_no_writes_is_answered_503_for_them_and_waited_o
         await answered_again(mesh, "accounts.users.get", {"id": 1})  # a read finds its connection ended once
         written, read = (503, "unavailable"), (None, "")
         assert await answers_during_outage(mesh, 5.0) == [written, read, written, read]
-
-
-async def end_sessions(admin: asyncpg.Connection, role: str) -> None:
-    """End every session of `role`: what it connects with next has the role's settings."""
-    await admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
 
 
 async def test_an_ingest_message_that_met_a_lost_database_is_applied_soon_after_it_is_back(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -17,9 +18,12 @@ from sqlalchemy.engine import make_url
 import migrations
 import schemas.database
 from supervisor import setting_faults_said
+from tests.conftest import own_role
 
 ENTRIES = 50_000
-"""Enough that rebuilding the chain's indexes (ledger_0003) outlasts the shortened statement limit."""
+"""Enough that rebuilding the chain's indexes (ledger_0003) outlasts `LIMIT_S`."""
+LIMIT_S = 0.05
+"""A statement limit elsewhere, shortened."""
 
 
 @pytest.fixture
@@ -55,11 +59,13 @@ async def ledger_revision(url: str) -> str:
     return next(revision for revision in revisions if revision.startswith("ledger_"))
 
 
-async def test_a_migration_may_take_longer_than_a_services_statement(
-    scratch_database: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("limit", ["the services'", "the role's"])
+async def test_a_migration_may_take_longer_than_a_statement_may_elsewhere(
+    scratch_database: str, monkeypatch: pytest.MonkeyPatch, limit: str
 ) -> None:
     """Until session 23 a migration's statements had the services' limit (10 s): ledger_0003 gave
-    up with a bare `TimeoutError` on a chain of 7M entries, whose indexes took 13 s to rebuild."""
+    up with a bare `TimeoutError` on a chain of 7M entries, whose indexes took 13 s to rebuild.
+    A `statement_timeout` the deployment sets on the role or the database does not bind it either."""
     conn = await raw_connection(scratch_database)
     try:
         await conn.execute(
@@ -69,14 +75,23 @@ async def test_a_migration_may_take_longer_than_a_services_statement(
         )
     finally:
         await conn.close()
-    monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", 0.05)
+    async with contextlib.AsyncExitStack() as stack:
+        migrator = scratch_database
+        if limit == "the services'":
+            monkeypatch.setattr(schemas.database, "postgres_command_timeout_s", LIMIT_S)
+        else:
+            migrator, admin = await stack.enter_async_context(own_role(scratch_database))
+            await admin.execute(f"ALTER ROLE \"{make_url(migrator).username}\" SET statement_timeout = '{LIMIT_S}s'")
+        await migrated_past_the_limit(migrator)
 
+
+async def migrated_past_the_limit(database: str) -> None:
+    """Migrated to the head by `database`'s user, for longer than `LIMIT_S`, the chain whole."""
     started = time.monotonic()
-    await migrations.upgrade_async(scratch_database)
-
-    assert time.monotonic() - started > schemas.database.postgres_command_timeout_s
-    assert await ledger_revision(scratch_database) == migrations.head_of("ledger")
-    conn = await raw_connection(scratch_database)
+    await migrations.upgrade_async(database)
+    assert time.monotonic() - started > LIMIT_S
+    assert await ledger_revision(database) == migrations.head_of("ledger")
+    conn = await raw_connection(database)
     try:
         collation = "SELECT collation_name FROM information_schema.columns WHERE table_name = $1 AND column_name = $2"
         assert await conn.fetchval(collation, "ledger_entries", "id") == "C"
