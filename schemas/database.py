@@ -187,14 +187,14 @@ _REFUSED = (
     asyncpg.ReadOnlySQLTransactionError,  # 25006: no writes now (a failover's old primary, a maintenance)
 )
 """The server up but taking no new session, or no write, now, and saying so in answer to the
-connect or the statement: nothing sent was written (not even by a statement that commits itself)."""
+connect or the statement: nothing sent was written (not even by a statement that commits itself).
+SQLite's own such answer is a full file (`_refused`)."""
 _OUTAGES = (
     OSError,  # refused, reset, unreachable: no server to talk to (not a timeout: NATS's are OSErrors too)
     asyncpg.PostgresConnectionError,  # class 08, "connection was closed in the middle of operation"
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.AdminShutdownError,  # 57P01: a restart or failover ended the session
     PoolTimeout,  # every pooled connection taken (say, each waiting out a connect) for `pool_timeout_s`
-    *_REFUSED,
 )
 
 
@@ -241,7 +241,17 @@ def database_unreachable(exc: BaseException) -> bool:
         (isinstance(seen, _OUTAGES) and not isinstance(seen, TimeoutError))
         or (isinstance(seen, DBAPIError) and seen.connection_invalidated)
         or _dead_before_sending(seen)
+        or _refused(seen)
         for seen in _causes(exc)
+    )
+
+
+def _refused(exc: BaseException) -> bool:
+    """`_REFUSED`, or SQLite's "database or disk is full" (SQLITE_FULL: the disk, or a file's
+    `max_page_count`), after which SQLite has undone what it could not write. Until session 23
+    each write meeting a full disk was a 500 with its traceback, logged to that disk."""
+    return isinstance(exc, _REFUSED) or (
+        isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorname == "SQLITE_FULL"
     )
 
 
@@ -275,9 +285,7 @@ async def committing(commit: Awaitable[T]) -> T:
     try:
         return await commit
     except Exception as exc:
-        if database_unreachable(exc) and not any(
-            _dead_before_sending(seen) or isinstance(seen, _REFUSED) for seen in _causes(exc)
-        ):
+        if database_unreachable(exc) and not any(_dead_before_sending(seen) or _refused(seen) for seen in _causes(exc)):
             raise CommitUnanswered("the database went away during a commit") from exc
         if _waited_too_long(exc):
             raise CommitUnanswered("the database did not answer a commit in time") from exc

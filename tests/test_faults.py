@@ -8,16 +8,20 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 from nats.aio.client import Client
 from sqlalchemy.engine import make_url
 
 import migrations
+import schemas.database
 from bus.events import EVENTS_STREAM, ensure_events_stream
-from handlers import products
+from handlers import accounts, products
 from tests.conftest import Mesh, empty_tables, end_sessions, fresh_streams, own_role
 
 
@@ -313,3 +317,39 @@ async def test_an_ingest_message_that_met_a_lost_database_is_applied_soon_after_
             listed = page["items"] if code is None else []
         assert [(item["idempotency_key"], item["status"]) for item in listed] == [("during-outage", "committed")]
         assert [service.poll() for service in services] == [None, None, None]
+
+
+async def test_a_full_sqlite_file_is_answered_503_for_writes_and_waited_out(
+    nc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's "database or disk is full" (SQLITE_FULL; here the file's `max_page_count`, as a
+    full disk would): each write meeting it was a 500, with its traceback logged to that disk
+    (session 23). Reads go on; once room is made (users deleted), writes do too."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'mesh.db'}"
+    await migrations.upgrade_async(database)
+    configure = schemas.database.configure_sqlite
+
+    def within_pages(connection: sqlite3.Connection) -> None:
+        configure(connection)
+        connection.execute(f"PRAGMA max_page_count = {PAGES_MAX}")
+
+    monkeypatch.setattr(schemas.database, "configure_sqlite", within_pages)
+    monkeypatch.setenv("DATABASE_URL", database)
+    mesh = Mesh(nc)
+    async with accounts.serving(nc):
+        full = 0
+        while (answer := await mesh.request("accounts.users.create", user(f"u{full}@x.io") | LONG_NAME))[0] is None:
+            full += 1
+            assert full < 100, "the file never filled"
+        assert full > 0 and answer == (503, answer[1]) and answer[1]["error"]["type"] == "unavailable"
+        for n in range(3):  # and stays so, nothing written
+            assert (await mesh.request("accounts.users.create", user(f"more{n}@x.io") | LONG_NAME))[0] == 503
+        assert (await mesh.ok("accounts.users.get", {"id": 1}))["id"] == 1
+        for id in range(1, full + 1):  # every user: their pages are free again
+            await mesh.ok("accounts.users.delete", {"id": id})
+        await answered_again(mesh, "accounts.users.create", user("after@x.io") | LONG_NAME)
+
+
+PAGES_MAX = 14
+"""A file of at most 56 KiB: room for a few users with `LONG_NAME` beside the empty tables."""
+LONG_NAME = {"name": "N" * 255}
