@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
@@ -52,7 +52,6 @@ outage_retry_wait_s_max = 10.0
 """How long a held message waits between tries during an outage; it tells JetStream it is in
 progress before each wait, so its `ack_wait_s` never runs out meanwhile."""
 assert outage_retry_wait_s_max < ack_wait_s
-ingest_backlog_bytes_max = 2**30
 
 Create = Callable[[msgspec.Struct, Saga], Awaitable[object]]
 ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
@@ -65,17 +64,12 @@ ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
 
 async def ensure_ingest_stream(js: JetStreamContext) -> None:
     """INGEST is a work queue: a message leaves it once the mesh acknowledged it (after its outcome
-    committed), and at most `ingest_backlog_bytes_max` wait there (the mesh down, or behind); past
-    that a publisher gets an error instead of an ack, so nothing acknowledged is dropped. Until
-    session 23 it kept every message for ever, applied or not."""
-    await ensure_stream(
-        js,
-        INGEST_STREAM,
-        ["ingest.>"],
-        retention=RetentionPolicy.WORK_QUEUE,
-        max_bytes=ingest_backlog_bytes_max,
-        discard=DiscardPolicy.NEW,
-    )
+    committed). Until session 23 it kept every message for ever, applied or not. What may wait
+    there (the mesh down, or behind) is bounded by the server's JetStream storage: when it is
+    full a publisher gets an error instead of an ack, so nothing acknowledged is dropped. (A
+    limit of the stream's own reserves its bytes: 1 GiB of them made the stream impossible to
+    create on a server with less JetStream storage than that.)"""
+    await ensure_stream(js, INGEST_STREAM, ["ingest.>"], retention=RetentionPolicy.WORK_QUEUE)
 
 
 async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
