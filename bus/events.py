@@ -109,11 +109,11 @@ def stream_replicas() -> int:
     return int(text)
 
 
-async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], **retention: Any) -> None:
+async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], **limits: Any) -> None:
     """Create the stream if missing; an existing one (maybe configured by an operator) is left as it is.
 
     A new stream allows fast-ingest batches (`bus.jetstream`) where the server has them.
-    `retention`: what it keeps, and for how long (`StreamConfig`'s fields)."""
+    `limits`: what it keeps, and for how long (`StreamConfig`'s fields: `max_age`, `retention`)."""
     batched = True if fast_ingest_supported(js._nc) else None  # older servers: the field left out
     config = StreamConfig(
         name=name,
@@ -121,7 +121,7 @@ async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], **
         duplicate_window=duplicate_window_s,
         allow_batched=batched,
         num_replicas=stream_replicas(),
-        **retention,
+        **limits,
     )
     try:
         await js.add_stream(config)

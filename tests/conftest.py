@@ -81,12 +81,17 @@ def postgres_url() -> Iterator[str]:
     asyncio.run(admin_execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
+async def raw_connection(url: str) -> asyncpg.Connection:
+    """asyncpg's own connection to the database at `url`, past the mesh's engines."""
+    return await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
+
+
 @contextlib.asynccontextmanager
 async def own_role(postgres_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     """A role of the test's own with the privileges of the URL's (a member of it), dropped after:
     yields its URL and an administrator's connection that changes its settings."""
     role, owner = f"bitnexus_role_{secrets.token_hex(3)}", make_url(postgres_url).username
-    admin = await asyncpg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(False))
+    admin = await raw_connection(postgres_url)
     try:
         await admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE "{owner}"')
         yield make_url(postgres_url).set(username=role).render_as_string(hide_password=False), admin

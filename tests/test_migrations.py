@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from alembic import command
 from sqlalchemy.engine import make_url
@@ -18,7 +17,7 @@ from sqlalchemy.engine import make_url
 import migrations
 import schemas.database
 from supervisor import setting_faults_said
-from tests.conftest import own_role
+from tests.conftest import own_role, raw_connection
 
 ENTRIES = 50_000
 """Enough that rebuilding the chain's indexes (ledger_0003) outlasts `LIMIT_S`."""
@@ -44,10 +43,6 @@ async def scratch_database(new_database: str) -> str:
     """Migrated to ledger_0002: before the chain's key columns became bytewise (ledger_0003)."""
     await asyncio.to_thread(command.upgrade, migrations._config(make_url(new_database)), "ledger_0002")
     return new_database
-
-
-async def raw_connection(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
 
 
 async def ledger_revision(url: str) -> str:
