@@ -341,7 +341,7 @@ class Service:
             if now - self._database_lost_logged > database_lost_log_interval_s:
                 self._database_lost_logged = now
                 log.warning(
-                    "database unreachable or too slow; answering 503 until it answers",
+                    "database unreachable, too slow or refusing; answering 503 until it answers",
                     extra={"service": self.name, "endpoint": endpoint.subject, "reason": repr(exc)},
                 )
             return Unavailable("the database did not answer")

@@ -67,7 +67,8 @@ async def supervised(
                 if now - outage_failed > outage_over_s:
                     outage_started, pause_s = now, outage_pause_first_s
                     log.warning(
-                        "database unreachable or too slow; waiting for it", extra={"task": name, "reason": repr(exc)}
+                        "database unreachable, too slow or refusing; waiting for it",
+                        extra={"task": name, "reason": repr(exc)},
                     )
                 outage_failed = now
                 if now - outage_started <= outage_max_s:
@@ -75,7 +76,7 @@ async def supervised(
                     pause_s = min(2 * pause_s, outage_pause_max_s)
                     continue
                 log.error(
-                    "database unreachable or too slow for too long; giving up",
+                    "database unreachable, too slow or refusing for too long; giving up",
                     extra={"task": name, "reason": repr(exc)},
                 )
                 raise

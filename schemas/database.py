@@ -185,6 +185,8 @@ _CAUSES_MAX = 16
 _REFUSED = (
     asyncpg.TooManyConnectionsError,  # 53300: `max_connections`, or a role's or database's limit
     asyncpg.ReadOnlySQLTransactionError,  # 25006: no writes now (a failover's old primary, a maintenance)
+    asyncpg.DiskFullError,  # 53100: a table or index could not grow (a full WAL disk stops the server instead)
+    asyncpg.OutOfMemoryError,  # 53200: the server could not allocate for this statement
 )
 """The server up but taking no new session, or no write, now, and saying so in answer to the
 connect or the statement: nothing sent was written (not even by a statement that commits itself).
