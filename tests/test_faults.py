@@ -298,37 +298,39 @@ async def test_a_database_taking_no_writes_is_answered_503_for_them_and_waited_o
         assert await answers_during_outage(mesh, 5.0) == [written, read, written, read]
 
 
-async def test_a_postgres_out_of_disk_is_answered_503_for_writes_and_waited_out(
-    nc: Client, nats_url: str, postgres_url: str
+@pytest.mark.parametrize("condition", ["disk_full", "out_of_memory"])
+async def test_a_postgres_out_of_disk_or_memory_is_answered_503_for_writes_and_waited_out(
+    nc: Client, nats_url: str, postgres_url: str, condition: str
 ) -> None:
     """A full disk under Postgres' tables: "could not extend file ... No space left on device"
-    (53100) at every insert, reads go on. Here a trigger raises the server's own error in its
-    place, as a tablespace on a full file system would (that needs a mount). Until session 24
-    each such write was a 500 `internal` with its traceback, as SQLite's full file was."""
+    (53100) at every insert, reads go on; or no memory for the statement (53200). Here a trigger
+    raises the server's own error in their place, as a tablespace on a full file system would
+    (that needs a mount). Until session 24 each such write was a 500 `internal` with its
+    traceback, as SQLite's full file was."""
     tables = ("users", "ledger_entries")
     async with services_on(nc, nats_url, postgres_url, postgres_url, ("accounts", "ledger")) as (mesh, services):
         await mesh.ok("accounts.users.create", user("before@x.io"))
         await mesh.ok("ledger.record", {**TRANSFER, "id": "before"})
         admin = await raw_connection(postgres_url)
         try:
-            await admin.execute(DISK_FULL)
+            await admin.execute(REFUSING.format(condition=condition))
             for table in tables:
-                await admin.execute(f"CREATE TRIGGER disk_full BEFORE INSERT ON {table} EXECUTE FUNCTION disk_full()")
+                await admin.execute(f"CREATE TRIGGER refusing BEFORE INSERT ON {table} EXECUTE FUNCTION refusing()")
             written, read = (503, "unavailable"), (None, "")
             assert await answers_during_outage(mesh, 5.0) == [written, read, written, read]
             await asyncio.sleep(1.0)  # the ledger's writer meets it again on its own
             assert [service.poll() for service in services] == [None, None]
             for table in tables:
-                await admin.execute(f"DROP TRIGGER disk_full ON {table}")
-            await admin.execute("DROP FUNCTION disk_full()")
+                await admin.execute(f"DROP TRIGGER refusing ON {table}")
+            await admin.execute("DROP FUNCTION refusing()")
         finally:
             await admin.close()
         await recorded_nothing_during_the_outage(mesh)
         assert [service.poll() for service in services] == [None, None]
 
 
-DISK_FULL = """CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-    RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
+REFUSING = """CREATE FUNCTION refusing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    RAISE EXCEPTION 'the server is out of it' USING ERRCODE = '{condition}';
 END $$"""
 
 
