@@ -34,11 +34,17 @@ def decode(type_: type[T], data: bytes) -> T:
     try:
         return decoder(type_).decode(data)
     except msgspec.DecodeError as exc:
-        raise bad_request_from(exc) from None
+        raise bad_request_from(exc, data) from None
 
 
-def bad_request_from(exc: msgspec.DecodeError) -> BadRequest:
+EMPTY_BODY = "the body is empty: send a JSON object ({} when the request has no fields)"
+"""`nats req mesh.status ''` is easy to type; msgspec would say "Input data was truncated"."""
+
+
+def bad_request_from(exc: msgspec.DecodeError, data: bytes) -> BadRequest:
     """msgspec says `... - at `$.a[1]`` for nested errors and names missing/unknown fields in backticks."""
+    if not data.strip():
+        return BadRequest(EMPTY_BODY, details=["$"])
     text = str(exc)
     where = _AT_PATH.search(text)
     path = where.group(1) if where else "$"

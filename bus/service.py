@@ -291,7 +291,7 @@ class Service:
                 requests.append(endpoint.decode(msg.data))
                 decoded.append(msg)
             except msgspec.DecodeError as exc:
-                frames.append(self._error_frame(endpoint, msg, bad_request_from(exc)))
+                frames.append(self._error_frame(endpoint, msg, bad_request_from(exc, msg.data)))
         replies: list[Any] = []
         try:
             if requests:
@@ -318,7 +318,7 @@ class Service:
             try:
                 request = endpoint.decode(msg.data)
             except msgspec.DecodeError as exc:
-                raise bad_request_from(exc) from None
+                raise bad_request_from(exc, msg.data) from None
             reply = await endpoint.handler(request, *endpoint.deps)
             if msg.reply:
                 await self.nc.publish(msg.reply, fitted(reply, self.nc.max_payload))

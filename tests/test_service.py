@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
+from bus.codec import EMPTY_BODY
 from bus.errors import NotFound
 from bus.service import Service
 
@@ -80,7 +81,8 @@ async def test_echo_answers_with_the_decoded_struct(nc: Client) -> None:
     ("body", "field", "fragment"),
     [
         (b"{not json", "$", "not valid JSON"),
-        (b"", "$", "not valid JSON"),
+        (b"", "$", "the body is empty"),
+        (b" \r\n", "$", "the body is empty"),
         (b"[1]", "$", "Expected `object`"),
         (b'{"text": "hi"}', "$.count", "missing required field"),
         (b'{"text": "hi", "count": 1, "extra": 1}', "$.extra", "unknown field"),
@@ -282,7 +284,7 @@ async def test_a_batch_endpoint_answers_each_request_of_a_batch_on_its_own(nc: C
     service = Service(nc, name="bulk", version="1.0.0")
     service.add_batch_endpoint("bulk.lookup", lookup_each, {1, 2}, request_type=Key, batch_max=64)
     async with service.serving():
-        bodies = [json.dumps({"id": n % 4}).encode() for n in range(200)] + [b'{"id": "x"}']
+        bodies = [json.dumps({"id": n % 4}).encode() for n in range(200)] + [b'{"id": "x"}', b""]
         replies = await asyncio.gather(*(request(nc, "bulk.lookup", body) for body in bodies))
         assert max(batches) > 1 and all(size <= 64 for size in batches)  # batched, and bounded
         for n, (headers, body) in enumerate(replies[:200]):
@@ -292,8 +294,10 @@ async def test_a_batch_endpoint_answers_each_request_of_a_batch_on_its_own(nc: C
                 assert headers["Nats-Service-Error-Code"] == "404" and body["error"]["type"] == "not_found"
         headers, body = replies[200]
         assert headers["Nats-Service-Error-Code"] == "400" and body["error"]["details"] == ["$.id"]
+        headers, body = replies[201]
+        assert headers["Nats-Service-Error-Code"] == "400" and body["error"]["message"] == EMPTY_BODY
         headers, body = await request(nc, "bulk.lookup", b'{"id": 666}')
         assert headers["Nats-Service-Error-Code"] == "500" and "secret" not in json.dumps(body)
         stats = json.loads((await nc.request("$SRV.STATS.bulk", b"", timeout=2)).data)
     (endpoint,) = stats["endpoints"]
-    assert endpoint["num_requests"] == 202 and endpoint["num_errors"] == 2 + 100
+    assert endpoint["num_requests"] == 203 and endpoint["num_errors"] == 3 + 100
