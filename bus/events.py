@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import uuid
@@ -46,7 +47,9 @@ stream_replicas_max = 5
 """JetStream's own limit on a stream's replicas."""
 
 
-async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: asyncio.Event) -> None:
+async def relay_forever(
+    publish_pending: Callable[[], Awaitable[None]], wake: asyncio.Event, make_stream: Callable[[], Awaitable[None]]
+) -> None:
     """Publish what is pending, then sleep until woken or the poll interval passes; forever.
 
     The wake is cleared before publishing, not after: a commit that wakes us while we publish
@@ -58,6 +61,10 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
     room: a full store, a stream's limits) is expected now and then: the rows stay, and the
     relay retries with back-off instead of crashing its service. Until session 23 a full stream
     crashed every relay, and each service restarted until the supervisor gave up.
+
+    "No responders" says that no stream takes the subject: the stream was deleted while the
+    mesh ran, or the server's JetStream lost its store. `make_stream()` makes it again, as at
+    start-up, before each retry; until session 24 the events waited until the service restarted.
     """
     retry_wait_s = 0.1
     while True:
@@ -74,12 +81,23 @@ async def relay_forever(publish_pending: Callable[[], Awaitable[None]], wake: as
             if isinstance(exc, JetStreamRefused) and not exc.for_now:
                 raise
             log.warning("relay: JetStream did not store (%r); retrying in %.1f s", exc, retry_wait_s)
+            if isinstance(exc, nats.errors.NoRespondersError):
+                await _made_again(make_stream)
             await asyncio.sleep(retry_wait_s)
             retry_wait_s = min(retry_wait_s * 2, relay_retry_wait_s_max)
             continue
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(relay_poll_interval_s):
                 await wake.wait()
+
+
+async def _made_again(make_stream: Callable[[], Awaitable[None]]) -> None:
+    """`make_stream()`, where JetStream itself may not answer now (a cluster electing a leader,
+    a server restarting): the relay's next retry asks again."""
+    try:
+        await make_stream()
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+        log.warning("relay: the stream could not be made again (%r)", exc)
 
 
 class NoJetStream(Exception):
@@ -176,7 +194,8 @@ class OutboxRelay:
         self._wake.set()
 
     async def run(self) -> None:
-        await relay_forever(self.publish_pending, self._wake)
+        make_stream = functools.partial(ensure_events_stream, self.publisher.nc.jetstream())
+        await relay_forever(self.publish_pending, self._wake, make_stream)
 
     async def publish_pending(self) -> None:
         """Publish pending rows until none is left."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -123,7 +124,8 @@ class ChainRelay:
         self._read_at = 0.0
 
     async def run(self) -> None:
-        await relay_forever(self.publish_pending, self.wake)
+        make_stream = functools.partial(ensure_events_stream, self.publisher.nc.jetstream())
+        await relay_forever(self.publish_pending, self.wake, make_stream)
 
     def hand_over(self, body: bytes) -> None:
         """A committed batch from the ledger (`committed_message`); an empty one only wakes us."""
@@ -143,7 +145,11 @@ class ChainRelay:
                 entries = await self._next_entries()
             if not entries:
                 return
-            await self.publisher.publish([event_message(entry) for entry in entries])
+            try:
+                await self.publisher.publish([event_message(entry) for entry in entries])
+            except Exception:
+                self._behind = True  # what was handed over is gone: the retry reads the database
+                raise
             last = entries[-1].link
             self._published = Head(last.seq, last.hash)
             if loop.time() - self._stored_at >= cursor_store_interval_s:

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from nats.aio.client import Client
+from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 from sqlalchemy.engine import make_url
 
@@ -199,6 +200,20 @@ async def fresh_streams(mesh: Mesh) -> None:
     await mesh.js.purge_stream(INGEST_STREAM)
     with contextlib.suppress(NotFoundError):
         await mesh.js.delete_consumer("INGEST", "transactions")
+
+
+@contextlib.asynccontextmanager
+async def events_parked(mesh: Mesh) -> AsyncIterator[None]:
+    """JetStream takes no event while the block runs: EVENTS replaced by a stream of that name on
+    other subjects, which the mesh leaves as it is (`ensure_stream`), so that every publish finds
+    no stream ("no responders") and every relay keeps its events and retries. Then made again."""
+    await mesh.js.delete_stream(EVENTS_STREAM)
+    await mesh.js.add_stream(StreamConfig(name=EVENTS_STREAM, subjects=["parked.events.>"]))
+    try:
+        yield
+    finally:
+        await mesh.js.delete_stream(EVENTS_STREAM)
+        await ensure_events_stream(mesh.js)
 
 
 @pytest.fixture

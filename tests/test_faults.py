@@ -20,9 +20,16 @@ from sqlalchemy.engine import make_url
 
 import migrations
 import schemas.database
-from bus.events import EVENTS_STREAM, ensure_events_stream
 from handlers import accounts, products
-from tests.conftest import Mesh, empty_tables, end_sessions, fresh_streams, own_role, raw_connection
+from tests.conftest import (
+    Mesh,
+    empty_tables,
+    end_sessions,
+    events_parked,
+    fresh_streams,
+    own_role,
+    raw_connection,
+)
 
 
 async def test_product_create_is_503_when_accounts_does_not_answer(nc: Client, database: str) -> None:
@@ -59,12 +66,11 @@ async def test_event_committed_before_a_kill_is_published_after_restart_exactly_
     accounts = start_service("accounts", nats_url, database)
     try:
         await wait_until_serving(nc, "accounts")
-        await mesh.js.delete_stream(EVENTS_STREAM)  # JetStream now refuses: the relay must keep the row
-        user = await mesh.ok("accounts.users.create", {"email": "k@x.io", "name": "K", "password": "password1"})
-        await asyncio.sleep(0.3)
-        accounts.send_signal(signal.SIGKILL)  # committed, never published
-        accounts.wait(10)
-        await ensure_events_stream(mesh.js)
+        async with events_parked(mesh):  # JetStream takes no event: the relay must keep the row
+            user = await mesh.ok("accounts.users.create", {"email": "k@x.io", "name": "K", "password": "password1"})
+            await asyncio.sleep(0.3)
+            accounts.send_signal(signal.SIGKILL)  # committed, never published
+            accounts.wait(10)
         assert await mesh.event_count() == 0
         accounts = start_service("accounts", nats_url, database)
         events = await mesh.events(1)

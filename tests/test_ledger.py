@@ -7,22 +7,24 @@ import json
 import re
 from datetime import UTC, datetime
 
+import nats.errors
 import pytest
 from alembic import command
 from sqlalchemy import Executable, func, insert, select, update
 
+import ledger.events
 import migrations
 from bus.codec import encode, timestamp
 from bus.events import relay_poll_interval_s
-from bus.jetstream import Message
+from bus.jetstream import BatchPublisher, Message
 from ledger import postings, writer
 from ledger.chain import make_entry
-from ledger.events import COMMITTED_SUBJECT, committed_message, event_message, handed_over, stored
+from ledger.events import COMMITTED_SUBJECT, ChainRelay, committed_message, event_message, handed_over, stored
 from ledger.writer import LEDGER_LOCK_KEY
 from schemas.database import open_database, service_url
 from schemas.events import Envelope
 from schemas.ledger import Entry, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
-from tests.conftest import Mesh
+from tests.conftest import Mesh, events_parked
 from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
 
 INT64_MAX = 2**63 - 1
@@ -440,6 +442,31 @@ async def test_a_batch_too_large_to_hand_over_is_published_from_the_database(mes
     assert [envelope["data"]["seq"] for _, _, envelope in events] == list(range(1, 1001))
     await asyncio.sleep(0.3)
     assert await mesh.event_count() == 1000
+
+
+async def test_handed_over_entries_that_could_not_be_published_are_tried_again_from_the_database(
+    mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay whose publish failed retries it from the database at once, so its back-off grows.
+    Until session 24 the failed handover was dropped, the next try found nothing to do and
+    counted as a success, and the relay retried once per poll interval, with a warning each time."""
+    monkeypatch.setattr(ledger.events, "relay_poll_interval_s", 60.0)  # no poll falls inside the test
+    db = open_database(service_url("ledger", database))
+    relay = ChainRelay(BatchPublisher(mesh.nc), db)
+    try:
+        await relay.publish_pending()  # caught up: nothing in the chain yet
+        async with events_parked(mesh):
+            body = {"transfers": [transfer("r1", "world", "user:1", 1)]}
+            (entry,) = (await mesh.ok("ledger.record_batch", body))["items"]
+            relay.hand_over(json.dumps([entry]).encode())
+            for _ in range(2):
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await relay.publish_pending()
+        await relay.publish_pending()
+    finally:
+        await db.dispose()
+    events = await mesh.events(1)
+    assert [envelope["data"] for _, _, envelope in events] == [entry]
 
 
 def test_an_event_is_the_envelope_around_the_entry_handed_over_or_read_back() -> None:

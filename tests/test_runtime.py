@@ -75,7 +75,7 @@ async def test_a_wake_while_the_relay_publishes_is_published_next_not_at_the_nex
             await asyncio.sleep(0)
 
     async with asyncio.TaskGroup() as group:
-        relay = group.create_task(relay_forever(publish_pending, wake))
+        relay = group.create_task(relay_forever(publish_pending, wake, make_stream=lambda: asyncio.sleep(0)))
         try:
             async with asyncio.timeout(relay_poll_interval_s / 2):
                 while len(calls) < 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -95,7 +96,8 @@ async def test_a_relay_waits_out_a_full_stream_and_publishes_once_there_is_room(
         published.set()
 
     async with asyncio.TaskGroup() as group:
-        relay = group.create_task(relay_forever(publish_pending, asyncio.Event()))
+        make_stream = functools.partial(ensure_events_stream, js)
+        relay = group.create_task(relay_forever(publish_pending, asyncio.Event(), make_stream))
         await asyncio.sleep(1.0)  # refused at 0, 0.1, 0.3 and 0.7 s
         assert not relay.done() and not published.is_set()
         await js.purge_stream(EVENTS_STREAM)  # room made
@@ -103,3 +105,28 @@ async def test_a_relay_waits_out_a_full_stream_and_publishes_once_there_is_room(
             await published.wait()
         relay.cancel()
     assert (await js.stream_info(EVENTS_STREAM)).state.messages == len(pending)
+
+
+async def test_a_relay_makes_events_again_when_the_stream_is_gone(own_nc: Client) -> None:
+    """EVENTS deleted while the mesh runs (by an operator, or a JetStream that lost its store):
+    nothing takes the events, and JetStream answers "no responders". Until session 24 every relay
+    retried that for ever, its events waiting in the outbox until its service restarted."""
+    js = own_nc.jetstream()
+    await ensure_events_stream(js)
+    await js.delete_stream(EVENTS_STREAM)
+    publisher = BatchPublisher(own_nc)
+    pending = [Message("events.accounts.user.created", BODY, f"after-delete-{n}") for n in range(3)]
+    published = asyncio.Event()
+
+    async def publish_pending() -> None:
+        await publisher.publish(pending)
+        published.set()
+
+    async with asyncio.TaskGroup() as group:
+        make_stream = functools.partial(ensure_events_stream, js)
+        relay = group.create_task(relay_forever(publish_pending, asyncio.Event(), make_stream))
+        async with asyncio.timeout(5):
+            await published.wait()
+        relay.cancel()
+    info = await js.stream_info(EVENTS_STREAM)
+    assert info.state.messages == len(pending) and info.config.max_age == bus.events.events_kept_s
