@@ -20,6 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
+from nats.js.errors import ServiceUnavailableError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
@@ -48,6 +49,8 @@ fetch_wait_s = 1.0
 ack_wait_s = 30.0
 deliveries_max = 50
 redelivery_delay_s_max = 30.0
+consumer_gone_pause_s_first = 0.1
+consumer_gone_pause_s_max = 5.0
 outage_retry_wait_s_max = 10.0
 """How long a held message waits between tries during an outage; it tells JetStream it is in
 progress before each wait, so its `ack_wait_s` never runs out meanwhile."""
@@ -73,8 +76,29 @@ async def ensure_ingest_stream(js: JetStreamContext) -> None:
 
 
 async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
+    """Consume; when the stream or the consumer is gone (deleted while the mesh runs, a JetStream
+    that lost its store) or JetStream does not answer for them, make them again after a pause.
+    Until session 24 that was a crash with its traceback at every try, three in 5 s ending the
+    process (`bus.tasks.supervised`)."""
+    pause_s = consumer_gone_pause_s_first
+    while True:
+        started = asyncio.get_running_loop().time()
+        try:
+            await consume_until_gone(js, saga)
+            reason = "gone"
+        except (ServiceUnavailableError, TimeoutError) as exc:  # making them: JetStream did not answer
+            reason = repr(exc)
+        if asyncio.get_running_loop().time() - started > consumer_gone_pause_s_max:
+            pause_s = consumer_gone_pause_s_first  # it consumed in between: a new outage
+        log.warning("ingest: the stream or its consumer is %s; making them again in %.1f s", reason, pause_s)
+        await asyncio.sleep(pause_s)
+        pause_s = min(2 * pause_s, consumer_gone_pause_s_max)
+
+
+async def consume_until_gone(js: JetStreamContext, saga: Saga) -> None:
     """One fetcher keeps up to `in_flight_max` messages being applied at once, each in its own
-    task of this task group. (Fetching on one pull subscription from several tasks mixes their
+    task of this task group, until the consumer does not answer a fetch; returns once those in
+    flight are done. (Fetching on one pull subscription from several tasks mixes their
     replies; one message at a time per worker measured 1/4 of this throughput.)"""
     await ensure_ingest_stream(js)
     config = ConsumerConfig(
@@ -113,6 +137,8 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
                     )
                 except TimeoutError:  # nothing to fetch within fetch_wait_s (nats-py raises both kinds)
                     continue
+                except ServiceUnavailableError:  # nobody answers for the consumer: it or its stream is gone
+                    break
                 if consumer.cancelling():  # `fetch` returned instead of raising (`bus.tasks.stop`)
                     raise asyncio.CancelledError  # what it fetched is redelivered after `ack_wait_s`
                 for msg in messages:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -372,6 +374,33 @@ async def test_ingested_messages_are_applied_once_each_and_malformed_ones_reject
     info = await mesh.js.consumer_info(INGEST_STREAM, ingest.CONSUMER)
     assert info.num_ack_pending == 0 and info.num_pending == 0
     assert (await mesh.js.stream_info(INGEST_STREAM)).state.messages == 0  # a work queue: acknowledged, gone
+
+
+@pytest.mark.parametrize("gone", ["stream", "consumer"])
+async def test_ingest_deleted_while_the_mesh_runs_is_made_again_without_a_crash(
+    mesh: Mesh, gone: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """INGEST, or the mesh's consumer of it, deleted while transactions serves (an operator, a
+    JetStream that lost its store): made again, and what is published after is applied. Until
+    session 24 the consumer's task crashed with its traceback at each try, and three crashes in
+    5 s ended the process."""
+    alice = await user(mesh, "alice")
+    await asyncio.sleep(0.3)  # the consumer task fetches
+    if gone == "stream":
+        await mesh.js.delete_stream(INGEST_STREAM)
+    else:
+        await mesh.js.delete_consumer(INGEST_STREAM, ingest.CONSUMER)
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while True:  # a publish before the stream is back gets no ack; the publisher tries again
+        with contextlib.suppress(NotFoundError):
+            await mesh.js.consumer_info(INGEST_STREAM, ingest.CONSUMER)
+            break
+        assert asyncio.get_running_loop().time() < deadline, "not made again within 5 s"
+        await asyncio.sleep(0.1)
+    deposit = {"idempotency_key": "after-gone", "user_id": alice, "amount": 5, "currency": "EUR"}
+    await mesh.js.publish("ingest.transactions.deposits", json.dumps(deposit).encode())
+    await wait_until(lambda: committed_keys(mesh, alice), ["after-gone"])
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def committed_keys(mesh: Mesh, user_id: int) -> list[str]:
