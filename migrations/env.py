@@ -13,12 +13,16 @@ MIGRATIONS_LOCK_KEY = 0x4D494752  # "MIGR": a Postgres advisory lock, held until
 
 
 def run_with(connection: Connection) -> None:
-    """The migrations in one transaction; on Postgres one migrator at a time. Two meshes started
-    at once on one new database each created `alembic_version`, and one failed with a traceback
-    (session 23); now the second waits (up to the migration's lock wait), then finds nothing to do."""
+    """The migrations in one transaction, one migrator at a time. Two meshes started at once on
+    one new Postgres database each created `alembic_version`, and one failed with a traceback
+    (session 23); three `bitnexus migrate` at once on new SQLite files, two (session 24). Now the
+    later ones wait (up to the migration's lock wait), then find nothing to do. The transaction
+    begins here, under the lock, so alembic keeps it instead of committing each revision on its
+    own (as it does on SQLite, whose DDL it takes as not transactional)."""
     if connection.dialect.name == "postgresql":
-        # the transaction begins here; alembic's `begin_transaction` below keeps it
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATIONS_LOCK_KEY})")
+    else:
+        connection.begin()  # BEGIN IMMEDIATE: the file's write lock (`schemas.database.create_engine`)
     context.configure(connection=connection, target_metadata=target_metadata(), render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()

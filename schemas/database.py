@@ -43,9 +43,9 @@ postgres_pool_size = 10
 pool_timeout_s = 10.0
 postgres_command_timeout_s = 10.0
 migration_lock_wait_s = 5.0
-"""How long a migration waits for a lock (a table's, or another migrator's: Postgres' `lock_timeout`)
-before it gives up. Its statements themselves have no limit: rebuilding a long chain's indexes
-takes what it takes."""
+"""How long a migration waits for a lock (a table's, or another migrator's: Postgres' `lock_timeout`;
+a SQLite file's write lock: its busy timeout) before it gives up. Its statements themselves have
+no limit: rebuilding a long chain's indexes takes what it takes."""
 postgres_connect_timeout_s = 5.0
 postgres_unacknowledged_max_s = 5.0
 """How long what a connection sent may go unacknowledged before the kernel ends it
@@ -443,13 +443,28 @@ class Database:
 
 def create_engine(url: URL, migrating: bool = False, **options: Any) -> AsyncEngine:
     """An async engine for `url`; on Postgres each connection made by `connect_postgres` (a
-    migration's with its limits, `migrating`), and checked at checkout (`_alive_at_checkout`)."""
+    migration's with its limits, `migrating`), and checked at checkout (`_alive_at_checkout`).
+    A migration's SQLite transaction holds the file's write lock from its first statement
+    (`BEGIN IMMEDIATE`), waiting for it up to `migration_lock_wait_s`: one migrator at a time."""
     if url.get_backend_name() != "postgresql":
-        return create_async_engine(url, **options)
+        engine = create_async_engine(url, **options)
+        if migrating:
+            event.listen(engine.sync_engine, "connect", _migrating_on_sqlite)
+            event.listen(engine.sync_engine, "begin", _begin_immediate)
+        return engine
     options["async_creator"] = functools.partial(connect_postgres, postgres_dsn(url), migrating)
     engine = create_async_engine(url, **options)
     event.listen(engine.sync_engine, "checkout", _alive_at_checkout)
     return engine
+
+
+def _migrating_on_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (`_begin_immediate`)
+    dbapi_connection.execute(f"PRAGMA busy_timeout={round(migration_lock_wait_s * 1000)}")
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _alive_at_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -486,11 +501,7 @@ def _sqlite_engine(url: URL, writer: bool) -> AsyncEngine:
         configure_sqlite(dbapi_connection)
 
     if writer:
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
+        event.listen(engine.sync_engine, "begin", _begin_immediate)
     return engine
 
 

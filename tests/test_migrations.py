@@ -1,4 +1,5 @@
-"""`bitnexus migrate` on Postgres: a migration's statements may run long, its waits for a lock may not."""
+"""`bitnexus migrate`: one migrator at a time on both stores; on Postgres a migration's statements
+may run long, its waits for a lock may not."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 import contextlib
 import os
 import secrets
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -139,3 +142,50 @@ async def test_two_migrators_at_once_on_a_new_database_both_succeed(new_database
     said = [(await migrator.communicate())[1].decode() for migrator in migrators]
     assert [migrator.returncode for migrator in migrators] == [0, 0], said
     assert await ledger_revision(new_database) == migrations.head_of("ledger")
+
+
+async def test_migrators_at_once_on_new_sqlite_files_all_succeed(tmp_path: Path) -> None:
+    """Alembic takes SQLite's DDL as not transactional and committed each revision on its own,
+    with no lock: of three `bitnexus migrate` at once on new files, two failed with "table
+    ledger_entries already exists" and a traceback (session 24). Now each migrator holds the
+    file's write lock from its first read to its commit, and the later ones find nothing to do."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'mesh.db'}"}
+    migrators = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "supervisor", "migrate", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    said = [(await migrator.communicate())[1].decode() for migrator in migrators]
+    assert [migrator.returncode for migrator in migrators] == [0, 0, 0], said
+    for service in migrations.SERVICES_WITH_TABLES:
+        with sqlite3.connect(tmp_path / f"mesh.{service}.db") as conn:
+            (version,) = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        assert version == (migrations.head_of(service),)
+
+
+async def test_a_sqlite_migration_locked_out_gives_up_within_its_wait_and_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A session holding the ledger file's write lock (a service's long write, a backup): the
+    migration waits `migration_lock_wait_s`, then says so, with nothing of it applied."""
+    monkeypatch.setattr(schemas.database, "migration_lock_wait_s", 0.3)
+    database = f"sqlite+aiosqlite:///{tmp_path / 'mesh.db'}"
+    holder = sqlite3.connect(tmp_path / "mesh.ledger.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as exited, setting_faults_said():
+            await migrations.upgrade_async(database)
+        waited = time.monotonic() - started
+        holder.execute("COMMIT")
+        assert holder.execute("SELECT name FROM sqlite_master").fetchall() == []
+    finally:
+        holder.close()
+    assert exited.value.code == 1 and waited < 5
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "Traceback" not in said
+    assert "waited 0.3 s for a lock another session holds" in said and "nothing of it was applied" in said
+    await migrations.upgrade_async(database)  # the lock released: it goes through
+    with sqlite3.connect(tmp_path / "mesh.ledger.db") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(migrations.head_of("ledger"),)]
