@@ -85,12 +85,12 @@ async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
         started = asyncio.get_running_loop().time()
         try:
             await consume_until_gone(js, saga)
-            reason = "gone"
+            what = "is gone"
         except (ServiceUnavailableError, TimeoutError) as exc:  # making them: JetStream did not answer
-            reason = repr(exc)
+            what = f"could not be made ({exc!r})"
         if asyncio.get_running_loop().time() - started > consumer_gone_pause_s_max:
             pause_s = consumer_gone_pause_s_first  # it consumed in between: a new outage
-        log.warning("ingest: the stream or its consumer is %s; making them again in %.1f s", reason, pause_s)
+        log.warning("ingest: the stream or its consumer %s; making them again in %.1f s", what, pause_s)
         await asyncio.sleep(pause_s)
         pause_s = min(2 * pause_s, consumer_gone_pause_s_max)
 
