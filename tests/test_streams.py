@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,23 +88,13 @@ async def test_a_relay_waits_out_a_full_stream_and_publishes_once_there_is_room(
     with pytest.raises(APIError, match="maximum bytes exceeded"):
         for n in range(100):
             await js.publish("events.accounts.user.created", BODY, headers={"Nats-Msg-Id": f"filler-{n}"})
-    publisher = BatchPublisher(own_nc)
     pending = [Message("events.accounts.user.updated", BODY, f"pending-{n}") for n in range(3)]
-    published = asyncio.Event()
-
-    async def publish_pending() -> None:
-        await publisher.publish(pending)
-        published.set()
-
-    async with asyncio.TaskGroup() as group:
-        make_stream = functools.partial(ensure_events_stream, js)
-        relay = group.create_task(relay_forever(publish_pending, asyncio.Event(), make_stream))
+    async with relaying(own_nc, pending) as (relay, published):
         await asyncio.sleep(1.0)  # refused at 0, 0.1, 0.3 and 0.7 s
         assert not relay.done() and not published.is_set()
         await js.purge_stream(EVENTS_STREAM)  # room made
         async with asyncio.timeout(5):
             await published.wait()
-        relay.cancel()
     assert (await js.stream_info(EVENTS_STREAM)).state.messages == len(pending)
 
 
@@ -114,8 +105,18 @@ async def test_a_relay_makes_events_again_when_the_stream_is_gone(own_nc: Client
     js = own_nc.jetstream()
     await ensure_events_stream(js)
     await js.delete_stream(EVENTS_STREAM)
-    publisher = BatchPublisher(own_nc)
     pending = [Message("events.accounts.user.created", BODY, f"after-delete-{n}") for n in range(3)]
+    async with relaying(own_nc, pending) as (_, published), asyncio.timeout(5):
+        await published.wait()
+    info = await js.stream_info(EVENTS_STREAM)
+    assert info.state.messages == len(pending) and info.config.max_age == bus.events.events_kept_s
+
+
+@contextlib.asynccontextmanager
+async def relaying(nc: Client, pending: list[Message]) -> AsyncIterator[tuple[asyncio.Task, asyncio.Event]]:
+    """A relay of `pending` to EVENTS while the block runs: yields its task, and an event set once
+    JetStream acknowledged them."""
+    publisher = BatchPublisher(nc)
     published = asyncio.Event()
 
     async def publish_pending() -> None:
@@ -123,10 +124,9 @@ async def test_a_relay_makes_events_again_when_the_stream_is_gone(own_nc: Client
         published.set()
 
     async with asyncio.TaskGroup() as group:
-        make_stream = functools.partial(ensure_events_stream, js)
+        make_stream = functools.partial(ensure_events_stream, nc.jetstream())
         relay = group.create_task(relay_forever(publish_pending, asyncio.Event(), make_stream))
-        async with asyncio.timeout(5):
-            await published.wait()
-        relay.cancel()
-    info = await js.stream_info(EVENTS_STREAM)
-    assert info.state.messages == len(pending) and info.config.max_age == bus.events.events_kept_s
+        try:
+            yield relay, published
+        finally:
+            relay.cancel()
