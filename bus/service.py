@@ -344,7 +344,7 @@ class Service:
                     "database unreachable, too slow or refusing; answering 503 until it answers",
                     extra={"service": self.name, "endpoint": endpoint.subject, "reason": repr(exc)},
                 )
-            return Unavailable("the database did not answer")
+            return Unavailable("the database is unavailable; nothing was recorded")
         log.error("endpoint %s failed", endpoint.subject, exc_info=exc, extra={"service": self.name})
         return Internal(INTERNAL_MESSAGE)
 

@@ -324,6 +324,8 @@ async def test_a_postgres_out_of_disk_or_memory_is_answered_503_for_writes_and_w
                 await admin.execute(f"CREATE TRIGGER refusing BEFORE INSERT ON {table} EXECUTE FUNCTION refusing()")
             written, read = (503, "unavailable"), (None, "")
             assert await answers_during_outage(mesh, 5.0) == [written, read, written, read]
+            code, reply = await mesh.request("accounts.users.create", user("refused@x.io"))
+            assert (code, reply["error"]["message"]) == (503, "the database is unavailable; nothing was recorded")
             await asyncio.sleep(1.0)  # the ledger's writer meets it again on its own
             assert [service.poll() for service in services] == [None, None]
             for table in tables:
