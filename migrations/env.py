@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from migrations import connected, target_metadata
+from schemas.database import migration_settings
 
 MIGRATIONS_LOCK_KEY = 0x4D494752  # "MIGR": a Postgres advisory lock, held until the migrations commit
 
@@ -20,6 +21,8 @@ def run_with(connection: Connection) -> None:
     begins here, under the lock, so alembic keeps it instead of committing each revision on its
     own (as it does on SQLite, whose DDL it takes as not transactional)."""
     if connection.dialect.name == "postgresql":
+        for setting in migration_settings():  # the transaction begins with these
+            connection.exec_driver_sql(setting)
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATIONS_LOCK_KEY})")
     else:
         connection.begin()  # BEGIN IMMEDIATE: the file's write lock (`schemas.database.create_engine`)

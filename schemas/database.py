@@ -548,19 +548,24 @@ def postgres_dsn(url: URL) -> PostgresDsn:
     return PostgresDsn(dsn, connect_timeout_s, unacknowledged_max_ms)
 
 
+def migration_settings() -> list[str]:
+    """A migration's limits, for its own transaction only: its waits for a lock end after
+    `migration_lock_wait_s`, its statements take as long as they need (whatever `statement_timeout`
+    the role or the database sets). Sent at connect as startup parameters until session 24, which
+    a PgBouncer refuses ("unsupported startup parameter: lock_timeout")."""
+    return [f"SET LOCAL lock_timeout = '{round(migration_lock_wait_s * 1000)}ms'", "SET LOCAL statement_timeout = 0"]
+
+
 async def connect_postgres(target: PostgresDsn, migrating: bool = False) -> asyncpg.Connection:
     """A connection to Postgres, or `ConnectTimeout` within `connect_timeout_s`: asyncpg waits
     60 s by default, and a server behind a dropped route answers neither yes nor no.
 
     A service's statements give up after `postgres_command_timeout_s`. A migration's may take as
-    long as the data asks, and only its waits for a lock are bounded (`migration_lock_wait_s`):
-    with the services' limit, ledger_0003 gave up with a bare `TimeoutError` after 10 s on a
-    chain of 7M entries, whose indexes took 13 s to rebuild without it (session 23)."""
-    if migrating:  # no `statement_timeout` either, should the role or the database set one
-        waits = {"lock_timeout": f"{round(migration_lock_wait_s * 1000)}ms", "statement_timeout": "0"}
-        limits: dict[str, Any] = {"server_settings": waits}
-    else:
-        limits = {"command_timeout": postgres_command_timeout_s}
+    long as the data asks: with the services' limit, ledger_0003 gave up with a bare
+    `TimeoutError` after 10 s on a chain of 7M entries, whose indexes took 13 s to rebuild
+    without it (session 23). Only its waits for a lock are bounded, by `migration_settings` in
+    its transaction."""
+    limits = {} if migrating else {"command_timeout": postgres_command_timeout_s}
     try:
         connection = await asyncpg.connect(target.dsn, timeout=target.connect_timeout_s, **limits)
     except TimeoutError as exc:
