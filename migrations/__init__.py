@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -109,7 +107,7 @@ def lockout_said(database: URL) -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        if not _lock_wait_ran_out(exc.orig):
+        if not schemas.database.lock_wait_ran_out(exc):
             raise
         where = database.render_as_string(hide_password=True)
         raise MigrationLockedOut(
@@ -117,13 +115,6 @@ def lockout_said(database: URL) -> Iterator[None]:
             "holds (another migration, a long transaction, a dump) and gave up; nothing of it was applied: "
             "run `bitnexus migrate` again once that session ends"
         ) from exc
-
-
-def _lock_wait_ran_out(error: BaseException) -> bool:
-    """Postgres' `lock_timeout` (asyncpg's error, under SQLAlchemy's), or SQLite's busy timeout."""
-    if isinstance(error, sqlite3.OperationalError):
-        return error.sqlite_errorname == "SQLITE_BUSY"
-    return isinstance(error.__cause__, asyncpg.LockNotAvailableError)
 
 
 async def upgrade_async(url: str | None = None) -> None:

@@ -209,7 +209,6 @@ session (asyncpg issues 784 and 1069). Seen on the ledger's writer and raw reads
 _WAITED_TOO_LONG = (
     TimeoutError,  # asyncpg's `postgres_command_timeout_s` (or a NATS request's, inside a block)
     asyncpg.QueryCanceledError,  # 57014: a server's `statement_timeout`
-    asyncpg.LockNotAvailableError,  # 55P03: a server's `lock_timeout`
 )
 _SQLITE_WAITED_TOO_LONG = ("SQLITE_BUSY", "SQLITE_LOCKED")
 """SQLite's writer lock held by another connection (another process, a migration) for
@@ -217,8 +216,14 @@ _SQLITE_WAITED_TOO_LONG = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 def _waited_too_long(exc: BaseException) -> bool:
+    return lock_wait_ran_out(exc) or any(isinstance(seen, _WAITED_TOO_LONG) for seen in _causes(exc))
+
+
+def lock_wait_ran_out(exc: BaseException) -> bool:
+    """`exc`, or what it wraps, is a wait for a lock that ran out: Postgres' `lock_timeout`
+    (55P03), or SQLite's busy timeout on another connection's write lock."""
     return any(
-        isinstance(seen, _WAITED_TOO_LONG)
+        isinstance(seen, asyncpg.LockNotAvailableError)
         or (isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorname in _SQLITE_WAITED_TOO_LONG)
         for seen in _causes(exc)
     )

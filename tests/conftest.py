@@ -22,6 +22,7 @@ import schemas.database
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.events import EVENTS_STREAM, ensure_events_stream
+from handlers import ingest
 from handlers.ingest import INGEST_STREAM, ensure_ingest_stream
 from schemas.database import open_database, service_url
 
@@ -199,7 +200,7 @@ async def fresh_streams(mesh: Mesh) -> None:
     await ensure_ingest_stream(mesh.js)
     await mesh.js.purge_stream(INGEST_STREAM)
     with contextlib.suppress(NotFoundError):
-        await mesh.js.delete_consumer("INGEST", "transactions")
+        await mesh.js.delete_consumer(INGEST_STREAM, ingest.CONSUMER)
 
 
 @contextlib.asynccontextmanager
