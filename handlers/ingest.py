@@ -1,6 +1,12 @@
 """Ingest (contract §7): other systems publish to `ingest.transactions.*` on the stream `INGEST`;
 a durable pull consumer shared by all transactions replicas applies each message once.
 
+The consumer reads all of `INGEST` (`ingest.>`), so that a message on a subject the contract
+does not name (`ingest.transaction.transfers`) is rejected like any malformed one instead of
+being stored, acknowledged to its publisher and never read. Where an operator's consumer already
+reads part of the stream (a work queue gives each subject one consumer), it reads only
+`ingest.transactions.*` and says so.
+
 A message is acknowledged only after its outcome is committed (or refused, for good). An
 outage (a dependency that did not answer, a lost or too slow database) is waited out with the
 message held, however long it lasts; a dependency's 500 gets a nak with a growing delay, at most
@@ -20,7 +26,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import decode
@@ -42,7 +48,11 @@ from schemas.transactions import (
 log = logging.getLogger("bitnexus.ingest")
 
 INGEST_STREAM = "INGEST"
+INGEST_SUBJECTS = "ingest.>"
+TRANSACTIONS_SUBJECTS = "ingest.transactions.*"
 CONSUMER = "transactions"
+SUBJECTS_TAKEN = 10100
+"""JetStream's "filtered consumer not unique on workqueue stream": another consumer reads some of them."""
 in_flight_max = 512
 fetch_messages_max = 64
 fetch_wait_s = 1.0
@@ -58,10 +68,10 @@ assert outage_retry_wait_s_max < ack_wait_s
 
 Create = Callable[[msgspec.Struct, Saga], Awaitable[object]]
 ROUTES: dict[str, tuple[type[msgspec.Struct], Create]] = {
-    "deposits": (CreateDeposit, transactions.create_deposit),
-    "withdrawals": (CreateWithdrawal, transactions.create_withdrawal),
-    "transfers": (CreateTransfer, transactions.create_transfer),
-    "purchases": (CreatePurchase, transactions.create_purchase),
+    "ingest.transactions.deposits": (CreateDeposit, transactions.create_deposit),
+    "ingest.transactions.withdrawals": (CreateWithdrawal, transactions.create_withdrawal),
+    "ingest.transactions.transfers": (CreateTransfer, transactions.create_transfer),
+    "ingest.transactions.purchases": (CreatePurchase, transactions.create_purchase),
 }
 
 
@@ -72,7 +82,7 @@ async def ensure_ingest_stream(js: JetStreamContext) -> None:
     full a publisher gets an error instead of an ack, so nothing acknowledged is dropped. (A
     limit of the stream's own reserves its bytes: 1 GiB of them made the stream impossible to
     create on a server with less JetStream storage than that.)"""
-    await ensure_stream(js, INGEST_STREAM, ["ingest.>"], retention=RetentionPolicy.WORK_QUEUE)
+    await ensure_stream(js, INGEST_STREAM, [INGEST_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE)
 
 
 async def consume_forever(js: JetStreamContext, saga: Saga) -> None:
@@ -101,18 +111,9 @@ async def consume_until_gone(js: JetStreamContext, saga: Saga) -> None:
     flight are done. (Fetching on one pull subscription from several tasks mixes their
     replies; one message at a time per worker measured 1/4 of this throughput.)"""
     await ensure_ingest_stream(js)
-    config = ConsumerConfig(
-        durable_name=CONSUMER,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait_s,
-        max_deliver=deliveries_max,
-        max_ack_pending=in_flight_max,
-        filter_subject="ingest.transactions.*",
-    )
-    await js.add_consumer(INGEST_STREAM, config)  # creates it, or brings an older one to this config
-    subscription = await js.pull_subscribe(
-        "ingest.transactions.*", durable=CONSUMER, stream=INGEST_STREAM, config=config
-    )
+    config = await made_consumer(js)
+    assert config.filter_subject is not None
+    subscription = await js.pull_subscribe(config.filter_subject, durable=CONSUMER, stream=INGEST_STREAM, config=config)
     consumer = asyncio.current_task()
     assert consumer is not None
     in_flight = 0
@@ -152,6 +153,38 @@ async def consume_until_gone(js: JetStreamContext, saga: Saga) -> None:
         await subscription.unsubscribe()
 
 
+def consumer_config(subjects: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=deliveries_max,
+        max_ack_pending=in_flight_max,
+        filter_subject=subjects,
+    )
+
+
+async def made_consumer(js: JetStreamContext) -> ConsumerConfig:
+    """The mesh's consumer of all of `INGEST`, made or brought to this config (an older version's
+    read `ingest.transactions.*` only); of `ingest.transactions.*` where another consumer reads
+    some of the stream's other subjects."""
+    config = consumer_config(INGEST_SUBJECTS)
+    try:
+        await js.add_consumer(INGEST_STREAM, config)
+    except BadRequestError as exc:
+        if exc.err_code != SUBJECTS_TAKEN:
+            raise
+        log.warning(
+            "ingest: another consumer of %s reads some of its subjects; the mesh reads only %s, and a "
+            "message on any other subject waits for that consumer",
+            INGEST_STREAM,
+            TRANSACTIONS_SUBJECTS,
+        )
+        config = consumer_config(TRANSACTIONS_SUBJECTS)
+        await js.add_consumer(INGEST_STREAM, config)
+    return config
+
+
 async def handle(msg: Msg, saga: Saga) -> None:
     """Apply one message; through an outage, again and again, the message held: an outage of any
     length costs it no delivery. Until session 23 each try was a nak and a delivery, and a message
@@ -176,11 +209,11 @@ def redelivery_delay_s(msg: Msg) -> float:
 
 
 async def apply_message(msg: Msg, saga: Saga) -> None:
-    kind = msg.subject.rsplit(".", 1)[-1]
-    route = ROUTES.get(kind)
+    route = ROUTES.get(msg.subject)
     try:
         if route is None:
-            raise BadRequest(f"no ingest subject {msg.subject}", details=["subject"])
+            known = ", ".join(ROUTES)
+            raise BadRequest(f"no ingest subject {msg.subject}: the mesh takes {known}", details=["subject"])
         request_type, create = route
         request = decode(request_type, msg.data)
     except BadRequest as error:

@@ -22,7 +22,6 @@ import schemas.database
 from bus.connection import Settings, connect
 from bus.embedded import EmbeddedNats, free_port
 from bus.events import EVENTS_STREAM, ensure_events_stream
-from handlers import ingest
 from handlers.ingest import INGEST_STREAM, ensure_ingest_stream
 from schemas.database import open_database, service_url
 
@@ -194,13 +193,12 @@ class Mesh:
 
 
 async def fresh_streams(mesh: Mesh) -> None:
-    """Empty EVENTS and INGEST, and a fresh durable ingest consumer, for each test."""
+    """Empty EVENTS, and INGEST made again (no consumer of an earlier test left on it), for each test."""
     await ensure_events_stream(mesh.js)
     await mesh.js.purge_stream(EVENTS_STREAM)
-    await ensure_ingest_stream(mesh.js)
-    await mesh.js.purge_stream(INGEST_STREAM)
     with contextlib.suppress(NotFoundError):
-        await mesh.js.delete_consumer(INGEST_STREAM, ingest.CONSUMER)
+        await mesh.js.delete_stream(INGEST_STREAM)
+    await ensure_ingest_stream(mesh.js)
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ import msgspec
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from sqlalchemy import update
@@ -211,9 +212,9 @@ async def test_a_rejection_applied_twice_is_one_event(mesh: Mesh, database: str)
     """An ingest message whose ack was lost after its rejection committed comes again, and is
     rejected again: under the same event id, which the outbox and JetStream keep once (until
     session 20 each rejection had an id of its own, so consumers could not tell the copy)."""
-    await mesh.js.publish("ingest.elsewhere.deposits", b"{}")  # malformed; beyond the service's consumer
     async with elsewhere_inbox(mesh) as inbox, second_driver(mesh, database, None) as (saga, _):
-        (msg,) = await inbox.fetch(1, timeout=5)
+        await mesh.js.publish("elsewhere.deposits", b"{}")  # malformed
+        (msg,) = [as_ingested(msg) for msg in await inbox.fetch(1, timeout=5)]
         await ingest.apply_message(msg, saga)
         await ingest.apply_message(dataclasses.replace(msg, _ackd=False), saga)  # its redelivery
     await asyncio.sleep(2 * relay_poll_interval_s + 0.5)  # the service's relay publishes the outbox
@@ -233,9 +234,9 @@ async def test_an_ingest_message_held_through_an_outage_longer_than_its_deliveri
     monkeypatch.setattr(ingest, "outage_retry_wait_s_max", 0.1)
     alice = await user(mesh, "alice")
     deposit = {"idempotency_key": "kept-waiting", "user_id": alice, "amount": 7, "currency": "EUR"}
-    await mesh.js.publish("ingest.elsewhere.deposits", json.dumps(deposit).encode())  # beyond the service's consumer
     async with elsewhere_inbox(mesh) as inbox, second_driver(mesh, database, None) as (saga, _):
-        (msg,) = await inbox.fetch(1, timeout=5)
+        await mesh.js.publish("elsewhere.deposits", json.dumps(deposit).encode())
+        (msg,) = [as_ingested(msg) for msg in await inbox.fetch(1, timeout=5)]
         async with asyncio.TaskGroup() as group:
             loader = group.create_task(saga.by_key.run())
             async with table_locked(database, "transactions", "transactions"):
@@ -251,15 +252,23 @@ async def test_an_ingest_message_held_through_an_outage_longer_than_its_deliveri
     assert [(item["idempotency_key"], item["status"]) for item in listed["items"]] == [("kept-waiting", "committed")]
 
 
+ELSEWHERE = "ELSEWHERE"
+
+
 @contextlib.asynccontextmanager
 async def elsewhere_inbox(mesh: Mesh) -> AsyncIterator[JetStreamContext.PullSubscription]:
-    """A consumer of `ingest.elsewhere.>`, beside the service's, deleted after: INGEST is a work
-    queue, where no two consumers may take the same subject."""
-    inbox = await mesh.js.pull_subscribe("ingest.elsewhere.>", stream=INGEST_STREAM)
+    """A stream of the test's own (`elsewhere.>`) and a consumer of it, deleted after: the
+    service's consumer reads all of INGEST. Its messages go to `ingest` as INGEST's (`as_ingested`)."""
+    await mesh.js.add_stream(name=ELSEWHERE, subjects=["elsewhere.>"])
     try:
-        yield inbox
+        yield await mesh.js.pull_subscribe("elsewhere.>", stream=ELSEWHERE)
     finally:
-        await mesh.js.delete_consumer(INGEST_STREAM, (await inbox.consumer_info()).name)
+        await mesh.js.delete_stream(ELSEWHERE)
+
+
+def as_ingested(msg: Msg) -> Msg:
+    """A message of `elsewhere.<kind>` as if published to `ingest.transactions.<kind>`."""
+    return dataclasses.replace(msg, subject="ingest.transactions." + msg.subject.removeprefix("elsewhere."))
 
 
 async def test_recovery_leaves_a_transaction_this_process_drives_to_its_driver(core_mesh: Mesh, database: str) -> None:
@@ -359,17 +368,22 @@ async def test_ingested_messages_are_applied_once_each_and_malformed_ones_reject
         await mesh.js.publish("ingest.transactions.deposits", json.dumps(body).encode())
     await mesh.js.publish("ingest.transactions.deposits", b'{"idempotency_key": "in-3", "amount": "lots"}')
     await mesh.js.publish("ingest.transactions.transfers", b"not json")
+    # subjects the contract does not name, in INGEST all the same: rejected, not left unread
+    await mesh.js.publish("ingest.transaction.deposits", json.dumps({**deposit, "idempotency_key": "in-4"}).encode())
+    await mesh.js.publish("ingest.transactions.deposits.x", json.dumps({**deposit, "idempotency_key": "in-5"}).encode())
     await wait_until(lambda: committed_keys(mesh, alice), ["in-1", "in-2"])  # the ledger commits first
     assert await balance(mesh, alice) == 140
-    events = await mesh.events(6)  # user, 2 ledger entries, 2 committed, and the rejections
-    rejections = [
-        envelope["data"]
-        for subject, _, envelope in await mesh.events(7)
+    events = await mesh.events(9)  # user, 2 ledger entries, 2 committed, and the 4 rejections
+    rejections = {
+        str(envelope["data"]["idempotency_key"]): envelope["data"]["error"]
+        for subject, _, envelope in events
         if subject == "events.transactions.transaction.rejected"
-    ]
-    assert sorted(str(r["idempotency_key"]) for r in rejections) == ["None", "in-3"]
-    assert all(r["error"]["code"] == 400 for r in rejections)
-    assert len(events) == 6
+    }
+    assert sorted(rejections) == ["None", "in-3", "in-4", "in-5"]
+    assert all(error["code"] == 400 and error["type"] == "bad_request" for error in rejections.values())
+    assert rejections["in-4"]["details"] == ["subject"]
+    assert rejections["in-4"]["message"].startswith("no ingest subject ingest.transaction.deposits: the mesh takes")
+    assert rejections["in-5"]["details"] == ["subject"]
     await asyncio.sleep(0.5)
     info = await mesh.js.consumer_info(INGEST_STREAM, ingest.CONSUMER)
     assert info.num_ack_pending == 0 and info.num_pending == 0
@@ -431,6 +445,33 @@ async def test_an_ingest_consumer_left_by_an_older_version_takes_this_versions_l
         await asyncio.sleep(0.3)  # the consumer task has started
         info = await core_mesh.js.consumer_info(ingest.INGEST_STREAM, ingest.CONSUMER)
     assert info.config.max_ack_pending == ingest.in_flight_max
+    assert info.config.filter_subject == "ingest.>"  # it read only ingest.transactions.* until session 25
+
+
+async def test_beside_an_operators_consumer_of_ingest_the_mesh_reads_only_its_own_subjects(
+    core_mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A work queue gives each subject one consumer: where another reads some of INGEST, the mesh
+    reads `ingest.transactions.*` (as every version before session 25 did), says so in one
+    line, and leaves the rest of the stream to that consumer."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from handlers import transactions
+
+    operators = ConsumerConfig(durable_name="audit", ack_policy=AckPolicy.EXPLICIT, filter_subject="ingest.audit.*")
+    await core_mesh.js.add_consumer(ingest.INGEST_STREAM, operators)
+    alice = await user(core_mesh, "alice")
+    await core_mesh.js.publish("ingest.audit.seen", b"{}")
+    deposit = {"idempotency_key": "beside", "user_id": alice, "amount": 5, "currency": "EUR"}
+    await core_mesh.js.publish("ingest.transactions.deposits", json.dumps(deposit).encode())
+    async with transactions.serving(core_mesh.nc):
+        await wait_until(lambda: committed_keys(core_mesh, alice), ["beside"])
+        info = await core_mesh.js.consumer_info(ingest.INGEST_STREAM, ingest.CONSUMER)
+    assert info.config.filter_subject == "ingest.transactions.*"
+    assert (await core_mesh.js.consumer_info(ingest.INGEST_STREAM, "audit")).num_pending == 1
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("another consumer of INGEST reads some of its subjects" in line for line in warnings)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def test_an_ingest_message_whose_dependency_answers_500_is_retried_not_rejected(
