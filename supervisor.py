@@ -32,7 +32,6 @@ from typing import IO, TYPE_CHECKING, Literal
 
 import msgspec
 
-import migrations
 from bus.parent_death import die_with_parent, dies_with_this_process
 
 if TYPE_CHECKING:
@@ -490,6 +489,7 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 async def up(config: MeshConfig) -> int:
     """Start everything, serve `mesh.status`, and on SIGTERM/Ctrl-C drain in reverse order."""
+    import migrations
     from bus.connection import Settings, connect, without_secrets
     from bus.events import require_jetstream
     from bus.service import Service
@@ -721,6 +721,7 @@ def setting_faults_said() -> Iterator[None]:
     connection, a migration locked out, tables not migrated (`serve` alone), credentials NATS
     refuses, a NATS without JetStream or a mesh already running is said in one line, exit 1: not
     a traceback, and not a restart storm of every service."""
+    import migrations
     from bus.connection import LoginRefused
     from bus.events import NoJetStream
     from schemas.database import BadDatabaseUrl
@@ -763,6 +764,12 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser.add_argument("--as", dest="replica", default=None)
     options = parser.parse_args(argv)
     os.environ.setdefault("BITNEXUS_LOG_FORMAT", options.log_format)
+    if options.command == "status":
+        sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
+    # Only now: a container's health check runs `status` every 10 s, and importing alembic and
+    # SQLAlchemy was half of its 1.7 s (and of the CPU it took).
+    import migrations
+
     if options.command == "up":
         logs.configure("supervisor")
         with setting_faults_said():
@@ -779,8 +786,6 @@ def main(argv: list[str] | None = None) -> None:
         with setting_faults_said():
             config = load_config(options.config)
         sys.exit(asyncio.run(supervise(config)))
-    if options.command == "status":
-        sys.exit(asyncio.run(status(nats_url_for_status(), options.json)))
     replica = options.replica or f"{options.service}.1"
     logs.configure(replica)
     from bus.runner import ready_fd_from_env
