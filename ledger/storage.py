@@ -50,6 +50,13 @@ POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq 
 `seq > $1 ORDER BY seq LIMIT $2`, a Postgres table never analyzed yet was estimated to match a
 third of its rows and scanned whole and sorted (up to ~50k entries) at every relay poll; a range
 bounded on both sides is planned on the key."""
+ENTRIES_PAST_A_GAP = (
+    f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2",
+)
+"""Up to `limit` entries after `seq` when the range does not hold them: only where an entry was
+deleted from the table (`entries_after`)."""
+LAST_SEQ = "SELECT max(seq) FROM ledger_entries"
 SQLITE_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
     SELECT min(last_seq), 0 FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
     UNION ALL
@@ -172,12 +179,25 @@ def _balance_rows(balances: Iterable[tuple[BalanceKey, int]]) -> list[tuple[str,
 
 
 async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list[Entry]:
-    """Up to `limit` entries after `seq`, in order (aiosqlite or asyncpg: the readers' drivers)."""
-    if sqlite:
-        rows = await driver.execute_fetchall(SQLITE_ENTRIES_AFTER, (seq, limit))
-    else:
-        rows = await driver.fetch(POSTGRES_ENTRIES_AFTER, seq, limit)
+    """Up to `limit` entries after `seq`, in order (aiosqlite or asyncpg: the readers' drivers).
+
+    Read as the range (seq, seq + limit], which holds them all while seqs are dense. A range
+    holding fewer ends at the head, or at a gap: an entry deleted from the table. Past a gap the
+    entries are read by seq alone, so `ledger.verify` names it and no pager or relay stops
+    there. Until session 26 a range one short ended verify with `ok` and the chain cut short."""
+    rows = await _fetch(driver, sqlite, (SQLITE_ENTRIES_AFTER, POSTGRES_ENTRIES_AFTER), seq, limit)
+    if len(rows) < limit:
+        ((last_seq,),) = await _fetch(driver, sqlite, (LAST_SEQ, LAST_SEQ))
+        if last_seq is not None and last_seq > (rows[-1][0] if rows else seq):
+            rows = await _fetch(driver, sqlite, ENTRIES_PAST_A_GAP, seq, limit)
     return _in_order(rows, sqlite)
+
+
+async def _fetch(driver: Any, sqlite: bool, statements: tuple[str, str], *parameters: Any) -> Sequence[Any]:
+    """The rows of the store's statement (SQLite's, Postgres'), on the readers' drivers."""
+    if sqlite:
+        return await driver.execute_fetchall(statements[0], parameters)
+    return await driver.fetch(statements[1], *parameters)
 
 
 async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit: int) -> list[Entry]:

@@ -13,6 +13,7 @@ from alembic import command
 from sqlalchemy import Executable, func, insert, select, update
 
 import ledger.events
+import ledger.service
 import migrations
 from bus.codec import encode, timestamp
 from bus.events import relay_poll_interval_s
@@ -366,6 +367,34 @@ async def test_verify_names_the_first_tampered_seq(mesh: Mesh, database: str) ->
     verification = await mesh.ok("ledger.verify", {})
     assert verification["ok"] is False and verification["first_bad_seq"] == 4
     assert verification["length"] == 3
+
+
+async def test_a_deleted_entry_is_named_by_verify_and_paging_goes_on_past_it_wherever_it_was(
+    mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages are read as the seq range they would cover when dense; a range that held one entry
+    fewer once ended verify (`ok`, the chain cut short) and `ledger.chain`'s paging there."""
+    monkeypatch.setattr(ledger.service, "verify_page_entries", 5)
+    await mesh.ok("ledger.record_batch", {"transfers": [transfer(f"g{n}", "world", "user:1", 1) for n in range(14)]})
+    db = open_database(service_url("ledger", database))
+    try:
+        for seq in range(1, 14):  # every position within and at the edge of a page; the last one cannot be told
+            async with db.writer.begin() as conn:
+                row = (await conn.execute(select(ledger_entries).where(ledger_entries.c.seq == seq))).one()
+                await conn.execute(ledger_entries.delete().where(ledger_entries.c.seq == seq))
+            verification = await mesh.ok("ledger.verify", {})
+            assert (verification["ok"], verification["first_bad_seq"], verification["length"]) == (False, seq, seq - 1)
+            seqs, after = [], 0
+            while after is not None:
+                page = await mesh.ok("ledger.chain", {"after_seq": after, "limit": 4})
+                seqs += [entry["seq"] for entry in page["items"]]
+                after = page["next_after_seq"]
+            assert seqs == [n for n in range(1, 15) if n != seq]
+            async with db.writer.begin() as conn:
+                await conn.execute(insert(ledger_entries).values(row._mapping))
+        assert (await mesh.ok("ledger.verify", {}))["ok"] is True
+    finally:
+        await db.dispose()
 
 
 async def test_concurrent_spending_never_overspends_and_keeps_every_invariant(mesh: Mesh) -> None:
