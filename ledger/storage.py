@@ -57,6 +57,28 @@ ENTRIES_PAST_A_GAP = (
 """Up to `limit` entries after `seq` when the range does not hold them: only where an entry was
 deleted from the table (`entries_after`)."""
 LAST_SEQ = "SELECT max(seq) FROM ledger_entries"
+POSTGRES_CANONICAL_BODY = """'{"amount":' || amount || ',"currency":' || to_json(currency)
+    || ',"from":' || to_json(from_account) || ',"id":' || to_json(id) || ',"memo":' || to_json(memo)
+    || ',"recorded_at":"' || to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    || '","seq":' || seq || ',"to":' || to_json(to_account) || '}'"""
+"""`ledger.chain.canonical_body` written by Postgres: keys in JCS order, integers as digits,
+strings by `to_json`, which escapes as JCS does (`"`, `\\`, control characters in their short
+forms or as lower-case `\\u00xx`), and `recorded_at` as the contract's timestamp."""
+POSTGRES_VERIFY_RANGE = f"""WITH checked AS (
+    SELECT seq, hash, $1 + row_number() OVER chain AS expected_seq, coalesce(lag(hash) OVER chain, $2) AS expected_prev,
+        prev_hash = coalesce(lag(hash) OVER chain, $2)
+        AND hash = encode(sha256(convert_to(prev_hash || {POSTGRES_CANONICAL_BODY}, 'UTF8')), 'hex') AS valid
+    FROM ledger_entries WHERE seq > $1 AND seq <= $1 + $3
+    WINDOW chain AS (ORDER BY seq)
+), first_bad AS (
+    SELECT expected_seq - 1 AS seq, expected_prev AS hash FROM checked
+    WHERE seq <> expected_seq OR NOT valid ORDER BY seq LIMIT 1
+), last AS (SELECT seq, hash FROM checked ORDER BY seq DESC LIMIT 1)
+SELECT (SELECT seq FROM first_bad), (SELECT hash FROM first_bad), (SELECT seq FROM last), (SELECT hash FROM last),
+    ({LAST_SEQ})"""
+"""The chain over the range ($1, $1 + $3] checked by Postgres, following the head ($1, $2): the
+last good entry before the first bad one (or none), the range's last entry, and the stored
+last seq, all in one snapshot."""
 SQLITE_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
     SELECT min(last_seq), 0 FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
     UNION ALL
@@ -191,6 +213,19 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
         if last_seq is not None and last_seq > (rows[-1][0] if rows else seq):
             rows = await _fetch(driver, sqlite, ENTRIES_PAST_A_GAP, seq, limit)
     return _in_order(rows, sqlite)
+
+
+async def postgres_verified(driver: Any, after: Head, entries: int) -> tuple[Head, bool]:
+    """The chain past `after` checked by Postgres, over `entries` seqs at most: the last entry
+    that holds, and whether the check stopped before the chain's end (at a bad entry, or at a
+    gap: a range holding fewer than it covers while later entries are stored)."""
+    bad_seq, bad_hash, last_seq, last_hash, stored_seq = await driver.fetchrow(
+        POSTGRES_VERIFY_RANGE, after.seq, after.hash, entries
+    )
+    if bad_seq is not None:
+        return Head(bad_seq, bad_hash), True
+    good = Head(last_seq, last_hash) if last_seq is not None else after
+    return good, good.seq < after.seq + entries and (stored_seq or 0) > good.seq
 
 
 async def _fetch(driver: Any, sqlite: bool, statements: tuple[str, str], *parameters: Any) -> Sequence[Any]:

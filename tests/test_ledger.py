@@ -369,12 +369,66 @@ async def test_verify_names_the_first_tampered_seq(mesh: Mesh, database: str) ->
     assert verification["length"] == 3
 
 
+AWKWARD_MEMOS = [
+    "".join(map(chr, range(1, 32))),
+    '\x7f " \\ / \u2028 \u2029 \ufeff é ✓ 𝄞 😀 <&>',
+    "e\u0301 \U0010ffff \\u0041",
+    "",
+]
+
+
+async def test_verify_holds_for_every_character_and_names_a_change_to_any_hashed_field(
+    mesh: Mesh, database: str
+) -> None:
+    """On Postgres the server writes the canonical body itself (`POSTGRES_CANONICAL_BODY`): every
+    escape, character and integer has to come out as `ledger.chain.canonical_body` writes it."""
+    transfers = [
+        transfer(f"A.z-0:{n}", "world", f"Z_9.a:{n}", INT64_MAX - 6 if n == 0 else n, memo=memo)
+        for n, memo in enumerate(AWKWARD_MEMOS)
+    ]
+    entries = (await mesh.ok("ledger.record_batch", {"transfers": transfers}))["items"]
+    entries.append(await mesh.ok("ledger.record", transfer("last", "world", "Z_9.a:0", 1, currency="BTC")))
+    assert [entry["hash"] for entry in entries] == [outside_hash(entry) for entry in entries]
+    assert await mesh.ok("ledger.verify", {}) == {
+        "ok": True,
+        "length": len(entries),
+        "head": entries[-1]["hash"],
+        "first_bad_seq": None,
+    }
+    c = ledger_entries.c
+    changes = [
+        (c.id, "A.z-0:9"),
+        (c.from_account, "world2"),
+        (c.to_account, "Z_9.a:9"),
+        (c.amount, 7),
+        (c.currency, "USD"),
+        (c.memo, AWKWARD_MEMOS[0] + " "),
+        (c.recorded_at, datetime(2026, 1, 1, tzinfo=UTC)),
+        (c.prev_hash, "0" * 64),
+        (c.hash, "f" * 64),
+    ]
+    db = open_database(service_url("ledger", database))
+    try:
+        for column, value in changes:
+            async with db.writer.begin() as conn:
+                stored = (await conn.execute(select(column).where(c.seq == 2))).scalar_one()
+                await conn.execute(update(ledger_entries).where(c.seq == 2).values({column: value}))
+            verification = await mesh.ok("ledger.verify", {})
+            assert verification == {"ok": False, "length": 1, "head": entries[0]["hash"], "first_bad_seq": 2}, column
+            async with db.writer.begin() as conn:
+                await conn.execute(update(ledger_entries).where(c.seq == 2).values({column: stored}))
+        assert (await mesh.ok("ledger.verify", {}))["ok"] is True
+    finally:
+        await db.dispose()
+
+
 async def test_a_deleted_entry_is_named_by_verify_and_paging_goes_on_past_it_wherever_it_was(
     mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pages are read as the seq range they would cover when dense; a range that held one entry
     fewer once ended verify (`ok`, the chain cut short) and `ledger.chain`'s paging there."""
-    monkeypatch.setattr(ledger.service, "verify_page_entries", 5)
+    monkeypatch.setattr(ledger.service, "verify_page_entries", 5)  # SQLite's pages, read here
+    monkeypatch.setattr(ledger.service, "verify_range_entries", 5)  # Postgres' ranges, checked there
     await mesh.ok("ledger.record_batch", {"transfers": [transfer(f"g{n}", "world", "user:1", 1) for n in range(14)]})
     db = open_database(service_url("ledger", database))
     try:
