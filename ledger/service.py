@@ -21,7 +21,7 @@ from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from ledger.plan import Head
-from ledger.storage import entries_after, history_after, postgres_verified
+from ledger.storage import entries_after, history_after, postgres_verified, seq_range_end
 from ledger.writer import Writer
 from schemas.common import INT64_MAX
 from schemas.database import Database, open_database, service_url
@@ -145,7 +145,7 @@ async def verify(request: VerifyRequest, db: Database) -> Verification:
             good, stopped = await postgres_verified(driver, after, verify_range_entries)
         if stopped:
             return Verification(ok=False, length=good.seq, head=good.hash, first_bad_seq=good.seq + 1)
-        if good.seq < after.seq + verify_range_entries:
+        if good.seq < seq_range_end(after.seq, verify_range_entries):
             return Verification(ok=True, length=good.seq, head=good.hash, first_bad_seq=None)
 
 

@@ -28,6 +28,7 @@ from bus.codec import timestamp
 from bus.errors import ErrorBody
 from ledger import postings
 from ledger.plan import BalanceKey, Head, Refusal
+from schemas.common import INT64_MAX
 from schemas.database import (
     postgres_int_array,
     postgres_lookup,
@@ -44,9 +45,9 @@ REFUSAL_COLUMNS = "id, from_account, to_account, amount, currency, memo, error"
 HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
 POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
 
-SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?1 + ?2 ORDER BY seq"
-POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $1 + $2 ORDER BY seq"
-"""Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit]. Asked as
+SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
+POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
+"""Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit] (`seq_range`). Asked as
 `seq > $1 ORDER BY seq LIMIT $2`, a Postgres table never analyzed yet was estimated to match a
 third of its rows and scanned whole and sorted (up to ~50k entries) at every relay poll; a range
 bounded on both sides is planned on the key."""
@@ -68,7 +69,7 @@ POSTGRES_VERIFY_RANGE = f"""WITH checked AS (
     SELECT seq, hash, $1 + row_number() OVER chain AS expected_seq, coalesce(lag(hash) OVER chain, $2) AS expected_prev,
         prev_hash = coalesce(lag(hash) OVER chain, $2)
         AND hash = encode(sha256(convert_to(prev_hash || {POSTGRES_CANONICAL_BODY}, 'UTF8')), 'hex') AS valid
-    FROM ledger_entries WHERE seq > $1 AND seq <= $1 + $3
+    FROM ledger_entries WHERE seq > $1 AND seq <= $3
     WINDOW chain AS (ORDER BY seq)
 ), first_bad AS (
     SELECT expected_seq - 1 AS seq, expected_prev AS hash FROM checked
@@ -76,7 +77,7 @@ POSTGRES_VERIFY_RANGE = f"""WITH checked AS (
 ), last AS (SELECT seq, hash FROM checked ORDER BY seq DESC LIMIT 1)
 SELECT (SELECT seq FROM first_bad), (SELECT hash FROM first_bad), (SELECT seq FROM last), (SELECT hash FROM last),
     ({LAST_SEQ})"""
-"""The chain over the range ($1, $1 + $3] checked by Postgres, following the head ($1, $2): the
+"""The chain over the range ($1, $3] checked by Postgres, following the head ($1, $2): the
 last good entry before the first bad one (or none), the range's last entry, and the stored
 last seq, all in one snapshot."""
 SQLITE_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
@@ -207,7 +208,8 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
     holding fewer ends at the head, or at a gap: an entry deleted from the table. Past a gap the
     entries are read by seq alone, so `ledger.verify` names it and no pager or relay stops
     there. Until session 26 a range one short ended verify with `ok` and the chain cut short."""
-    rows = await _fetch(driver, sqlite, (SQLITE_ENTRIES_AFTER, POSTGRES_ENTRIES_AFTER), seq, limit)
+    statements = (SQLITE_ENTRIES_AFTER, POSTGRES_ENTRIES_AFTER)
+    rows = await _fetch(driver, sqlite, statements, seq, seq_range_end(seq, limit))
     if len(rows) < limit:
         ((last_seq,),) = await _fetch(driver, sqlite, (LAST_SEQ, LAST_SEQ))
         if last_seq is not None and last_seq > (rows[-1][0] if rows else seq):
@@ -219,13 +221,20 @@ async def postgres_verified(driver: Any, after: Head, entries: int) -> tuple[Hea
     """The chain past `after` checked by Postgres, over `entries` seqs at most: the last entry
     that holds, and whether the check stopped before the chain's end (at a bad entry, or at a
     gap: a range holding fewer than it covers while later entries are stored)."""
+    through = seq_range_end(after.seq, entries)
     bad_seq, bad_hash, last_seq, last_hash, stored_seq = await driver.fetchrow(
-        POSTGRES_VERIFY_RANGE, after.seq, after.hash, entries
+        POSTGRES_VERIFY_RANGE, after.seq, after.hash, through
     )
     if bad_seq is not None:
         return Head(bad_seq, bad_hash), True
     good = Head(last_seq, last_hash) if last_seq is not None else after
-    return good, good.seq < after.seq + entries and (stored_seq or 0) > good.seq
+    return good, good.seq < through and (stored_seq or 0) > good.seq
+
+
+def seq_range_end(after: int, entries: int) -> int:
+    """The last seq of the range of `entries` after `after`, never past the largest seq a table
+    can hold: Postgres' `bigint` refuses a sum past it (a 500 until session 26)."""
+    return min(after + entries, INT64_MAX)
 
 
 async def _fetch(driver: Any, sqlite: bool, statements: tuple[str, str], *parameters: Any) -> Sequence[Any]:

@@ -19,7 +19,7 @@ MEMO_LENGTH_MAX = 1024
 Account = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 TransferId = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 Memo = Annotated[str, Meta(max_length=MEMO_LENGTH_MAX, pattern=NO_NUL)]
-Seq = Annotated[int, Meta(ge=0)]
+Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 WORLD = "world"
 GENESIS_HASH = "0" * 64
 record_batch_transfers_max = 1000

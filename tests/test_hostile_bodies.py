@@ -25,6 +25,18 @@ ENDPOINT_FIELDS = {
     "products.products.delete": ["id"],
     "products.internal.stock.reserve": ["reservation_id", "product_id", "quantity"],
     "products.internal.stock.release": ["reservation_id", "product_id", "quantity"],
+    "transactions.deposits.create": ["idempotency_key", "user_id", "amount", "currency"],
+    "transactions.withdrawals.create": ["idempotency_key", "user_id", "amount", "currency"],
+    "transactions.transfers.create": ["idempotency_key", "from_user_id", "to_user_id", "amount", "currency", "memo"],
+    "transactions.purchases.create": ["idempotency_key", "buyer_id", "product_id", "quantity"],
+    "transactions.transactions.get": ["id"],
+    "transactions.transactions.list": ["user_id", "limit", "after_id"],
+    "ledger.record": ["id", "from", "to", "amount", "currency", "memo"],
+    "ledger.record_batch": ["transfers"],
+    "ledger.balance": ["account"],
+    "ledger.history": ["account", "after_seq", "limit"],
+    "ledger.chain": ["after_seq", "limit"],
+    "ledger.verify": [],
 }
 EXPECTED_CODES = {None, 400, 401, 404, 409, 422}
 
