@@ -32,6 +32,7 @@ ENDPOINT_FIELDS = {
     "transactions.transactions.get": ["id"],
     "transactions.transactions.list": ["user_id", "limit", "after_id"],
     "ledger.record": ["id", "from", "to", "amount", "currency", "memo"],
+    "ledger.internal.record": ["id", "from", "to", "amount", "currency", "memo"],
     "ledger.record_batch": ["transfers"],
     "ledger.balance": ["account"],
     "ledger.history": ["account", "after_seq", "limit"],
