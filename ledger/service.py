@@ -47,6 +47,8 @@ log = logging.getLogger("bitnexus.ledger")
 
 verify_page_entries = 2_000
 verify_range_entries = 50_000
+verify_waiting_max = 64
+"""`ledger.verify` requests taken off the subscription at once: those waiting share the next verify."""
 """Postgres: the entries one statement of `verify` checks (≈ 0.25 s on this machine kind)."""
 RECORDED_AT_SHAPE = "2026-01-01T00:00:00.000000Z"
 """As long as every `recorded_at` (contract §1)."""
@@ -130,7 +132,37 @@ def _paged(entries: list[Entry], limit: int) -> EntryPage:
     return EntryPage(items=items, next_after_seq=items[-1].seq if len(entries) > limit else None)
 
 
-async def verify(request: VerifyRequest, db: Database) -> Verification:
+class Verifier:
+    """`ledger.verify` one at a time: requests that come while one runs share the next, which
+    starts after they came, so each answer covers the chain as it stood when it was asked. Clients
+    that stop waiting and ask again (a monitor polling more often than a verify takes) add no
+    more than one verify at a time; until session 26 each of their requests queued one, two
+    running at once."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._turn = asyncio.Lock()
+        self._started = 0
+        self._finished = 0
+        self._last: Verification | None = None
+
+    async def verify(self) -> Verification:
+        started_before = self._started
+        async with self._turn:
+            if self._finished > started_before:  # begun after this request came, and done
+                assert self._last is not None
+                return self._last
+            self._started += 1
+            self._last = await verify_chain(self.db)
+            self._finished = self._started
+            return self._last
+
+
+async def verify(request: VerifyRequest, verifier: Verifier) -> Verification:
+    return await verifier.verify()
+
+
+async def verify_chain(db: Database) -> Verification:
     """Recompute every hash from the stored rows. On Postgres the server does it, a range per
     statement (`postgres_verified`): done here, a verify of a million entries beside `ledger.record`
     at c64 took 11-12 s, and the record rate fell to a quarter while it ran (bench/RESULTS.md,
@@ -200,7 +232,7 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     service.add_endpoint("ledger.balance", balance, db)
     service.add_endpoint("ledger.history", history, db)
     service.add_endpoint("ledger.chain", chain, db)
-    service.add_endpoint("ledger.verify", verify, db, concurrency_max=2)
+    service.add_endpoint("ledger.verify", verify, Verifier(db), concurrency_max=verify_waiting_max)
     try:
         async with asyncio.TaskGroup() as group:
             task = group.create_task(supervised("ledger.writer", writer.run))

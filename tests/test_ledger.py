@@ -22,9 +22,9 @@ from ledger import postings, writer
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, ChainRelay, committed_message, event_message, handed_over, stored
 from ledger.writer import LEDGER_LOCK_KEY
-from schemas.database import open_database, service_url
+from schemas.database import Database, open_database, service_url
 from schemas.events import Envelope
-from schemas.ledger import Entry, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
+from schemas.ledger import Entry, Verification, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh, events_parked
 from tests.ledger_checks import GENESIS, assert_ledger_invariants, outside_hash, whole_chain, whole_history
 
@@ -367,6 +367,40 @@ async def test_verify_names_the_first_tampered_seq(mesh: Mesh, database: str) ->
     verification = await mesh.ok("ledger.verify", {})
     assert verification["ok"] is False and verification["first_bad_seq"] == 4
     assert verification["length"] == 3
+
+
+async def test_verifies_asked_while_one_runs_share_the_next_which_began_after_they_were_asked(
+    mesh: Mesh, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run recomputes the chain and then takes 0.3 s more to answer: a request that comes
+    in that time is answered by a run that recomputed it after it came (here, after a change)."""
+    await mesh.ok("ledger.record_batch", {"transfers": [transfer(f"s{n}", "world", "user:1", 1) for n in range(3)]})
+    runs = []
+    recompute = ledger.service.verify_chain
+
+    async def slow_to_answer(db: Database) -> Verification:
+        runs.append(await recompute(db))
+        await asyncio.sleep(0.3)
+        return runs[-1]
+
+    monkeypatch.setattr(ledger.service, "verify_chain", slow_to_answer)
+    answers = await asyncio.gather(*(mesh.ok("ledger.verify", {}) for _ in range(12)))
+    assert len(runs) <= 2 and all(answer == answers[0] for answer in answers)
+    assert answers[0]["ok"] is True and answers[0]["length"] == 3
+    runs_before = len(runs)
+    first = asyncio.create_task(mesh.ok("ledger.verify", {}))
+    async with asyncio.timeout(5):
+        while len(runs) == runs_before:  # it has recomputed the chain, and answers in 0.3 s
+            await asyncio.sleep(0.01)
+    db = open_database(service_url("ledger", database))
+    try:
+        async with db.writer.begin() as conn:
+            await conn.execute(update(ledger_entries).where(ledger_entries.c.seq == 2).values(memo="changed"))
+    finally:
+        await db.dispose()
+    later = await mesh.ok("ledger.verify", {})
+    assert (await first)["ok"] is True
+    assert (later["ok"], later["first_bad_seq"]) == (False, 2) and len(runs) == runs_before + 2
 
 
 async def test_a_page_after_the_largest_seq_is_empty_and_one_past_int64_is_a_400(mesh: Mesh) -> None:
