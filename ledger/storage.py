@@ -47,7 +47,7 @@ POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
 
 SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
 POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
-"""Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit] (`seq_range`). Asked as
+"""Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit] (`seq_range_end`). Asked as
 `seq > $1 ORDER BY seq LIMIT $2`, a Postgres table never analyzed yet was estimated to match a
 third of its rows and scanned whole and sorted (up to ~50k entries) at every relay poll; a range
 bounded on both sides is planned on the key."""
