@@ -42,7 +42,7 @@ class ById(Request):
 
 class PageRequest(Request):
     limit: Limit = LIMIT_DEFAULT
-    after_id: Annotated[int, Meta(ge=0)] = 0
+    after_id: NonNegative = 0
 
 
 class Page(msgspec.Struct, frozen=True):

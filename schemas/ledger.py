@@ -10,7 +10,19 @@ from msgspec import Meta
 from sqlalchemy import BigInteger, CheckConstraint, Column, String, Table, Text
 from sqlalchemy.types import TypeEngine
 
-from schemas.common import CURRENCY, INT64_MAX, LIMIT_DEFAULT, NO_NUL, Cents, Currency, Limit, Page, Request, metadata
+from schemas.common import (
+    CURRENCY,
+    INT64_MAX,
+    LIMIT_DEFAULT,
+    NO_NUL,
+    Cents,
+    Currency,
+    Limit,
+    NonNegative,
+    Page,
+    Request,
+    metadata,
+)
 from schemas.database import UtcDateTime
 
 KEY = "[A-Za-z0-9._:-]{1,128}"
@@ -19,7 +31,7 @@ MEMO_LENGTH_MAX = 1024
 Account = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 TransferId = Annotated[str, Meta(pattern=f"^{KEY}\\Z")]
 Memo = Annotated[str, Meta(max_length=MEMO_LENGTH_MAX, pattern=NO_NUL)]
-Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Seq = NonNegative
 WORLD = "world"
 GENESIS_HASH = "0" * 64
 record_batch_transfers_max = 1000

@@ -121,6 +121,30 @@ async def test_text_postgres_cannot_store_is_a_400_naming_the_field(
     assert code == 400 and reply["error"]["details"] == [field], reply
 
 
+CURSORS = [
+    ("accounts.users.list", {}, "after_id"),
+    ("products.products.list", {}, "after_id"),
+    ("transactions.transactions.list", {}, "after_id"),
+    ("transactions.transactions.list", {"user_id": 1}, "after_id"),
+    ("ledger.chain", {}, "after_seq"),
+    ("ledger.history", {"account": "user:1"}, "after_seq"),
+]
+
+
+@pytest.mark.parametrize(("subject", "fields", "cursor"), CURSORS, ids=[f"{s} {f}" for s, f, _ in CURSORS])
+async def test_a_cursor_at_int64s_end_gives_an_empty_page_and_one_past_it_a_400(
+    mesh: Mesh, subject: str, fields: dict, cursor: str
+) -> None:
+    """A cursor had no upper bound until session 26: past 2^63 - 1 Postgres' driver could not pass
+    it (a 500), and on Postgres a ledger page whose seq range summed past it overflowed."""
+    for after in (2**63 - 1001, 2**63 - 1):
+        page = await mesh.ok(subject, {**fields, cursor: after, "limit": 1000})
+        assert page == {"items": [], f"next_{cursor}": None}, after
+    for after in (2**63, 10**30):
+        code, reply = await mesh.request(subject, {**fields, cursor: after})
+        assert (code, reply["error"]["details"]) == (400, [f"$.{cursor}"]), after
+
+
 async def test_a_refused_memo_refuses_only_its_own_request(mesh: Mesh) -> None:
     """Requests batched with it commit as if it had never come."""
     good = [mesh.request("ledger.record", {**TRANSFER, "id": f"good-{n}"}) for n in range(20)]
