@@ -145,17 +145,23 @@ class Verifier:
         self._turn = asyncio.Lock()
         self._started = 0
         self._finished = 0
-        self._last: Verification | None = None
+        self._last: Verification | Exception | None = None
+        """The last run's outcome. A failure is shared too (a lost database: those waiting get
+        its 503 at once, not one after another as each run of their own meets the outage)."""
 
     async def verify(self) -> Verification:
         started_before = self._started
         async with self._turn:
-            if self._finished > started_before:  # begun after this request came, and done
-                assert self._last is not None
-                return self._last
-            self._started += 1
-            self._last = await verify_chain(self.db)
-            self._finished = self._started
+            if self._finished <= started_before:  # no run begun after this request came has ended
+                self._started += 1
+                try:
+                    self._last = await verify_chain(self.db)
+                except Exception as exc:
+                    self._last = exc
+                self._finished = self._started
+            assert self._last is not None
+            if isinstance(self._last, Exception):
+                raise self._last
             return self._last
 
 

@@ -22,7 +22,7 @@ from ledger import postings, writer
 from ledger.chain import make_entry
 from ledger.events import COMMITTED_SUBJECT, ChainRelay, committed_message, event_message, handed_over, stored
 from ledger.writer import LEDGER_LOCK_KEY
-from schemas.database import Database, open_database, service_url
+from schemas.database import Database, DatabaseTimeout, open_database, service_url
 from schemas.events import Envelope
 from schemas.ledger import Entry, Verification, ledger_balances, ledger_cursors, ledger_entries, ledger_postings
 from tests.conftest import Mesh, events_parked
@@ -401,6 +401,23 @@ async def test_verifies_asked_while_one_runs_share_the_next_which_began_after_th
     later = await mesh.ok("ledger.verify", {})
     assert (await first)["ok"] is True
     assert (later["ok"], later["first_bad_seq"]) == (False, 2) and len(runs) == runs_before + 2
+
+
+async def test_verifies_waiting_on_one_the_database_did_not_answer_share_its_503(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not one after another, each waiting out the same outage in a run of its own."""
+    runs = 0
+
+    async def unanswered(db: Database) -> Verification:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.3)
+        raise DatabaseTimeout("the database did not answer in time")
+
+    monkeypatch.setattr(ledger.service, "verify_chain", unanswered)
+    answers = await asyncio.gather(*(mesh.request("ledger.verify", {}) for _ in range(12)))
+    assert [code for code, _ in answers] == [503] * 12 and runs <= 2
 
 
 AWKWARD_MEMOS = [
