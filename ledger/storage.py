@@ -41,27 +41,35 @@ from schemas.database import (
 from schemas.ledger import Entry, Transfer
 
 ENTRY_COLUMNS = "seq, id, from_account, to_account, amount, currency, memo, recorded_at, prev_hash, hash"
+POSTGRES_RECORDED_AT = """to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+"""A stored `recorded_at` as the contract's text, written by Postgres."""
+POSTGRES_ENTRY_COLUMNS = ENTRY_COLUMNS.replace("recorded_at", f"{POSTGRES_RECORDED_AT} AS recorded_at")
+"""`ENTRY_COLUMNS` as Postgres reads them out, `recorded_at` as text: asyncpg made each a
+`datetime` and Python the text, 0.8-1.0 µs of the ledger's CPU per entry read (of 2.6-2.9 in
+all: a `ledger.chain` page of 1,000 took ≈ 3 ms of its loop; bench/RESULTS.md, session 26)."""
 REFUSAL_COLUMNS = "id, from_account, to_account, amount, currency, memo, error"
 HEAD = "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1"
 POSTINGS_CURSOR = "SELECT seq FROM ledger_cursors WHERE name = 'postings'"
 
 SQLITE_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
-POSTGRES_ENTRIES_AFTER = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
+POSTGRES_ENTRIES_AFTER = (
+    f"SELECT {POSTGRES_ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
+)
 """Up to `limit` entries after `seq`: seqs are dense, so the range (seq, seq + limit] (`seq_range_end`). Asked as
 `seq > $1 ORDER BY seq LIMIT $2`, a Postgres table never analyzed yet was estimated to match a
 third of its rows and scanned whole and sorted (up to ~50k entries) at every relay poll; a range
 bounded on both sides is planned on the key."""
 ENTRIES_PAST_A_GAP = (
     f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2",
+    f"SELECT {POSTGRES_ENTRY_COLUMNS} FROM ledger_entries WHERE seq > $1 ORDER BY seq LIMIT $2",
 )
 """Up to `limit` entries after `seq` when the range does not hold them: only where an entry was
 deleted from the table (`entries_after`)."""
 LAST_SEQ = "SELECT max(seq) FROM ledger_entries"
-POSTGRES_CANONICAL_BODY = """'{"amount":' || amount || ',"currency":' || to_json(currency)
+POSTGRES_CANONICAL_BODY = f"""'{{"amount":' || amount || ',"currency":' || to_json(currency)
     || ',"from":' || to_json(from_account) || ',"id":' || to_json(id) || ',"memo":' || to_json(memo)
-    || ',"recorded_at":"' || to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-    || '","seq":' || seq || ',"to":' || to_json(to_account) || '}'"""
+    || ',"recorded_at":"' || {POSTGRES_RECORDED_AT}
+    || '","seq":' || seq || ',"to":' || to_json(to_account) || '}}'"""
 """`ledger.chain.canonical_body` written by Postgres: keys in JCS order, integers as digits,
 strings by `to_json`, which escapes as JCS does (`"`, `\\`, control characters in their short
 forms or as lower-case `\\u00xx`), and `recorded_at` as the contract's timestamp."""
@@ -129,7 +137,7 @@ SELECT entry.* FROM (
           AND (from_account = $1 OR to_account = $1)
     ) AS found ORDER BY seq LIMIT $3
 ) AS page CROSS JOIN LATERAL (
-    SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE ledger_entries.seq = page.seq LIMIT 1
+    SELECT {POSTGRES_ENTRY_COLUMNS} FROM ledger_entries WHERE ledger_entries.seq = page.seq LIMIT 1
 ) AS entry ORDER BY entry.seq"""
 """`SQLITE_HISTORY` on Postgres, shaped so that a table never analyzed is not scanned whole
 (`postgres_lookup` says why): the chain past the cursor as a range bounded on both sides, and
@@ -140,10 +148,12 @@ def _head(rows: Sequence[Sequence[Any]]) -> Head:
     return Head(rows[0][0], rows[0][1]) if rows else Head()
 
 
-def _entry_list(rows: Iterable[Sequence[Any]], stamp: Callable[[Any], str]) -> list[Entry]:
-    """Entries from rows of `ENTRY_COLUMNS`, each stored `recorded_at` made the contract's text once:
-    a batch's entries share it, and formatting one took 1.6 µs, a third of `ledger.verify`'s time
-    per entry on Postgres (session 24)."""
+def _entry_list(rows: Iterable[Sequence[Any]], stamp: Callable[[Any], str] | None) -> list[Entry]:
+    """Entries from rows of `ENTRY_COLUMNS`, each stored `recorded_at` made the contract's text once
+    by `stamp` (a batch's entries share it), or read as that text already (`POSTGRES_ENTRY_COLUMNS`:
+    `stamp` None)."""
+    if stamp is None:
+        return [Entry(*row) for row in rows]
     stamps: dict[Any, str] = {}
 
     def stamped(stored: Any) -> str:
@@ -155,7 +165,7 @@ def _entry_list(rows: Iterable[Sequence[Any]], stamp: Callable[[Any], str]) -> l
     return [Entry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], stamped(r[7]), r[8], r[9]) for r in rows]
 
 
-def _entries(rows: Iterable[Sequence[Any]], stamp: Callable[[Any], str]) -> dict[str, Entry]:
+def _entries(rows: Iterable[Sequence[Any]], stamp: Callable[[Any], str] | None) -> dict[str, Entry]:
     return {entry.id: entry for entry in _entry_list(rows, stamp)}
 
 
@@ -255,7 +265,7 @@ async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit
 
 def _in_order(rows: Iterable[Sequence[Any]], sqlite: bool) -> list[Entry]:
     """Entries from the readers' rows of `ENTRY_COLUMNS`, in the rows' order."""
-    return _entry_list(rows, sqlite_timestamp if sqlite else timestamp)
+    return _entry_list(rows, sqlite_timestamp if sqlite else None)
 
 
 class SqliteLedgerSql:
@@ -320,9 +330,9 @@ class PostgresLedgerSql:
 
     begin_and_lock = "BEGIN; SELECT pg_advisory_xact_lock({key})"
     run_entries = "SELECT from_account, to_account, seq FROM ledger_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq"
-    by_ids = postgres_lookup(ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
+    by_ids = postgres_lookup(POSTGRES_ENTRY_COLUMNS, "ledger_entries", {"id": "text"})
     head_and_ids = (
-        f"(SELECT true, {ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
+        f"(SELECT true, {POSTGRES_ENTRY_COLUMNS} FROM ledger_entries ORDER BY seq DESC LIMIT 1) "
         f"UNION ALL SELECT false, * FROM ({by_ids}) AS recorded "
         "UNION ALL SELECT NULL, seq, name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL "
         f"FROM ledger_cursors WHERE name IN {postings.CURSORS}"
@@ -385,7 +395,7 @@ are written with the entries.
         rows = await driver.fetch(self.head_and_ids, ids)
         heads = [Head(row[1], row[10]) for row in rows if row[0]]  # seq and hash of ENTRY_COLUMNS
         head = heads[0] if heads else Head()
-        recorded = _entries((row[1:] for row in rows if row[0] is False), timestamp)
+        recorded = _entries((row[1:] for row in rows if row[0] is False), None)
         cursors = {row[2]: row[1] for row in rows if row[0] is None}
         return head, recorded, postings.stored_index(cursors, head)
 
