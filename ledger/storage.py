@@ -88,6 +88,19 @@ SELECT (SELECT seq FROM first_bad), (SELECT hash FROM first_bad), (SELECT seq FR
 """The chain over the range ($1, $3] checked by Postgres, following the head ($1, $2): the
 last good entry before the first bad one (or none), the range's last entry, and the stored
 last seq, all in one snapshot."""
+SQLITE_BALANCES_OF_ACCOUNTS = (
+    "SELECT account, currency, balance FROM ledger_balances "
+    "WHERE account IN (SELECT value FROM json_each(?1)) ORDER BY account, currency"
+)
+CURRENCIES_MAX = 26**3
+"""Every currency there can be (three upper-case letters): a bound no account's balances exceed."""
+POSTGRES_BALANCES_OF_ACCOUNTS = f"""SELECT found.* FROM unnest($1::text[]) AS wanted(account) CROSS JOIN LATERAL (
+    SELECT account, currency, balance FROM ledger_balances WHERE ledger_balances.account = wanted.account
+    ORDER BY currency LIMIT {CURRENCIES_MAX}
+) AS found"""
+"""As `postgres_lookup`: a LATERAL subquery with a LIMIT is never flattened into a join that a
+young table's estimates would answer with a scan of the whole table; each account is one range
+of the primary key."""
 SQLITE_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
     SELECT min(last_seq), 0 FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
     UNION ALL
@@ -225,6 +238,16 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
         if last_seq is not None and last_seq > (rows[-1][0] if rows else seq):
             rows = await _fetch(driver, sqlite, ENTRIES_PAST_A_GAP, seq, limit)
     return _in_order(rows, sqlite)
+
+
+async def balances_of_accounts(driver: Any, sqlite: bool, accounts: list[str]) -> dict[str, dict[str, int]]:
+    """Each account's balances by currency, in currency order; an account with none is left out."""
+    statements = (SQLITE_BALANCES_OF_ACCOUNTS, POSTGRES_BALANCES_OF_ACCOUNTS)
+    rows = await _fetch(driver, sqlite, statements, sqlite_json_list(accounts) if sqlite else accounts)
+    found: dict[str, dict[str, int]] = {}
+    for account, currency, balance in rows:
+        found.setdefault(account, {})[currency] = balance
+    return found
 
 
 async def postgres_verified(driver: Any, after: Head, entries: int) -> tuple[Head, bool]:

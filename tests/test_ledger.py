@@ -101,6 +101,29 @@ async def test_balances_follow_the_transfers_and_unknown_accounts_are_empty(mesh
     assert await mesh.ok("ledger.balance", {"account": "nobody"}) == {"account": "nobody", "balances": {}}
 
 
+async def test_balances_asked_together_are_each_accounts_own(mesh: Mesh) -> None:
+    """Balance reads that come together are one statement (`balances_loader`): each answer holds
+    its own account's currencies, in currency order, and an unknown account's is empty."""
+    currencies = ["USD", "EUR", "BTC"]
+    transfers = [
+        transfer(f"b{n}-{currency}", "world", f"acct:{n}", 10 * n + k + 1, currency=currency)
+        for n in range(20)
+        for k, currency in enumerate(currencies[: n % 3 + 1])
+    ]
+    await mesh.ok("ledger.record_batch", {"transfers": transfers})
+    accounts = [f"acct:{n}" for n in range(20)] * 3 + ["acct:none", "world"]
+    answers = await asyncio.gather(*(mesh.ok("ledger.balance", {"account": account}) for account in accounts))
+    for account, answer in zip(accounts, answers, strict=True):
+        expected: dict[str, int] = {}
+        for t in sorted(transfers, key=lambda t: t["currency"]):
+            if account in (t["to"], t["from"]):
+                expected[t["currency"]] = expected.get(t["currency"], 0) + (
+                    t["amount"] if t["to"] == account else -t["amount"]
+                )
+        assert answer == {"account": account, "balances": expected}
+        assert list(answer["balances"]) == sorted(answer["balances"])
+
+
 async def test_business_rules_refuse_with_422_and_record_nothing(mesh: Mesh) -> None:
     await mesh.ok("ledger.record", transfer("d1", "world", "user:1", 100))
     cases = [

@@ -23,7 +23,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import migrations
 from handlers.accounts import USERS_BY_IDS_POSTGRES
 from handlers.transaction_store import TransactionSql
-from ledger.storage import POSTGRES_ENTRIES_AFTER, POSTGRES_HISTORY, PostgresLedgerSql
+from ledger.storage import (
+    POSTGRES_BALANCES_OF_ACCOUNTS,
+    POSTGRES_ENTRIES_AFTER,
+    POSTGRES_HISTORY,
+    POSTGRES_VERIFY_RANGE,
+    PostgresLedgerSql,
+)
 from schemas.database import postgres_int_array, postgres_text_array
 
 ROWS = 5_000
@@ -54,6 +60,8 @@ STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("ledger balances", PostgresLedgerSql.balances_of, [accounts, ["EUR"] * KEYS]),
     ("ledger chain page", POSTGRES_ENTRIES_AFTER, [10, 1_000]),
     ("ledger history", POSTGRES_HISTORY, ["user:7", 0, 51]),
+    ("ledger balance reads", POSTGRES_BALANCES_OF_ACCOUNTS, [accounts]),
+    ("ledger verify range", POSTGRES_VERIFY_RANGE, [10, "0" * 64, 1_000]),
     ("transactions by key", TransactionSql(sqlite=False)._by_keys, [[f"key-{n}" for n in numbers]]),
     ("transactions by id", TransactionSql(sqlite=False)._by_ids, [numbers]),
     ("users by id", USERS_BY_IDS_POSTGRES, [numbers]),
