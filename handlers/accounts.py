@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from typing import Any
 
 from msgspec import UNSET
 from nats.aio.client import Client
@@ -17,7 +18,7 @@ from bus.codec import timestamp
 from bus.errors import Conflict, InvalidCredentials, NotFound
 from bus.events import write_event
 from bus.service import Service
-from handlers.batching import BatchLoader
+from handlers.batching import BatchLoader, read_loader
 from handlers.passwords import hash_password, verify_password
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import (
@@ -32,7 +33,13 @@ from schemas.accounts import (
     users,
 )
 from schemas.common import Deleted
-from schemas.database import postgres_lookup, settled, sqlite_json_list, sqlite_timestamp, transaction
+from schemas.database import (
+    lookup_rows,
+    postgres_lookup,
+    settled,
+    stored_timestamp,
+    transaction,
+)
 
 SOURCE = "accounts"
 USER_COLUMNS = (users.c.id, users.c.email, users.c.name, users.c.inserted_at, users.c.updated_at)
@@ -96,18 +103,12 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
     """The hottest read of the mesh, on the driver itself: one statement with one parameter for any
     number of ids (so nothing is recompiled per batch size) and no per-row ORM-level processing."""
 
-    async def fetch(ids: list[int]) -> dict[int, User]:
-        async with repo.db.read() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            if repo.db.is_sqlite:
-                rows = await driver.execute_fetchall(USERS_BY_IDS_SQLITE, (sqlite_json_list(ids),))
-                stamp = sqlite_timestamp
-            else:
-                rows = await driver.fetch(USERS_BY_IDS_POSTGRES, ids)
-                stamp = timestamp
+    async def lookup(driver: Any, ids: list[int]) -> dict[int, User]:
+        rows = await lookup_rows(driver, repo.db.is_sqlite, (USERS_BY_IDS_SQLITE, USERS_BY_IDS_POSTGRES), ids)
+        stamp = stored_timestamp(repo.db.is_sqlite)
         return {row[0]: User(row[0], row[1], row[2], stamp(row[3]), stamp(row[4])) for row in rows}
 
-    return BatchLoader(fetch, fetchers=2)
+    return read_loader(repo.db, lookup)
 
 
 async def list_users(request: ListUsers, repo: Repo) -> UserPage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from typing import Any
 
 from msgspec import UNSET, structs
 from nats.aio.client import Client
@@ -24,10 +25,11 @@ from bus.codec import timestamp
 from bus.errors import Conflict, NotFound, RemoteError, Unprocessable
 from bus.events import write_event
 from bus.service import Service
+from handlers.batching import BatchLoader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
-from schemas.database import settled, transaction
+from schemas.database import lookup_rows, postgres_lookup, settled, stored_timestamp, transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -103,11 +105,29 @@ async def create_product(request: CreateProduct, repo: Repo) -> Product:
     return product
 
 
-async def get_product(request: ProductId, repo: Repo) -> Product:
-    product = await _product_where(repo, products.c.id == request.id)
+async def get_product(request: ProductId, products_by_id: BatchLoader[int, Product]) -> Product:
+    product = await products_by_id.load(request.id)
     if product is None:
         raise product_not_found(request.id)
     return product
+
+
+PRODUCT_FIELDS = "id, sku, name, description, price, currency, stock, seller_id, inserted_at, updated_at"
+PRODUCTS_BY_IDS = (
+    f"SELECT {PRODUCT_FIELDS} FROM products WHERE id IN (SELECT value FROM json_each(?))",
+    postgres_lookup(PRODUCT_FIELDS, "products", {"id": "bigint"}),
+)
+
+
+def products_loader(repo: Repo) -> BatchLoader[int, Product]:
+    """`products.products.get`: those that come together, one statement on the driver (`read_loader`)."""
+
+    async def lookup(driver: Any, ids: list[int]) -> dict[int, Product]:
+        stamp = stored_timestamp(repo.db.is_sqlite)
+        rows = await lookup_rows(driver, repo.db.is_sqlite, PRODUCTS_BY_IDS, ids)
+        return {row[0]: Product(*row[:8], inserted_at=stamp(row[8]), updated_at=stamp(row[9])) for row in rows}
+
+    return read_loader(repo.db, lookup)
 
 
 async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
@@ -284,7 +304,9 @@ async def _product_in(conn: AsyncConnection, product_id: int) -> Product:
 
 def add_endpoints(service: Service, repo: Repo) -> None:
     service.add_endpoint("products.products.create", create_product, repo)
-    service.add_endpoint("products.products.get", get_product, repo)
+    products_by_id = products_loader(repo)
+    repo.background.append(products_by_id.run)
+    service.add_endpoint("products.products.get", get_product, products_by_id)
     service.add_endpoint("products.products.list", list_products, repo)
     service.add_endpoint("products.products.update", update_product, repo)
     service.add_endpoint("products.products.delete", delete_product, repo)

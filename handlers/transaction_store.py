@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.events import new_envelope
-from schemas.database import postgres_lookup, sqlite_json_list, sqlite_stored, sqlite_timestamp
+from schemas.database import lookup_rows, postgres_lookup, sqlite_stored, sqlite_timestamp
 from schemas.transactions import Transaction
 
 SOURCE = "transactions"
@@ -109,6 +109,7 @@ class TransactionSql:
                 f"SELECT {STORED_COLUMNS} FROM transactions WHERE idempotency_key IN (SELECT value FROM json_each(?))"
             )
             self._by_ids = f"SELECT {STORED_COLUMNS} FROM transactions WHERE id IN (SELECT value FROM json_each(?))"
+            self._read_by_ids = self._by_ids
             self._insert = (
                 f"INSERT INTO transactions ({NEW_COLUMNS}) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (idempotency_key) DO NOTHING"
@@ -122,6 +123,7 @@ class TransactionSql:
             self._by_keys = postgres_lookup(STORED_COLUMNS, "transactions", {"idempotency_key": "text"})
             # FOR UPDATE: a replica closing the same transaction waits, then sees it closed
             self._by_ids = postgres_lookup(STORED_COLUMNS, "transactions", {"id": "bigint"}, "FOR UPDATE")
+            self._read_by_ids = postgres_lookup(STORED_COLUMNS, "transactions", {"id": "bigint"})
             self._insert = (
                 f"INSERT INTO transactions ({NEW_COLUMNS}) "
                 "VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12) "
@@ -144,14 +146,14 @@ class TransactionSql:
         return Stored(*row[:15], inserted_at=inserted_at)
 
     async def _fetch(self, driver: Any, sql: str, values: list[Any]) -> list[Stored]:
-        if self.sqlite:
-            rows = await driver.execute_fetchall(sql, (sqlite_json_list(values),))
-        else:
-            rows = await driver.fetch(sql, values)
-        return [self._stored(row) for row in rows]
+        return [self._stored(row) for row in await lookup_rows(driver, self.sqlite, (sql, sql), values)]
 
     async def by_keys(self, driver: Any, keys: list[str]) -> dict[str, Stored]:
         return {row.idempotency_key: row for row in await self._fetch(driver, self._by_keys, keys)}
+
+    async def by_ids(self, driver: Any, ids: list[int]) -> dict[int, Stored]:
+        """For reads: no row locked."""
+        return {row.id: row for row in await self._fetch(driver, self._read_by_ids, ids)}
 
     async def insert_pending(self, conn: AsyncConnection, new: list[NewTransaction]) -> list[Stored]:
         """A batch operation: the pending row of each, or the row its key already had."""

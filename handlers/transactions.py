@@ -29,7 +29,7 @@ from bus.client import call
 from bus.codec import encode
 from bus.errors import Conflict, ErrorBody, NotFound, RemoteError, Unavailable, Unprocessable
 from bus.service import Service
-from handlers.batching import BatchLoader
+from handlers.batching import BatchLoader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from handlers.transaction_store import (
     Close,
@@ -300,11 +300,11 @@ async def forget(saga: Saga, row: Stored) -> None:
     await saga.repo.commits.run(delete_row)
 
 
-async def get_transaction(request: TransactionId, saga: Saga) -> Transaction:
-    row = await saga.repo.db.read_one(select(transactions).where(transactions.c.id == request.id))
+async def get_transaction(request: TransactionId, by_id: BatchLoader[int, Stored]) -> Transaction:
+    row = await by_id.load(request.id)
     if row is None or row.status == "pending":
         raise NotFound(f"transaction {request.id} not found")
-    return transaction_from(stored_from(row))
+    return transaction_from(row)
 
 
 async def list_transactions(request: ListTransactions, saga: Saga) -> TransactionPage:
@@ -341,22 +341,15 @@ async def recover_once(saga: Saga) -> int:
     return len(orphans)
 
 
-def keys_loader(repo: Repo, sql: TransactionSql) -> BatchLoader[str, Stored]:
-    async def fetch(keys: list[str]) -> dict[str, Stored]:
-        async with repo.db.read() as conn:
-            return await sql.by_keys((await conn.get_raw_connection()).driver_connection, keys)
-
-    return BatchLoader(fetch, fetchers=2)
-
-
 def add_endpoints(service: Service, repo: Repo) -> None:
     sql = TransactionSql(repo.db.is_sqlite)
-    saga = Saga(repo, sql, keys_loader(repo, sql))
+    saga = Saga(repo, sql, read_loader(repo.db, sql.by_keys))
+    by_id = read_loader(repo.db, sql.by_ids)
     service.add_endpoint("transactions.deposits.create", create_deposit, saga)
     service.add_endpoint("transactions.withdrawals.create", create_withdrawal, saga)
     service.add_endpoint("transactions.transfers.create", create_transfer, saga)
     service.add_endpoint("transactions.purchases.create", create_purchase, saga)
-    service.add_endpoint("transactions.transactions.get", get_transaction, saga)
+    service.add_endpoint("transactions.transactions.get", get_transaction, by_id)
     service.add_endpoint("transactions.transactions.list", list_transactions, saga)
     from handlers import ingest  # ingest routes messages to the create functions of this module
 
@@ -366,7 +359,7 @@ def add_endpoints(service: Service, repo: Repo) -> None:
     async def ingest_consumer() -> None:
         await ingest.consume_forever(repo.nc.jetstream(), saga)
 
-    repo.background.extend([saga.by_key.run, recovery, ingest_consumer])
+    repo.background.extend([saga.by_key.run, by_id.run, recovery, ingest_consumer])
 
 
 def serving(nc: Client) -> AbstractAsyncContextManager[Service]:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import version
+from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError
@@ -16,7 +17,7 @@ from bus.codec import encode
 from bus.errors import BadRequest, ServiceError
 from bus.service import Service
 from bus.tasks import stop, supervised
-from handlers.batching import BatchLoader
+from handlers.batching import BatchLoader, read_loader
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT, committed_message
@@ -108,12 +109,10 @@ def balances_loader(db: Database) -> BalancesLoader:
     statement each through SQLAlchemy, c64 reached 2.4k-2.5k reads/s on Postgres and 1.0k-1.1k on
     SQLite, a quarter and a tenth of `ledger.record`'s (bench/RESULTS.md, session 26)."""
 
-    async def fetch(accounts: list[str]) -> dict[str, dict[str, int]]:
-        async with db.read() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            return await balances_of_accounts(driver, db.is_sqlite, accounts)
+    async def lookup(driver: Any, accounts: list[str]) -> dict[str, dict[str, int]]:
+        return await balances_of_accounts(driver, db.is_sqlite, accounts)
 
-    return BatchLoader(fetch, fetchers=2)
+    return read_loader(db, lookup)
 
 
 async def balance(request: BalanceRequest, balances: BalancesLoader) -> Balances:

@@ -32,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
+from bus.codec import timestamp
+
 T = TypeVar("T")
 
 sqlite_busy_timeout_ms = 10_000
@@ -83,6 +85,19 @@ def sqlite_json_list(values: Sequence[str] | Sequence[int]) -> str:
     """`values` as the JSON text SQLite's `json_each(?)` reads, a whole list in one parameter
     (msgspec: `json.dumps` took 33 µs for a ledger batch's 166 ids, this 5)."""
     return _encode_json(values).decode()
+
+
+async def lookup_rows(driver: Any, sqlite: bool, statements: tuple[str, str], keys: Sequence[Any]) -> Sequence[Any]:
+    """The rows a lookup by keys finds, on a reader's driver: SQLite's statement takes the keys as
+    one JSON list (`json_each(?)`), Postgres' as one array (`postgres_lookup`)."""
+    if sqlite:
+        return await driver.execute_fetchall(statements[0], (sqlite_json_list(keys),))
+    return await driver.fetch(statements[1], keys)
+
+
+def stored_timestamp(sqlite: bool) -> Callable[[Any], str]:
+    """How a row read on the driver becomes the contract's timestamp text."""
+    return sqlite_timestamp if sqlite else timestamp
 
 
 sqlite_insert_rows_max = 512

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from handlers.accounts import USERS_BY_IDS_POSTGRES
+from handlers.products import PRODUCTS_BY_IDS
 from handlers.transaction_store import TransactionSql
 from ledger.storage import (
     POSTGRES_BALANCES_OF_ACCOUNTS,
@@ -65,6 +66,8 @@ STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("transactions by key", TransactionSql(sqlite=False)._by_keys, [[f"key-{n}" for n in numbers]]),
     ("transactions by id", TransactionSql(sqlite=False)._by_ids, [numbers]),
     ("users by id", USERS_BY_IDS_POSTGRES, [numbers]),
+    ("products by id", PRODUCTS_BY_IDS[1], [numbers]),
+    ("transactions by id, read", TransactionSql(sqlite=False)._read_by_ids, [numbers]),
 ]
 
 

@@ -64,6 +64,16 @@ async def test_create_get_update_delete_a_product(mesh: Mesh) -> None:
     assert (await mesh.request("products.products.delete", {"id": product["id"]}))[0] == 404
 
 
+async def test_gets_asked_together_are_each_products_own(mesh: Mesh) -> None:
+    """Gets that come together are one statement (`products_loader`): each answer is its own product."""
+    seller_id = await seller(mesh)
+    made = [await mesh.ok("products.products.create", widget(seller_id, sku=f"W-{n}", stock=n)) for n in range(12)]
+    ids = [product["id"] for product in made] * 2 + [made[-1]["id"] + 1]
+    answers = await asyncio.gather(*(mesh.request("products.products.get", {"id": id}) for id in ids))
+    assert [reply for _, reply in answers[:-1]] == made * 2
+    assert answers[-1][0] == 404
+
+
 async def test_seller_must_exist_on_create_and_update(mesh: Mesh) -> None:
     code, reply = await mesh.request("products.products.create", widget(777))
     assert code == 404 and reply["error"]["message"] == "seller 777 not found"

@@ -25,6 +25,7 @@ from bench.services import table_locked
 from bus.events import relay_poll_interval_s
 from bus.service import Service
 from handlers import ingest, transactions
+from handlers.batching import read_loader
 from handlers.ingest import INGEST_STREAM
 from handlers.runtime import Repo
 from handlers.transaction_store import NewTransaction, Stored, TransactionSql
@@ -97,6 +98,20 @@ async def test_deposit_withdrawal_and_transfer_move_money_through_the_ledger(mes
     await assert_ledger_invariants(mesh)
 
 
+async def test_gets_asked_together_are_each_transactions_own(mesh: Mesh) -> None:
+    """Gets that come together are one statement (`read_loader`): each answer is its own transaction."""
+    alice = await user(mesh, "alice")
+    body = {"user_id": alice, "currency": "EUR"}
+    made = [
+        await mesh.ok("transactions.deposits.create", {**body, "idempotency_key": f"g-{n}", "amount": n + 1})
+        for n in range(12)
+    ]
+    ids = [transaction["id"] for transaction in made] * 2 + [made[-1]["id"] + 1]
+    answers = await asyncio.gather(*(mesh.request("transactions.transactions.get", {"id": id}) for id in ids))
+    assert [reply for _, reply in answers[:-1]] == made * 2
+    assert answers[-1][0] == 404
+
+
 async def test_refused_requests_are_rejected_finally_and_move_nothing(mesh: Mesh) -> None:
     alice, bob = await user(mesh, "alice"), await user(mesh, "bob")
     body = {"idempotency_key": "too-much", "user_id": alice, "amount": 5, "currency": "EUR"}
@@ -164,7 +179,7 @@ async def second_driver(
             row = (await sql.by_keys(driver, [key]))[key] if key is not None else None
         async with asyncio.TaskGroup() as group:
             committer = group.create_task(repo.commits.commit_forever())
-            yield transactions.Saga(repo, sql, transactions.keys_loader(repo, sql)), row
+            yield transactions.Saga(repo, sql, read_loader(repo.db, sql.by_keys)), row
             committer.cancel()
     finally:
         await db.dispose()
