@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -51,10 +52,30 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+free_ports_below_ephemeral = 12_000
+free_port_tries_max = 200
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A port nothing listens on, chosen below the kernel's ephemeral range. One that `bind(0)`
+    hands out is in that range, where any connection's source port is taken from: a server that
+    was to listen on it later found it taken (a three-node cluster's route port, in a CI run of
+    session 26)."""
+    try:
+        ephemeral_low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768  # Linux's default, and below the IANA range other systems use
+    low = max(1_024, ephemeral_low - free_ports_below_ephemeral)
+    for _ in range(free_port_tries_max):
+        port = random.randrange(low, ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port among {free_port_tries_max} tried in {low}-{ephemeral_low - 1} on {host}")
 
 
 @dataclass

@@ -275,3 +275,15 @@ async def test_the_tls_settings_connect_to_a_server_that_verifies_both_sides(tmp
                 await nats.connect(url, tls=refused.tls_context(), allow_reconnect=False, connect_timeout=2)
     finally:
         server.stop()
+
+
+def test_a_free_port_lies_below_the_ephemeral_range_and_takes_a_listener() -> None:
+    """A port from `bind(0)` is an ephemeral one, which any outgoing connection may take as its
+    source port before the server meant to listen on it starts."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        port = free_port()
+        assert 1024 <= port < low
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
