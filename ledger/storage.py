@@ -30,6 +30,7 @@ from ledger import postings
 from ledger.plan import BalanceKey, Head, Refusal
 from schemas.common import INT64_MAX
 from schemas.database import (
+    lookup_rows,
     postgres_int_array,
     postgres_lookup,
     postgres_text_array,
@@ -74,14 +75,14 @@ POSTGRES_CANONICAL_BODY = f"""'{{"amount":' || amount || ',"currency":' || to_js
 strings by `to_json`, which escapes as JCS does (`"`, `\\`, control characters in their short
 forms or as lower-case `\\u00xx`), and `recorded_at` as the contract's timestamp."""
 POSTGRES_VERIFY_RANGE = f"""WITH checked AS (
-    SELECT seq, hash, $1 + row_number() OVER chain AS expected_seq, coalesce(lag(hash) OVER chain, $2) AS expected_prev,
-        prev_hash = coalesce(lag(hash) OVER chain, $2)
-        AND hash = encode(sha256(convert_to(prev_hash || {POSTGRES_CANONICAL_BODY}, 'UTF8')), 'hex') AS valid
+    SELECT seq, prev_hash, hash, $1 + row_number() OVER chain AS expected_seq,
+        coalesce(lag(hash) OVER chain, $2) AS expected_prev,
+        encode(sha256(convert_to(prev_hash || {POSTGRES_CANONICAL_BODY}, 'UTF8')), 'hex') AS recomputed
     FROM ledger_entries WHERE seq > $1 AND seq <= $3
     WINDOW chain AS (ORDER BY seq)
 ), first_bad AS (
     SELECT expected_seq - 1 AS seq, expected_prev AS hash FROM checked
-    WHERE seq <> expected_seq OR NOT valid ORDER BY seq LIMIT 1
+    WHERE seq <> expected_seq OR prev_hash <> expected_prev OR hash <> recomputed ORDER BY seq LIMIT 1
 ), last AS (SELECT seq, hash FROM checked ORDER BY seq DESC LIMIT 1)
 SELECT (SELECT seq FROM first_bad), (SELECT hash FROM first_bad), (SELECT seq FROM last), (SELECT hash FROM last),
     ({LAST_SEQ})"""
@@ -243,7 +244,7 @@ async def entries_after(driver: Any, sqlite: bool, seq: int, limit: int) -> list
 async def balances_of_accounts(driver: Any, sqlite: bool, accounts: list[str]) -> dict[str, dict[str, int]]:
     """Each account's balances by currency, in currency order; an account with none is left out."""
     statements = (SQLITE_BALANCES_OF_ACCOUNTS, POSTGRES_BALANCES_OF_ACCOUNTS)
-    rows = await _fetch(driver, sqlite, statements, sqlite_json_list(accounts) if sqlite else accounts)
+    rows = await lookup_rows(driver, sqlite, statements, accounts)
     found: dict[str, dict[str, int]] = {}
     for account, currency, balance in rows:
         found.setdefault(account, {})[currency] = balance
