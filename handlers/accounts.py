@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +34,7 @@ from schemas.accounts import (
 )
 from schemas.common import Deleted
 from schemas.database import (
+    both_stores,
     lookup_rows,
     postgres_lookup,
     settled,
@@ -93,10 +94,9 @@ async def get_user(request: UserId, users_by_id: BatchLoader[int, User]) -> User
     return user
 
 
-USERS_BY_IDS_SQLITE = (
-    "SELECT id, email, name, inserted_at, updated_at FROM users WHERE id IN (SELECT value FROM json_each(?))"
-)
-USERS_BY_IDS_POSTGRES = postgres_lookup("id, email, name, inserted_at, updated_at", "users", {"id": "bigint"})
+USER_FIELDS = "id, email, name, inserted_at, updated_at"
+USERS_BY_IDS_SQLITE = f"SELECT {USER_FIELDS} FROM users WHERE id IN (SELECT value FROM json_each(?))"
+USERS_BY_IDS_POSTGRES = postgres_lookup(USER_FIELDS, "users", {"id": "bigint"})
 
 
 def users_loader(repo: Repo) -> BatchLoader[int, User]:
@@ -106,16 +106,25 @@ def users_loader(repo: Repo) -> BatchLoader[int, User]:
     async def lookup(driver: Any, ids: list[int]) -> dict[int, User]:
         rows = await lookup_rows(driver, repo.db.is_sqlite, (USERS_BY_IDS_SQLITE, USERS_BY_IDS_POSTGRES), ids)
         stamp = stored_timestamp(repo.db.is_sqlite)
-        return {row[0]: User(row[0], row[1], row[2], stamp(row[3]), stamp(row[4])) for row in rows}
+        return {row[0]: _user_of(row, stamp) for row in rows}
 
     return read_loader(repo.db, lookup)
 
 
+USERS_PAGE = both_stores(f"SELECT {USER_FIELDS} FROM users WHERE id > $1 ORDER BY id LIMIT $2")
+
+
+def _user_of(row: Any, stamp: Callable[[Any], str]) -> User:
+    """A user from a row of `USER_FIELDS` read on the driver."""
+    return User(row[0], row[1], row[2], stamp(row[3]), stamp(row[4]))
+
+
 async def list_users(request: ListUsers, repo: Repo) -> UserPage:
-    query = select(*USER_COLUMNS).where(users.c.id > request.after_id).order_by(users.c.id).limit(request.limit + 1)
-    async with repo.db.read() as conn:
-        rows = (await conn.execute(query)).all()
-    items = [user_from(row) for row in rows[: request.limit]]
+    """On the driver, as the gets: one SQLAlchemy statement per page cost 2.6 ms of CPU on SQLite
+    and 1.6 on Postgres (bench.reads, session 27)."""
+    rows = await repo.db.read_rows(USERS_PAGE, request.after_id, request.limit + 1)
+    stamp = stored_timestamp(repo.db.is_sqlite)
+    items = [_user_of(row, stamp) for row in rows[: request.limit]]
     return UserPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
 
 

@@ -7,7 +7,7 @@ and answer `{reservation_id, status, quantity, product}`; stock moves by a condi
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +29,7 @@ from handlers.batching import BatchLoader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
-from schemas.database import lookup_rows, postgres_lookup, settled, stored_timestamp, transaction
+from schemas.database import both_stores, lookup_rows, postgres_lookup, settled, stored_timestamp, transaction
 from schemas.products import (
     CreateProduct,
     ListProducts,
@@ -125,16 +125,24 @@ def products_loader(repo: Repo) -> BatchLoader[int, Product]:
     async def lookup(driver: Any, ids: list[int]) -> dict[int, Product]:
         stamp = stored_timestamp(repo.db.is_sqlite)
         rows = await lookup_rows(driver, repo.db.is_sqlite, PRODUCTS_BY_IDS, ids)
-        return {row[0]: Product(*row[:8], inserted_at=stamp(row[8]), updated_at=stamp(row[9])) for row in rows}
+        return {row[0]: _product_of(row, stamp) for row in rows}
 
     return read_loader(repo.db, lookup)
 
 
+def _product_of(row: Any, stamp: Callable[[Any], str]) -> Product:
+    """A product from a row of `PRODUCT_FIELDS` read on the driver."""
+    return Product(*row[:8], inserted_at=stamp(row[8]), updated_at=stamp(row[9]))
+
+
+PRODUCTS_PAGE = both_stores(f"SELECT {PRODUCT_FIELDS} FROM products WHERE id > $1 ORDER BY id LIMIT $2")
+
+
 async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
-    query = select(*PRODUCT_COLUMNS).where(products.c.id > request.after_id).order_by(products.c.id)
-    async with repo.db.read() as conn:
-        rows = (await conn.execute(query.limit(request.limit + 1))).all()
-    items = [product_from(row) for row in rows[: request.limit]]
+    """On the driver, as the gets (`list_users` says why)."""
+    rows = await repo.db.read_rows(PRODUCTS_PAGE, request.after_id, request.limit + 1)
+    stamp = stored_timestamp(repo.db.is_sqlite)
+    items = [_product_of(row, stamp) for row in rows[: request.limit]]
     return ProductPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
 
 

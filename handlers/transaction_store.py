@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.codec import encode, timestamp
 from bus.events import new_envelope
-from schemas.database import lookup_rows, postgres_lookup, sqlite_stored, sqlite_timestamp
+from schemas.database import both_stores, lookup_rows, postgres_lookup, sqlite_stored, sqlite_timestamp
 from schemas.transactions import Transaction
 
 SOURCE = "transactions"
@@ -29,6 +29,29 @@ NEW_COLUMNS = (
     "idempotency_key, fingerprint, kind, status, from_account, to_account, amount, currency, "
     "product_id, quantity, memo, inserted_at, updated_at"
 )
+
+CLOSED_PAGE = both_stores(
+    f"SELECT {STORED_COLUMNS} FROM transactions WHERE id > $1 AND status != 'pending' ORDER BY id LIMIT $2"
+)
+"""`transactions.transactions.list`: the closed transactions after id `$1`, at most `$2`."""
+_ACCOUNTS_PAGE_IDS = """SELECT id FROM (
+        SELECT id FROM transactions WHERE from_account = $3 AND id > $1 AND status != 'pending' ORDER BY id LIMIT $2
+    ) AS sent
+    UNION
+    SELECT id FROM (
+        SELECT id FROM transactions WHERE to_account = $3 AND id > $1 AND status != 'pending' ORDER BY id LIMIT $2
+    ) AS received
+    ORDER BY id LIMIT $2"""
+CLOSED_PAGE_OF_ACCOUNT = (
+    f"SELECT {STORED_COLUMNS} FROM transactions WHERE id IN ({_ACCOUNTS_PAGE_IDS.replace('$', '?')}) ORDER BY id",
+    f"""SELECT found.* FROM ({_ACCOUNTS_PAGE_IDS}) AS page CROSS JOIN LATERAL (
+        SELECT {STORED_COLUMNS} FROM transactions WHERE transactions.id = page.id LIMIT 1
+    ) AS found ORDER BY found.id""",
+)
+"""`CLOSED_PAGE` of those account `$3` sent or received: the first `$2` of each side, on their own
+index each (`transactions_from_account`, `transactions_to_account`), merged. Asked as one
+condition (`from_account = $3 OR to_account = $3`) over the table in id order, an account with
+few transactions among many cost a scan of all the rows after the cursor."""
 
 
 class Stored(msgspec.Struct, frozen=True):
@@ -141,12 +164,13 @@ class TransactionSql:
         """A `UtcDateTime` as SQLAlchemy stores it: text on SQLite, a timestamptz on Postgres."""
         return sqlite_stored(moment) if self.sqlite else moment
 
-    def _stored(self, row: Any) -> Stored:
+    def stored(self, row: Any) -> Stored:
+        """A row of STORED_COLUMNS read on the driver."""
         inserted_at = sqlite_timestamp(row[15]) if self.sqlite else timestamp(row[15])
         return Stored(*row[:15], inserted_at=inserted_at)
 
     async def _fetch(self, driver: Any, sql: str, values: list[Any]) -> list[Stored]:
-        return [self._stored(row) for row in await lookup_rows(driver, self.sqlite, (sql, sql), values)]
+        return [self.stored(row) for row in await lookup_rows(driver, self.sqlite, (sql, sql), values)]
 
     async def by_keys(self, driver: Any, keys: list[str]) -> dict[str, Stored]:
         return {row.idempotency_key: row for row in await self._fetch(driver, self._by_keys, keys)}

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.client import call
@@ -32,6 +32,8 @@ from bus.service import Service
 from handlers.batching import BatchLoader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from handlers.transaction_store import (
+    CLOSED_PAGE,
+    CLOSED_PAGE_OF_ACCOUNT,
     Close,
     NewTransaction,
     Stored,
@@ -308,13 +310,13 @@ async def get_transaction(request: TransactionId, by_id: BatchLoader[int, Stored
 
 
 async def list_transactions(request: ListTransactions, saga: Saga) -> TransactionPage:
-    query = select(transactions).where(transactions.c.id > request.after_id, transactions.c.status != "pending")
-    if request.user_id is not None:
-        account = wallet(request.user_id)
-        query = query.where(or_(transactions.c.from_account == account, transactions.c.to_account == account))
-    async with saga.repo.db.read() as conn:
-        rows = (await conn.execute(query.order_by(transactions.c.id).limit(request.limit + 1))).all()
-    items = [transaction_from(stored_from(row)) for row in rows[: request.limit]]
+    """On the driver, as the gets (`handlers.accounts.list_users` says why)."""
+    page = (request.after_id, request.limit + 1)
+    if request.user_id is None:
+        rows = await saga.repo.db.read_rows(CLOSED_PAGE, *page)
+    else:
+        rows = await saga.repo.db.read_rows(CLOSED_PAGE_OF_ACCOUNT, *page, wallet(request.user_id))
+    items = [transaction_from(saga.sql.stored(row)) for row in rows[: request.limit]]
     return TransactionPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
 
 

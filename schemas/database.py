@@ -78,6 +78,13 @@ def postgres_lookup(columns: str, table: str, keys: dict[str, str], locking: str
     )
 
 
+def both_stores(postgres: str) -> tuple[str, str]:
+    """A statement both stores read alike, written with Postgres' parameters (`$1`, `$2`, ...), as
+    (its SQLite form, itself): SQLite reads the same numbers as `?1`, `?2`, ..."""
+    assert "?" not in postgres, postgres
+    return postgres.replace("$", "?"), postgres
+
+
 _encode_json = msgspec.json.Encoder().encode
 
 
@@ -449,6 +456,21 @@ class Database:
         async with self.reader.connect() as conn:
             with given_up_waiting():
                 yield conn
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[Any]:
+        """A reader's own driver connection (aiosqlite's or asyncpg's), as `read()` gives one:
+        for statements written per store, with nothing per statement or row above the driver."""
+        async with self.read() as conn:
+            yield (await conn.get_raw_connection()).driver_connection
+
+    async def read_rows(self, statements: tuple[str, str], *parameters: Any) -> Sequence[Any]:
+        """The rows of one statement on a reader's driver: `statements` is its SQLite form and its
+        Postgres form (`both_stores`), each taking `parameters` in order."""
+        async with self.reading() as driver:
+            if self.is_sqlite:
+                return await driver.execute_fetchall(statements[0], parameters)
+            return await driver.fetch(statements[1], *parameters)
 
     async def read_one(self, query: Executable) -> Row | None:
         """The one row `query` finds, or None, read as `read()` reads."""

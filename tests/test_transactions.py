@@ -135,6 +135,57 @@ async def test_refused_requests_are_rejected_finally_and_move_nothing(mesh: Mesh
     assert await balance(mesh, alice) == 10 and await balance(mesh, bob) == 0
 
 
+async def every_page(mesh: Mesh, body: dict, limit: int) -> list[dict]:
+    """The items of `transactions.transactions.list` for `body`, page by page of `limit`."""
+    items: list[dict] = []
+    after_id = 0
+    for _ in range(100):
+        page = await mesh.ok("transactions.transactions.list", {**body, "limit": limit, "after_id": after_id})
+        assert len(page["items"]) <= limit
+        items += page["items"]
+        if page["next_after_id"] is None:
+            return items
+        assert page["next_after_id"] == page["items"][-1]["id"]
+        after_id = page["next_after_id"]
+    raise AssertionError("more than 100 pages")
+
+
+async def test_a_users_list_pages_through_what_they_sent_and_received_once_each_in_id_order(
+    mesh: Mesh, database: str
+) -> None:
+    alice, bob, carol = [await user(mesh, name) for name in ("alice", "bob", "carol")]
+    asked = [
+        ("transactions.deposits.create", {"user_id": alice, "amount": 100}),
+        ("transactions.deposits.create", {"user_id": bob, "amount": 100}),
+        ("transactions.transfers.create", {"from_user_id": alice, "to_user_id": bob, "amount": 10}),
+        ("transactions.transfers.create", {"from_user_id": bob, "to_user_id": carol, "amount": 5}),
+        ("transactions.transfers.create", {"from_user_id": bob, "to_user_id": alice, "amount": 3}),
+        ("transactions.transfers.create", {"from_user_id": alice, "to_user_id": alice, "amount": 1}),  # rejected
+        ("transactions.withdrawals.create", {"user_id": alice, "amount": 1_000}),  # rejected
+        ("transactions.transfers.create", {"from_user_id": carol, "to_user_id": bob, "amount": 1}),
+        ("transactions.withdrawals.create", {"user_id": alice, "amount": 7}),
+    ]
+    for number, (subject, body) in enumerate(asked):
+        await mesh.request(subject, {**body, "idempotency_key": f"k{number}", "currency": "EUR"})
+    db = open_database(service_url("transactions", database))
+    try:
+        async with db.writer.begin() as conn:  # one still pending: no list shows it
+            now = datetime.now(UTC)
+            pending = {"idempotency_key": "in-flight", "fingerprint": "", "kind": "transfer", "status": "pending"}
+            pending |= {"from_account": f"user:{alice}", "to_account": f"user:{bob}", "amount": 1, "currency": "EUR"}
+            await conn.execute(transactions_table.insert().values(**pending, memo="", inserted_at=now, updated_at=now))
+    finally:
+        await db.dispose()
+    everything = await every_page(mesh, {}, 1_000)
+    assert [item["idempotency_key"] for item in everything] == [f"k{number}" for number in range(len(asked))]
+    for who in (alice, bob, carol):
+        theirs = [item for item in everything if f"user:{who}" in (item["from_account"], item["to_account"])]
+        assert len(theirs) >= 2
+        for limit in (1, 2, 3, 1_000):
+            assert await every_page(mesh, {"user_id": who}, limit) == theirs, (who, limit)
+            assert await every_page(mesh, {}, limit) == everything
+
+
 async def test_same_key_same_body_is_the_same_transaction_other_body_is_409(mesh: Mesh) -> None:
     alice = await user(mesh, "alice")
     body = {"idempotency_key": "k", "user_id": alice, "amount": 50, "currency": "EUR"}
