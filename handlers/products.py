@@ -25,7 +25,7 @@ from bus.codec import timestamp
 from bus.errors import Conflict, NotFound, RemoteError, Unprocessable
 from bus.events import write_event
 from bus.service import Service
-from handlers.batching import BatchLoader, read_loader
+from handlers.batching import BatchLoader, Page, page_loader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
@@ -138,12 +138,11 @@ def _product_of(row: Any, stamp: Callable[[Any], str]) -> Product:
 PRODUCTS_PAGE = both_stores(f"SELECT {PRODUCT_FIELDS} FROM products WHERE id > $1 ORDER BY id LIMIT $2")
 
 
-async def list_products(request: ListProducts, repo: Repo) -> ProductPage:
-    """On the driver, as the gets (`list_users` says why)."""
-    rows = await repo.db.read_rows(PRODUCTS_PAGE, request.after_id, request.limit + 1)
-    stamp = stored_timestamp(repo.db.is_sqlite)
-    items = [_product_of(row, stamp) for row in rows[: request.limit]]
-    return ProductPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
+async def list_products(request: ListProducts, pages: BatchLoader[Page, list[Product]]) -> ProductPage:
+    """Gathered, as the gets (`handlers.accounts.list_users` says why)."""
+    found = await pages.load((request.after_id, request.limit + 1)) or []
+    items = found[: request.limit]
+    return ProductPage(items=items, next_after_id=items[-1].id if len(found) > request.limit else None)
 
 
 async def update_product(request: UpdateProduct, repo: Repo) -> Product:
@@ -315,7 +314,10 @@ def add_endpoints(service: Service, repo: Repo) -> None:
     products_by_id = products_loader(repo)
     repo.background.append(products_by_id.run)
     service.add_endpoint("products.products.get", get_product, products_by_id)
-    service.add_endpoint("products.products.list", list_products, repo)
+    stamp = stored_timestamp(repo.db.is_sqlite)
+    products_pages = page_loader(repo.db, PRODUCTS_PAGE, ("bigint", "bigint"), lambda row: _product_of(row, stamp))
+    repo.background.append(products_pages.run)
+    service.add_endpoint("products.products.list", list_products, products_pages)
     service.add_endpoint("products.products.update", update_product, repo)
     service.add_endpoint("products.products.delete", delete_product, repo)
     service.add_endpoint("products.internal.stock.reserve", reserve_stock, repo, name="stock_reserve")

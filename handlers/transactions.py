@@ -19,6 +19,7 @@ import signal
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.aio.client import Client
@@ -29,7 +30,7 @@ from bus.client import call
 from bus.codec import encode
 from bus.errors import Conflict, ErrorBody, NotFound, RemoteError, Unavailable, Unprocessable
 from bus.service import Service
-from handlers.batching import BatchLoader, read_loader
+from handlers.batching import BatchLoader, Page, page_loader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from handlers.transaction_store import (
     CLOSED_PAGE,
@@ -43,6 +44,7 @@ from handlers.transaction_store import (
 )
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX
+from schemas.database import Database
 from schemas.ledger import Entry
 from schemas.ledger import Transfer as LedgerTransfer
 from schemas.products import Reservation, StockChange
@@ -309,15 +311,33 @@ async def get_transaction(request: TransactionId, by_id: BatchLoader[int, Stored
     return transaction_from(row)
 
 
-async def list_transactions(request: ListTransactions, saga: Saga) -> TransactionPage:
-    """On the driver, as the gets (`handlers.accounts.list_users` says why)."""
+class TransactionPages(NamedTuple):
+    """`transactions.transactions.list`'s reads, gathered (`handlers.accounts.list_users` says why)."""
+
+    closed: BatchLoader[Page, list[Transaction]]
+    of_account: BatchLoader[Page, list[Transaction]]
+    """Asked by (cursor, count, account)."""
+
+    @classmethod
+    def of(cls, db: Database, sql: TransactionSql) -> TransactionPages:
+        def item(row: Any) -> Transaction:
+            return transaction_from(sql.stored(row))
+
+        return cls(
+            page_loader(db, CLOSED_PAGE, ("bigint", "bigint"), item),
+            page_loader(db, CLOSED_PAGE_OF_ACCOUNT, ("bigint", "bigint", "text"), item),
+        )
+
+
+async def list_transactions(request: ListTransactions, pages: TransactionPages) -> TransactionPage:
     page = (request.after_id, request.limit + 1)
     if request.user_id is None:
-        rows = await saga.repo.db.read_rows(CLOSED_PAGE, *page)
+        loading = pages.closed.load(page)
     else:
-        rows = await saga.repo.db.read_rows(CLOSED_PAGE_OF_ACCOUNT, *page, wallet(request.user_id))
-    items = [transaction_from(saga.sql.stored(row)) for row in rows[: request.limit]]
-    return TransactionPage(items=items, next_after_id=items[-1].id if len(rows) > request.limit else None)
+        loading = pages.of_account.load((*page, wallet(request.user_id)))
+    found = await loading or []
+    items = found[: request.limit]
+    return TransactionPage(items=items, next_after_id=items[-1].id if len(found) > request.limit else None)
 
 
 async def recover_forever(saga: Saga) -> None:
@@ -352,7 +372,8 @@ def add_endpoints(service: Service, repo: Repo) -> None:
     service.add_endpoint("transactions.transfers.create", create_transfer, saga)
     service.add_endpoint("transactions.purchases.create", create_purchase, saga)
     service.add_endpoint("transactions.transactions.get", get_transaction, by_id)
-    service.add_endpoint("transactions.transactions.list", list_transactions, saga)
+    pages = TransactionPages.of(repo.db, sql)
+    service.add_endpoint("transactions.transactions.list", list_transactions, pages)
     from handlers import ingest  # ingest routes messages to the create functions of this module
 
     async def recovery() -> None:
@@ -361,7 +382,8 @@ def add_endpoints(service: Service, repo: Repo) -> None:
     async def ingest_consumer() -> None:
         await ingest.consume_forever(repo.nc.jetstream(), saga)
 
-    repo.background.extend([saga.by_key.run, by_id.run, recovery, ingest_consumer])
+    loaders = [saga.by_key.run, by_id.run, pages.closed.run, pages.of_account.run]
+    repo.background.extend([*loaders, recovery, ingest_consumer])
 
 
 def serving(nc: Client) -> AbstractAsyncContextManager[Service]:

@@ -120,8 +120,7 @@ async def balance(request: BalanceRequest, balances: BalancesLoader) -> Balances
 
 
 async def history(request: HistoryRequest, db: Database) -> EntryPage:
-    async with db.read() as conn:
-        driver = (await conn.get_raw_connection()).driver_connection
+    async with db.reading() as driver:
         entries = await history_after(driver, db.is_sqlite, request.account, request.after_seq, request.limit + 1)
     return _paged(entries, request.limit)
 
@@ -131,8 +130,7 @@ async def chain(request: ChainRequest, db: Database) -> EntryPage:
 
 
 async def _chain_page(db: Database, after_seq: int, limit: int) -> EntryPage:
-    async with db.read() as conn:
-        driver = (await conn.get_raw_connection()).driver_connection
+    async with db.reading() as driver:
         entries = await entries_after(driver, db.is_sqlite, after_seq, limit + 1)
     return _paged(entries, limit)
 
@@ -188,8 +186,7 @@ async def verify_chain(db: Database) -> Verification:
         return await _verify_here(db)
     good = Head()
     while True:
-        async with db.read() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        async with db.reading() as driver:
             after = good
             good, stopped = await postgres_verified(driver, after, verify_range_entries)
         if stopped:

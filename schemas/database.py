@@ -31,6 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy.util import greenlet_spawn
 
 from bus.codec import timestamp
 
@@ -459,18 +460,20 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[Any]:
-        """A reader's own driver connection (aiosqlite's or asyncpg's), as `read()` gives one:
-        for statements written per store, with nothing per statement or row above the driver."""
-        async with self.read() as conn:
-            yield (await conn.get_raw_connection()).driver_connection
+        """A reader's own driver connection (aiosqlite's or asyncpg's), with `read()`'s timeout: for
+        statements written per store, with nothing per statement or row above the driver.
 
-    async def read_rows(self, statements: tuple[str, str], *parameters: Any) -> Sequence[Any]:
-        """The rows of one statement on a reader's driver: `statements` is its SQLite form and its
-        Postgres form (`both_stores`), each taking `parameters` in order."""
-        async with self.reading() as driver:
-            if self.is_sqlite:
-                return await driver.execute_fetchall(statements[0], parameters)
-            return await driver.fetch(statements[1], *parameters)
+        Taken from the pool as it is, not through a SQLAlchemy `AsyncConnection` (whose start,
+        driver lookup and close are three trips through a greenlet): a read of one page cost
+        the service 30-40 % less CPU on Postgres, and as much on SQLite at concurrency 1
+        (scratch loop, bench/RESULTS.md session 27). Returning it runs no statement: SQLite's
+        readers reset nothing, and Postgres' rollback is a no-op where no transaction began."""
+        raw = await self.reader.raw_connection()
+        try:
+            with given_up_waiting():
+                yield raw.driver_connection
+        finally:
+            await greenlet_spawn(raw.close)
 
     async def read_one(self, query: Executable) -> Row | None:
         """The one row `query` finds, or None, read as `read()` reads."""

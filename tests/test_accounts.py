@@ -98,6 +98,14 @@ async def test_list_pages_by_ascending_id_with_a_cursor_null_on_the_last_page(me
     for bad in ({"limit": 0}, {"limit": 1001}, {"after_id": -1}, {"limit": "5"}):
         code, _ = await mesh.request("accounts.users.list", bad)
         assert code == 400, bad
+    pages = [(after, limit) for after in [0, *ids, ids[-1] + 1] for limit in (1, 2, 5)] * 2
+    answers = await asyncio.gather(
+        *(mesh.ok("accounts.users.list", {"after_id": after, "limit": limit}) for after, limit in pages)
+    )
+    for (after, limit), answer in zip(pages, answers, strict=True):  # asked together: one statement
+        rest = [n for n in ids if n > after]
+        assert [u["id"] for u in answer["items"]] == rest[:limit], (after, limit)
+        assert answer["next_after_id"] == (rest[limit - 1] if len(rest) > limit else None)
 
 
 async def test_update_changes_fields_and_keeps_the_rest(mesh: Mesh) -> None:

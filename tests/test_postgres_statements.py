@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from handlers.accounts import USERS_BY_IDS_POSTGRES, USERS_PAGE
+from handlers.batching import postgres_pages
 from handlers.products import PRODUCTS_BY_IDS, PRODUCTS_PAGE
 from handlers.transaction_store import CLOSED_PAGE, CLOSED_PAGE_OF_ACCOUNT, TransactionSql
 from ledger.storage import (
@@ -73,11 +74,19 @@ STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("products by id", PRODUCTS_BY_IDS[1], [numbers]),
     ("transactions by id, read", TransactionSql(sqlite=False)._read_by_ids, [numbers]),
     ("transactions page of an account", CLOSED_PAGE_OF_ACCOUNT[1], [10, 51, "user:1"]),
+    (
+        "transactions pages of accounts",
+        postgres_pages(CLOSED_PAGE_OF_ACCOUNT[1], ("bigint", "bigint", "text")),
+        [[10, 2_000, 0], [51, 11, 1_001], ["user:1", "user:1", "user:7"]],
+    ),
 ]
 PAGES: list[tuple[str, str, list[Any]]] = [
     ("users page", USERS_PAGE[1], [10, 51]),
     ("products page", PRODUCTS_PAGE[1], [10, 51]),
     ("transactions page", CLOSED_PAGE[1], [10, 51]),
+    ("users pages", postgres_pages(USERS_PAGE[1], ("bigint", "bigint")), [[10, 2_000, 0], [51, 11, 1_001]]),
+    ("products pages", postgres_pages(PRODUCTS_PAGE[1], ("bigint", "bigint")), [[10, 2_000, 0], [51, 11, 1_001]]),
+    ("transactions pages", postgres_pages(CLOSED_PAGE[1], ("bigint", "bigint")), [[10, 2_000, 0], [51, 11, 1_001]]),
 ]
 """Open ranges of ids, which may have gaps (deleted rows): a never-analyzed table is scanned
 whole, as the control shows, until autovacuum's first analyze (within a minute of the first

@@ -178,12 +178,20 @@ async def test_a_users_list_pages_through_what_they_sent_and_received_once_each_
         await db.dispose()
     everything = await every_page(mesh, {}, 1_000)
     assert [item["idempotency_key"] for item in everything] == [f"k{number}" for number in range(len(asked))]
+    listed = {None: everything}
     for who in (alice, bob, carol):
-        theirs = [item for item in everything if f"user:{who}" in (item["from_account"], item["to_account"])]
-        assert len(theirs) >= 2
+        listed[who] = [item for item in everything if f"user:{who}" in (item["from_account"], item["to_account"])]
+        assert len(listed[who]) >= 2
         for limit in (1, 2, 3, 1_000):
-            assert await every_page(mesh, {"user_id": who}, limit) == theirs, (who, limit)
+            assert await every_page(mesh, {"user_id": who}, limit) == listed[who], (who, limit)
             assert await every_page(mesh, {}, limit) == everything
+    pages = [(who, after, limit) for who in listed for after in [0, *(t["id"] for t in everything)] for limit in (1, 3)]
+    bodies = [{"after_id": after, "limit": limit} | ({"user_id": who} if who else {}) for who, after, limit in pages]
+    answers = await asyncio.gather(*(mesh.ok("transactions.transactions.list", body) for body in bodies))
+    for (who, after, limit), answer in zip(pages, answers, strict=True):  # asked together: one statement
+        rest = [item for item in listed[who] if item["id"] > after]
+        assert answer["items"] == rest[:limit], (who, after, limit)
+        assert answer["next_after_id"] == (rest[limit - 1]["id"] if len(rest) > limit else None)
 
 
 async def test_same_key_same_body_is_the_same_transaction_other_body_is_409(mesh: Mesh) -> None:
