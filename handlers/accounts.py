@@ -18,7 +18,7 @@ from bus.codec import timestamp
 from bus.errors import Conflict, InvalidCredentials, NotFound
 from bus.events import write_event
 from bus.service import Service
-from handlers.batching import BatchLoader, Page, page_loader, read_loader
+from handlers.batching import BatchLoader, PageKey, page_loader, read_loader
 from handlers.passwords import hash_password, verify_password
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import (
@@ -119,7 +119,7 @@ def _user_of(row: Any, stamp: Callable[[Any], str]) -> User:
     return User(row[0], row[1], row[2], stamp(row[3]), stamp(row[4]))
 
 
-async def list_users(request: ListUsers, pages: BatchLoader[Page, list[User]]) -> UserPage:
+async def list_users(request: ListUsers, pages: BatchLoader[PageKey, list[User]]) -> UserPage:
     """Gathered, as the gets: one SQLAlchemy statement per page cost 2.6 ms of CPU on SQLite and
     1.6 on Postgres (bench.reads, session 27)."""
     found = await pages.load((request.after_id, request.limit + 1)) or []

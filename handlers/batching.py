@@ -95,27 +95,28 @@ def read_loader(
 pages_batch_max = 64
 """Pages read by one statement: on SQLite one `SELECT` each in a compound (which may have 500),
 each batch size a statement of its own, prepared once per reader connection."""
-Page = tuple[Any, ...]
+PageKey = tuple[Any, ...]
 """What a page is asked by: its statement's parameters, in order (the cursor, the row count...)."""
 
 
 def page_loader(
     db: Database, statements: tuple[str, str], types: tuple[str, ...], item: Callable[[Any], V]
-) -> BatchLoader[Page, list[V]]:
+) -> BatchLoader[PageKey, list[V]]:
     """Pages of one statement (`statements`: its SQLite and Postgres forms, `both_stores`, whose
     rows start with a key they are ordered by) taking parameters of Postgres `types`, each row
     made an `item`: those asked together, one statement on the driver (`read_loader`). One
     statement per page cost the service 0.5-0.9 ms of CPU: a tenth of the gets' rate
-    (bench.reads, session 27)."""
+    (bench.reads, session 27). The rows held at once are bounded as before, by the pages in
+    flight (each endpoint's `concurrency_max`)."""
     sqlite, width, postgres = statements[0], len(types), postgres_pages(statements[1], types)
 
-    async def lookup(driver: Any, pages: list[Page]) -> dict[Page, list[V]]:
+    async def lookup(driver: Any, pages: list[PageKey]) -> dict[PageKey, list[V]]:
         if db.is_sqlite:
             parameters = [value for page in pages for value in page]
             rows = await driver.execute_fetchall(_sqlite_pages(sqlite, width, len(pages)), parameters)
         else:
             rows = await driver.fetch(postgres, *(list(column) for column in zip(*pages, strict=True)))
-        found: dict[Page, list[V]] = {page: [] for page in pages}
+        found: dict[PageKey, list[V]] = {page: [] for page in pages}
         for row in rows:
             found[pages[row[0] - 1]].append(item(row[1:]))
         return found

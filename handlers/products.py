@@ -25,7 +25,7 @@ from bus.codec import timestamp
 from bus.errors import Conflict, NotFound, RemoteError, Unprocessable
 from bus.events import write_event
 from bus.service import Service
-from handlers.batching import BatchLoader, Page, page_loader, read_loader
+from handlers.batching import BatchLoader, PageKey, page_loader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from schemas.accounts import User, UserId
 from schemas.common import INT64_MAX, Deleted
@@ -138,7 +138,7 @@ def _product_of(row: Any, stamp: Callable[[Any], str]) -> Product:
 PRODUCTS_PAGE = both_stores(f"SELECT {PRODUCT_FIELDS} FROM products WHERE id > $1 ORDER BY id LIMIT $2")
 
 
-async def list_products(request: ListProducts, pages: BatchLoader[Page, list[Product]]) -> ProductPage:
+async def list_products(request: ListProducts, pages: BatchLoader[PageKey, list[Product]]) -> ProductPage:
     """Gathered, as the gets (`handlers.accounts.list_users` says why)."""
     found = await pages.load((request.after_id, request.limit + 1)) or []
     items = found[: request.limit]

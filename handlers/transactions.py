@@ -30,7 +30,7 @@ from bus.client import call
 from bus.codec import encode
 from bus.errors import Conflict, ErrorBody, NotFound, RemoteError, Unavailable, Unprocessable
 from bus.service import Service
-from handlers.batching import BatchLoader, Page, page_loader, read_loader
+from handlers.batching import BatchLoader, PageKey, page_loader, read_loader
 from handlers.runtime import Repo, serving_with_outbox
 from handlers.transaction_store import (
     CLOSED_PAGE,
@@ -314,8 +314,8 @@ async def get_transaction(request: TransactionId, by_id: BatchLoader[int, Stored
 class TransactionPages(NamedTuple):
     """`transactions.transactions.list`'s reads, gathered (`handlers.accounts.list_users` says why)."""
 
-    closed: BatchLoader[Page, list[Transaction]]
-    of_account: BatchLoader[Page, list[Transaction]]
+    closed: BatchLoader[PageKey, list[Transaction]]
+    of_account: BatchLoader[PageKey, list[Transaction]]
     """Asked by (cursor, count, account)."""
 
     @classmethod
