@@ -17,12 +17,19 @@ from bus.codec import encode
 from bus.errors import BadRequest, ServiceError
 from bus.service import Service
 from bus.tasks import stop, supervised
-from handlers.batching import BatchLoader, read_loader
+from handlers.batching import BatchLoader, pages_batch_max, read_loader
 from handlers.runtime import instance_metadata
 from ledger.chain import entry_is_valid
 from ledger.events import COMMITTED_SUBJECT, committed_message
 from ledger.plan import Head
-from ledger.storage import balances_of_accounts, entries_after, history_after, postgres_verified, seq_range_end
+from ledger.storage import (
+    History,
+    balances_of_accounts,
+    entries_after,
+    histories,
+    postgres_verified,
+    seq_range_end,
+)
 from ledger.writer import Writer
 from schemas.common import INT64_MAX
 from schemas.database import Database, open_database, service_url
@@ -119,10 +126,23 @@ async def balance(request: BalanceRequest, balances: BalancesLoader) -> Balances
     return Balances(account=request.account, balances=await balances.load(request.account) or {})
 
 
-async def history(request: HistoryRequest, db: Database) -> EntryPage:
-    async with db.reading() as driver:
-        entries = await history_after(driver, db.is_sqlite, request.account, request.after_seq, request.limit + 1)
-    return _paged(entries, request.limit)
+HistoriesLoader = BatchLoader[History, list[Entry]]
+
+
+def histories_loader(db: Database) -> HistoriesLoader:
+    """`ledger.history`'s reads: those that come together, one statement on the driver that scans
+    the chain past the history index once for them all (`ledger.storage.histories`). One at a
+    time, c64 reached 342 reads/s on SQLite and 502 on Postgres (bench.reads, session 27)."""
+
+    async def lookup(driver: Any, reads: list[History]) -> dict[History, list[Entry]]:
+        return dict(zip(reads, await histories(driver, db.is_sqlite, reads), strict=True))
+
+    return read_loader(db, lookup, batch_max=pages_batch_max)
+
+
+async def history(request: HistoryRequest, reads: HistoriesLoader) -> EntryPage:
+    entries = await reads.load((request.account, request.after_seq, request.limit + 1))
+    return _paged(entries or [], request.limit)
 
 
 async def chain(request: ChainRequest, db: Database) -> EntryPage:
@@ -245,15 +265,18 @@ async def serving(nc: Client) -> AsyncIterator[Service]:
     )
     balances = balances_loader(db)
     service.add_endpoint("ledger.balance", balance, balances)
-    service.add_endpoint("ledger.history", history, db)
+    history_reads = histories_loader(db)
+    service.add_endpoint("ledger.history", history, history_reads)
     service.add_endpoint("ledger.chain", chain, db)
     service.add_endpoint("ledger.verify", verify, Verifier(db), concurrency_max=verify_waiting_max)
     try:
         async with asyncio.TaskGroup() as group:
             task = group.create_task(supervised("ledger.writer", writer.run))
             loads = group.create_task(supervised("ledger.balances", balances.run))
+            history_loads = group.create_task(supervised("ledger.histories", history_reads.run))
             async with service.serving():
                 yield service
+            await stop(history_loads, "ledger.histories")
             await stop(loads, "ledger.balances")
             await stop(task, "ledger.writer")
     finally:

@@ -17,6 +17,7 @@ its CPU per transfer at c512 (bench/RESULTS.md). An earlier scratch test had put
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -102,60 +103,110 @@ POSTGRES_BALANCES_OF_ACCOUNTS = f"""SELECT found.* FROM unnest($1::text[]) AS wa
 """As `postgres_lookup`: a LATERAL subquery with a LIMIT is never flattened into a join that a
 young table's estimates would answer with a scan of the whole table; each account is one range
 of the primary key."""
-SQLITE_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
-    SELECT min(last_seq), 0 FROM ledger_postings WHERE account = ?1 AND last_seq > ?2
+History = tuple[str, int, int]
+"""A history read: the account, the seq its entries come after, how many at most."""
+SQLITE_HISTORY_TAIL = f"""tail AS (
+    SELECT seq, from_account, to_account FROM ledger_entries
+    WHERE seq > max(?{{after}}, ({POSTINGS_CURSOR}))
+      AND (from_account IN (SELECT value FROM json_each(?{{accounts}}))
+           OR to_account IN (SELECT value FROM json_each(?{{accounts}})))
+)"""
+"""The chain past the `postings` cursor, the entries of any of the reads' accounts: scanned once
+for them all. SQLite materializes a CTE used more than once (since 3.35); Postgres would fold
+one used once into the LATERAL subquery and scan it for each read, so there it says so."""
+SQLITE_HISTORY_RUNS = """runs{n}(last_seq, counted) AS (
+    SELECT min(last_seq), 0 FROM ledger_postings WHERE account = ?{account} AND last_seq > ?{after}
     UNION ALL
-    SELECT next.last_seq, runs.counted + json_array_length(next.seqs)
-    FROM runs JOIN ledger_postings AS next ON next.account = ?1 AND next.last_seq = (
-        SELECT min(last_seq) FROM ledger_postings WHERE account = ?1 AND last_seq > runs.last_seq)
-    WHERE runs.counted < ?3
-)
-SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
-    SELECT seq FROM (
-        SELECT element.value AS seq
-        FROM runs JOIN ledger_postings AS run ON run.account = ?1 AND run.last_seq = runs.last_seq,
-             json_each(run.seqs) AS element
-        WHERE runs.last_seq <= ({POSTINGS_CURSOR}) AND element.value > ?2
-        UNION ALL
-        SELECT seq FROM ledger_entries
-        WHERE seq > max(?2, ({POSTINGS_CURSOR})) AND (from_account = ?1 OR to_account = ?1)
-    ) ORDER BY seq LIMIT ?3
-) ORDER BY seq"""
-"""The account's entries after `?2`, at most `?3`: from its complete runs and from the chain past
-the `postings` cursor, in one snapshot (the rows of a run still being stored are past the
-cursor). Runs are taken in order until those after the first hold `?3` seqs (the first may hold
-seqs up to `?2`; every later one's are past it): a hot account's history costs the runs it
-needs. Taking `?3` whole runs instead, 50 entries of `world` (in every entry, runs of 8,192)
-cost 39 ms; this way 2.8 ms (bench/RESULTS.md, session 13)."""
-POSTGRES_HISTORY = f"""WITH RECURSIVE runs(last_seq, counted) AS (
-    (SELECT last_seq, 0::bigint FROM ledger_postings WHERE account = $1 AND last_seq > $2 ORDER BY last_seq LIMIT 1)
-    UNION ALL
-    SELECT next.last_seq, runs.counted + json_array_length(next.seqs::json)
-    FROM runs, LATERAL (
-        SELECT last_seq, seqs FROM ledger_postings WHERE account = $1 AND last_seq > runs.last_seq
-        ORDER BY last_seq LIMIT 1
-    ) AS next
-    WHERE runs.counted < $3
+    SELECT next.last_seq, runs{n}.counted + json_array_length(next.seqs)
+    FROM runs{n} JOIN ledger_postings AS next ON next.account = ?{account} AND next.last_seq = (
+        SELECT min(last_seq) FROM ledger_postings WHERE account = ?{account} AND last_seq > runs{n}.last_seq)
+    WHERE runs{n}.counted < ?{count}
+)"""
+SQLITE_HISTORY_PAGE = f"""SELECT {{n}} + 1 AS page, * FROM (
+    SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE seq IN (
+        SELECT seq FROM (
+            SELECT element.value AS seq
+            FROM runs{{n}} JOIN ledger_postings AS run
+                ON run.account = ?{{account}} AND run.last_seq = runs{{n}}.last_seq, json_each(run.seqs) AS element
+            WHERE runs{{n}}.last_seq <= ({POSTINGS_CURSOR}) AND element.value > ?{{after}}
+            UNION ALL
+            SELECT seq FROM tail WHERE seq > ?{{after}} AND (from_account = ?{{account}} OR to_account = ?{{account}})
+        ) ORDER BY seq LIMIT ?{{count}}
+    ) ORDER BY seq
+)"""
+"""Each read's entries: from the account's complete runs and from the chain past the `postings`
+cursor (`tail`), in one snapshot (the rows of a run still being stored are past the cursor).
+Runs are taken in order until those after the first hold `count` seqs (the first may hold seqs
+up to `after`; every later one's are past it): a hot account's history costs the runs it
+needs. Taking `count` whole runs instead, 50 entries of `world` (in every entry, runs of
+8,192) cost 39 ms; this way 2.8 ms (bench/RESULTS.md, session 13)."""
+POSTGRES_HISTORIES = f"""WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS wanted(account, after, count, page)
 ), bounds AS (
     SELECT ({POSTINGS_CURSOR}) AS indexed, (SELECT max(seq) FROM ledger_entries) AS head
+), tail AS MATERIALIZED (
+    SELECT seq, from_account, to_account FROM ledger_entries
+    WHERE seq > greatest((SELECT min(after) FROM wanted), (SELECT indexed FROM bounds))
+      AND seq <= (SELECT head FROM bounds)
+      AND (from_account = ANY($1::text[]) OR to_account = ANY($1::text[]))
 )
-SELECT entry.* FROM (
+SELECT wanted.page, entry.* FROM wanted CROSS JOIN LATERAL (
+    WITH RECURSIVE runs(last_seq, counted) AS (
+        (SELECT last_seq, 0::bigint FROM ledger_postings
+         WHERE account = wanted.account AND last_seq > wanted.after ORDER BY last_seq LIMIT 1)
+        UNION ALL
+        SELECT next.last_seq, runs.counted + json_array_length(next.seqs::json)
+        FROM runs, LATERAL (
+            SELECT last_seq, seqs FROM ledger_postings WHERE account = wanted.account AND last_seq > runs.last_seq
+            ORDER BY last_seq LIMIT 1
+        ) AS next
+        WHERE runs.counted < wanted.count
+    )
     SELECT seq FROM (
         SELECT element::bigint AS seq
-        FROM runs JOIN ledger_postings AS run ON run.account = $1 AND run.last_seq = runs.last_seq,
+        FROM runs JOIN ledger_postings AS run ON run.account = wanted.account AND run.last_seq = runs.last_seq,
              json_array_elements_text(run.seqs::json) AS element
-        WHERE runs.last_seq <= (SELECT indexed FROM bounds) AND element::bigint > $2
+        WHERE runs.last_seq <= (SELECT indexed FROM bounds) AND element::bigint > wanted.after
         UNION ALL
-        SELECT seq FROM ledger_entries
-        WHERE seq > greatest($2, (SELECT indexed FROM bounds)) AND seq <= (SELECT head FROM bounds)
-          AND (from_account = $1 OR to_account = $1)
-    ) AS found ORDER BY seq LIMIT $3
+        SELECT seq FROM tail WHERE seq > wanted.after AND (from_account = wanted.account OR to_account = wanted.account)
+    ) AS found ORDER BY seq LIMIT wanted.count
 ) AS page CROSS JOIN LATERAL (
     SELECT {POSTGRES_ENTRY_COLUMNS} FROM ledger_entries WHERE ledger_entries.seq = page.seq LIMIT 1
-) AS entry ORDER BY entry.seq"""
-"""`SQLITE_HISTORY` on Postgres, shaped so that a table never analyzed is not scanned whole
-(`postgres_lookup` says why): the chain past the cursor as a range bounded on both sides, and
-the page's entries one key lookup each."""
+) AS entry ORDER BY 1, entry.seq"""
+"""The SQLite statements on Postgres, for arrays of the reads' accounts, seqs and counts: shaped
+so that a table never analyzed is not scanned whole (`postgres_lookup` says why): the chain
+past the cursor as a range bounded on both sides, and each entry one key lookup."""
+
+
+@functools.cache
+def sqlite_histories(count: int) -> str:
+    """`count` history reads as one statement: the i-th read's (from 0) account, seq and count
+    are parameters 3i+1 to 3i+3, then come the accounts as a JSON list and the least seq; each
+    row says its read's number, from 1."""
+    reads = [{"n": n, "account": 3 * n + 1, "after": 3 * n + 2, "count": 3 * n + 3} for n in range(count)]
+    tail = SQLITE_HISTORY_TAIL.format(accounts=3 * count + 1, after=3 * count + 2)
+    runs = ", ".join(SQLITE_HISTORY_RUNS.format(**read) for read in reads)
+    pages = " UNION ALL ".join(SQLITE_HISTORY_PAGE.format(**read) for read in reads)
+    return f"WITH RECURSIVE {tail}, {runs} {pages} ORDER BY 1, 2"
+
+
+async def histories(driver: Any, sqlite: bool, reads: list[History]) -> list[list[Entry]]:
+    """Each read's entries from or to its account after its seq, in order, at most its count
+    (the readers' drivers). The chain past the history index's cursor, which every read scans,
+    is scanned once for them all: one read alone cost ≈ 3 ms of Postgres' time for 10,000
+    entries (bench/RESULTS.md, session 27)."""
+    accounts = [account for account, _, _ in reads]
+    if sqlite:
+        parameters = [value for read in reads for value in read]
+        parameters += [sqlite_json_list(accounts), min(after for _, after, _ in reads)]
+        rows = await driver.execute_fetchall(sqlite_histories(len(reads)), parameters)
+    else:
+        _, afters, counts = zip(*reads, strict=True)
+        rows = await driver.fetch(POSTGRES_HISTORIES, accounts, list(afters), list(counts))
+    found: list[list[Any]] = [[] for _ in reads]
+    for row in rows:
+        found[row[0] - 1].append(row[1:])
+    return [_in_order(page, sqlite) for page in found]
 
 
 def _head(rows: Sequence[Sequence[Any]]) -> Head:
@@ -276,15 +327,6 @@ async def _fetch(driver: Any, sqlite: bool, statements: tuple[str, str], *parame
     if sqlite:
         return await driver.execute_fetchall(statements[0], parameters)
     return await driver.fetch(statements[1], *parameters)
-
-
-async def history_after(driver: Any, sqlite: bool, account: str, seq: int, limit: int) -> list[Entry]:
-    """Up to `limit` entries from or to `account` after `seq`, in order (the readers' drivers)."""
-    if sqlite:
-        rows = await driver.execute_fetchall(SQLITE_HISTORY, (account, seq, limit))
-    else:
-        rows = await driver.fetch(POSTGRES_HISTORY, account, seq, limit)
-    return _in_order(rows, sqlite)
 
 
 def _in_order(rows: Iterable[Sequence[Any]], sqlite: bool) -> list[Entry]:

@@ -677,6 +677,15 @@ async def test_history_pages_from_any_seq_across_runs_and_the_tail_past_them(
             page = await mesh.ok("ledger.history", {"account": "user:0", "after_seq": after, "limit": limit})
             assert page["items"] == [entry for entry in mine if entry["seq"] > after][:limit], (after, limit)
     assert await whole_history(mesh, "world", limit=3) == chain
+    accounts = ["world", "user:0", "user:1", "user:2", "nobody"]
+    reads = [(account, after, limit) for account in accounts for after in range(22) for limit in (1, 2, 5)]
+    pages = await asyncio.gather(
+        *(mesh.ok("ledger.history", {"account": a, "after_seq": after, "limit": n}) for a, after, n in reads)
+    )
+    for (account, after, limit), page in zip(reads, pages, strict=True):  # asked together: one statement
+        rest = [entry for entry in chain if account in (entry["from"], entry["to"]) and entry["seq"] > after]
+        assert page["items"] == rest[:limit], (account, after, limit)
+        assert page["next_after_seq"] == (rest[limit - 1]["seq"] if len(rest) > limit else None)
 
 
 async def postings_state(database: str) -> tuple[int, int, int, int]:

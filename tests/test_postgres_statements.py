@@ -28,7 +28,7 @@ from handlers.transaction_store import CLOSED_PAGE, CLOSED_PAGE_OF_ACCOUNT, Tran
 from ledger.storage import (
     POSTGRES_BALANCES_OF_ACCOUNTS,
     POSTGRES_ENTRIES_AFTER,
-    POSTGRES_HISTORY,
+    POSTGRES_HISTORIES,
     POSTGRES_VERIFY_RANGE,
     PostgresLedgerSql,
 )
@@ -65,7 +65,8 @@ STATEMENTS: list[tuple[str, str, list[Any]]] = [
     ("ledger write and its checks", PostgresLedgerSql.write, WRITE_ARGS),
     ("ledger balances", PostgresLedgerSql.balances_of, [accounts, ["EUR"] * KEYS]),
     ("ledger chain page", POSTGRES_ENTRIES_AFTER, [10, 1_000]),
-    ("ledger history", POSTGRES_HISTORY, ["user:7", 0, 51]),
+    ("ledger history", POSTGRES_HISTORIES, [["user:7"], [0], [51]]),
+    ("ledger histories", POSTGRES_HISTORIES, [["user:7", "user:8", "world"], [0, 2_000, 10], [51, 11, 1_001]]),
     ("ledger balance reads", POSTGRES_BALANCES_OF_ACCOUNTS, [accounts]),
     ("ledger verify range", POSTGRES_VERIFY_RANGE, [10, "0" * 64, 1_000]),
     ("transactions by key", TransactionSql(sqlite=False)._by_keys, [[f"key-{n}" for n in numbers]]),
