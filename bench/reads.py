@@ -23,9 +23,8 @@ import msgspec
 import nats
 from sqlalchemy import insert
 
-import migrations
 from bench.harness import Result, closed_loop, median_result, raw_echo, run_requester, table, warmup_s
-from bench.services import SEEDED_USERS, database_for, nats_and_raw_echo, services_running
+from bench.services import SEEDED_USERS, nats_and_raw_echo, store_served
 from bench.services import seed as seed_users
 from schemas.database import open_database, service_url
 from schemas.products import products
@@ -134,11 +133,8 @@ def main() -> None:
     rows: list[tuple[Result, Result]] = []
     with nats_and_raw_echo() as (data_dir, url, raw, _):
         for store in options.stores:
-            database_url = database_for(store, data_dir)
-            migrations.upgrade(database_url)
             names = ["ledger_events", "ledger", "accounts", "products", "transactions"]
-            with services_running(names, url, database_url) as services:
-                pids = [process.pid for process in services]
+            with store_served(store, data_dir, url, names) as (database_url, pids):
                 asyncio.run(seed(database_url, url))
                 echo = median_result([raw_echo(url, options.duration, options.concurrency, raw.pid) for _ in range(2)])
                 for name in options.reads:

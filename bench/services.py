@@ -187,6 +187,16 @@ def services_running(names: list[str], nats_url: str, database_url: str) -> Iter
                 process.wait()
 
 
+@contextlib.contextmanager
+def store_served(store: str, data_dir: str, nats_url: str, names: list[str]) -> Iterator[tuple[str, list[int]]]:
+    """A fresh, migrated database of `store` and one process per named service serving it:
+    yields the database's URL and the processes' pids."""
+    database_url = database_for(store, data_dir)
+    migrations.upgrade(database_url)
+    with services_running(names, nats_url, database_url) as processes:
+        yield database_url, [process.pid for process in processes]
+
+
 def start_service(name: str, nats_url: str, database_url: str) -> subprocess.Popen:
     """`bitnexus serve <name>` in its own process; returns once it says it serves, on the pipe a
     supervisor passes its children (`BITNEXUS_READY_FD`). Polling `$SRV.PING.<name>` instead

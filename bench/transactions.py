@@ -20,9 +20,8 @@ import time
 import msgspec
 import nats
 
-import migrations
 from bench.harness import Result, closed_loop, raw_echo, run_requester, table, warmup_s
-from bench.services import database_for, nats_and_raw_echo, services_running
+from bench.services import nats_and_raw_echo, store_served
 from bench.services import seed as seed_users
 
 USERS = 1_000
@@ -92,11 +91,8 @@ def main() -> None:
     rows: list[tuple[Result, Result]] = []
     with nats_and_raw_echo() as (data_dir, url, raw, _):
         for store in options.stores:
-            database_url = database_for(store, data_dir)
-            migrations.upgrade(database_url)
             names = ["ledger_events", "ledger", "accounts", "transactions"]
-            with services_running(names, url, database_url) as services:
-                pids = [process.pid for process in services]
+            with store_served(store, data_dir, url, names) as (database_url, pids):
                 asyncio.run(seed(database_url, url))
                 for concurrency in (64, 512):
                     echo = raw_echo(url, options.duration, concurrency, raw.pid)
