@@ -2,7 +2,7 @@
 every few seconds, then every invariant across the services checked from what they answer.
 
     python -m bench.chaos [--duration 60] [--store postgres|sqlite] [--replicas 1] [--seed 1]
-                          [--faults kill nats stop lock postgres]
+                          [--faults kill nats stop lock postgres] [--log mesh.log]
 
 `bitnexus up` runs in a temporary directory with its own nats-server, on a fresh Postgres
 database (`bitnexus_chaos`, dropped after) or SQLite. Clients send deposits, withdrawals,
@@ -14,6 +14,9 @@ a table locked for 1-12 s (`lock`), a Postgres stop of 0.5-3 s (`postgres`: `pg_
 root only). Afterwards: the chain verifies and replays to the stored balances, every answer
 stands as given, every committed transaction has its one entry and no other has one, stock
 adds up, every ingest message was applied, and each change has exactly one event.
+
+It counts the tracebacks in the mesh's log; `--log` keeps the log, which otherwise goes with the
+run's temporary directory.
 
 Not a test: it restarts the machine's Postgres. A session 20 version of it (lost with a scratch
 directory) found money moved under rejected transactions and five more bugs (docs/decisions.md).
@@ -29,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,6 +361,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--faults", nargs="+", default=["kill", "nats", "stop", "lock", "postgres"])
+    parser.add_argument("--log", type=Path, help="where to keep the mesh's log (it goes with the run's directory)")
     options = parser.parse_args()
     if options.store == "sqlite" or os.geteuid() != 0:
         options.faults = [fault for fault in options.faults if fault != "postgres"]
@@ -382,6 +387,8 @@ def main() -> None:
                 up.send_signal(signal.SIGTERM)
                 up.wait(120)
         tracebacks = (data / "mesh.log").read_text().count("Traceback")
+        if options.log is not None:
+            shutil.copyfile(data / "mesh.log", options.log)
         if options.store == "postgres":
             asyncio.run(drop_database())
     print(f"{options.duration:g} s, {options.clients} clients, store {options.store}, replicas {options.replicas}")
