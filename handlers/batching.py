@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from schemas.database import Database
+from schemas.database import Database, numbered_rows
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -116,10 +116,8 @@ def page_loader(
             rows = await driver.execute_fetchall(_sqlite_pages(sqlite, width, len(pages)), parameters)
         else:
             rows = await driver.fetch(postgres, *(list(column) for column in zip(*pages, strict=True)))
-        found: dict[PageKey, list[V]] = {page: [] for page in pages}
-        for row in rows:
-            found[pages[row[0] - 1]].append(item(row[1:]))
-        return found
+        answers = numbered_rows(rows, len(pages))
+        return {page: [item(row) for row in own] for page, own in zip(pages, answers, strict=True)}
 
     return read_loader(db, lookup, batch_max=pages_batch_max)
 

@@ -140,9 +140,7 @@ PRODUCTS_PAGE = both_stores(f"SELECT {PRODUCT_FIELDS} FROM products WHERE id > $
 
 async def list_products(request: ListProducts, pages: BatchLoader[PageKey, list[Product]]) -> ProductPage:
     """Gathered, as the gets (`handlers.accounts.list_users` says why)."""
-    found = await pages.load((request.after_id, request.limit + 1)) or []
-    items = found[: request.limit]
-    return ProductPage(items=items, next_after_id=items[-1].id if len(found) > request.limit else None)
+    return ProductPage.of(await pages.load((request.after_id, request.limit + 1)) or [], request.limit)
 
 
 async def update_product(request: UpdateProduct, repo: Repo) -> Product:

@@ -43,7 +43,7 @@ _ACCOUNTS_PAGE_IDS = """SELECT id FROM (
     ) AS received
     ORDER BY id LIMIT $2"""
 CLOSED_PAGE_OF_ACCOUNT = (
-    f"SELECT {STORED_COLUMNS} FROM transactions WHERE id IN ({_ACCOUNTS_PAGE_IDS.replace('$', '?')}) ORDER BY id",
+    f"SELECT {STORED_COLUMNS} FROM transactions WHERE id IN ({both_stores(_ACCOUNTS_PAGE_IDS)[0]}) ORDER BY id",
     f"""SELECT found.* FROM ({_ACCOUNTS_PAGE_IDS}) AS page CROSS JOIN LATERAL (
         SELECT {STORED_COLUMNS} FROM transactions WHERE transactions.id = page.id LIMIT 1
     ) AS found ORDER BY found.id""",

@@ -335,9 +335,7 @@ async def list_transactions(request: ListTransactions, pages: TransactionPages) 
         loading = pages.closed.load(page)
     else:
         loading = pages.of_account.load((*page, wallet(request.user_id)))
-    found = await loading or []
-    items = found[: request.limit]
-    return TransactionPage(items=items, next_after_id=items[-1].id if len(found) > request.limit else None)
+    return TransactionPage.of(await loading or [], request.limit)
 
 
 async def recover_forever(saga: Saga) -> None:

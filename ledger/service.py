@@ -142,7 +142,7 @@ def histories_loader(db: Database) -> HistoriesLoader:
 
 async def history(request: HistoryRequest, reads: HistoriesLoader) -> EntryPage:
     entries = await reads.load((request.account, request.after_seq, request.limit + 1))
-    return _paged(entries or [], request.limit)
+    return EntryPage.of(entries or [], request.limit)
 
 
 async def chain(request: ChainRequest, db: Database) -> EntryPage:
@@ -152,13 +152,7 @@ async def chain(request: ChainRequest, db: Database) -> EntryPage:
 async def _chain_page(db: Database, after_seq: int, limit: int) -> EntryPage:
     async with db.reading() as driver:
         entries = await entries_after(driver, db.is_sqlite, after_seq, limit + 1)
-    return _paged(entries, limit)
-
-
-def _paged(entries: list[Entry], limit: int) -> EntryPage:
-    """A page of `limit` from `limit + 1` entries read: the one more says whether there is a next page."""
-    items = entries[:limit]
-    return EntryPage(items=items, next_after_seq=items[-1].seq if len(entries) > limit else None)
+    return EntryPage.of(entries, limit)
 
 
 class Verifier:

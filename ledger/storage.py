@@ -32,6 +32,7 @@ from ledger.plan import BalanceKey, Head, Refusal
 from schemas.common import INT64_MAX
 from schemas.database import (
     lookup_rows,
+    numbered_rows,
     postgres_int_array,
     postgres_lookup,
     postgres_text_array,
@@ -203,10 +204,7 @@ async def histories(driver: Any, sqlite: bool, reads: list[History]) -> list[lis
     else:
         _, afters, counts = zip(*reads, strict=True)
         rows = await driver.fetch(POSTGRES_HISTORIES, accounts, list(afters), list(counts))
-    found: list[list[Any]] = [[] for _ in reads]
-    for row in rows:
-        found[row[0] - 1].append(row[1:])
-    return [_in_order(page, sqlite) for page in found]
+    return [_in_order(own, sqlite) for own in numbered_rows(rows, len(reads))]
 
 
 def _head(rows: Sequence[Sequence[Any]]) -> Head:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 import msgspec
 from msgspec import Meta
@@ -51,6 +51,13 @@ class Page(msgspec.Struct, frozen=True):
 
     key: ClassVar[str]
     items: list[Any]
+
+    @classmethod
+    def of(cls, found: list[Any], limit: int) -> Self:
+        """A page of `limit` from up to `limit + 1` items read: the one more says a next page follows."""
+        items = found[:limit]
+        cursor = getattr(items[-1], cls.key) if len(found) > limit else None
+        return cls(items=items, **{f"next_after_{cls.key}": cursor})
 
     def cut(self, count: int) -> Page:
         """Its first `count` items, with the cursor after the last of them: more follow."""

@@ -15,7 +15,7 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -101,6 +101,15 @@ async def lookup_rows(driver: Any, sqlite: bool, statements: tuple[str, str], ke
     if sqlite:
         return await driver.execute_fetchall(statements[0], (sqlite_json_list(keys),))
     return await driver.fetch(statements[1], keys)
+
+
+def numbered_rows(rows: Iterable[Sequence[Any]], count: int) -> list[list[Sequence[Any]]]:
+    """The rows of a statement that answers `count` reads at once, each row's first column the
+    number (from 1) of the read it answers: per read, in order, its rows without that number."""
+    found: list[list[Sequence[Any]]] = [[] for _ in range(count)]
+    for row in rows:
+        found[row[0] - 1].append(row[1:])
+    return found
 
 
 def stored_timestamp(sqlite: bool) -> Callable[[Any], str]:
